@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with demist and its dependencies. Idempotent: a second run with an unchanged
+# pyproject.toml does nothing. TORCH_SPEC picks the torch build (default: the CPU wheel torch==2.13.0;
+# on a GPU machine set e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index configured in pip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.demist-installed"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "$want" > "$stamp"

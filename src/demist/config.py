@@ -1,0 +1,286 @@
+"""Configuration: frozen dataclasses loaded from TOML presets.
+
+`load_config("tiny")` or `load_config("paper")` reads a preset shipped with the package. `load_config("my.toml")`
+reads a user file that names its base preset (`base = "tiny"`) and overrides any keys of it. Unknown keys and
+values of the wrong type are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from demist.errors import DemistError
+
+PRESETS = ("tiny", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing shared by training and inference."""
+
+    spacing: float  # mm, isotropic model grid
+    psr_range: float  # PSR is divided by this for training and every metric, and multiplied back on output
+    percentile_low: float  # T1w/FLAIR scaling to [0, 1] within the brain
+    percentile_high: float
+    patch_size: tuple[int, int, int]  # training patches, voxels of the model grid
+    divisor: int  # model input sizes are padded to a multiple of this
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """MONAI AutoencoderKL architecture (the same for the PSR and the condition autoencoder)."""
+
+    channels: tuple[int, ...]
+    latent_channels: int
+    num_res_blocks: int
+    norm_num_groups: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training stage shares: seeding, precision, checkpoints."""
+
+    seed: int
+    mixed_precision: str  # "auto" (bf16 where supported), "no", "bf16" or "fp16" (CUDA only)
+    gradient_accumulation: int
+    checkpoint_every: int
+    log_every: int
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Autoencoder training: L1 (+ L2) + KL + Sobel-edge + patch-adversarial loss."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    l1_weight: float
+    l2_weight: float
+    kl_weight: float
+    edge_weight: float
+    adv_weight: float
+    adv_start: int  # step at which the discriminator and the adversarial term switch on
+    background_weight: float  # weight of voxels outside the brain mask in the reconstruction loss
+    disc_channels: int
+    disc_layers: int
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Fine-tuning E_cond so that z_c matches z_y, with E_PSR frozen."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    recon_weight: float  # keeps the condition autoencoder's reconstruction while it aligns
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """MONAI DiffusionModelUNet architecture of the frozen backbone."""
+
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    num_head_channels: tuple[int, ...]
+    num_res_blocks: int
+    norm_num_groups: int
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and prediction target (the bundle: scaled-linear 0.0015–0.0195, 1000 steps, epsilon)."""
+
+    num_train_timesteps: int
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Pretraining the unconditional latent backbone when no bundle checkpoint is available."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class DemistConfig:
+    """Stage 2: the three conditioning streams around the frozen backbone, and their loss."""
+
+    crossattn: bool
+    controlnet: bool
+    lora: bool
+    token_grid: tuple[int, int, int]  # semantic tokens: z_c is pooled to this grid
+    token_dim: int
+    lora_rank: int
+    lora_alpha: float
+    steps: int
+    batch_size: int
+    learning_rate: float
+    edge_weight: float
+    edge_every: int  # the decoded-edge term runs on every n-th step only (it decodes through D_PSR)
+    align_weight: float  # acts only when finetune_cond_encoder is true
+    finetune_cond_encoder: bool
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Inference defaults."""
+
+    sampler: str  # "ddim", "dpm++" or "ddpm"
+    steps: int
+    samples: int
+    tile_size: tuple[int, int, int]  # latent voxels per UNet tile
+    tile_overlap: float  # fraction of a tile shared with its neighbour
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The lesion-contrast protocol."""
+
+    ring_mm: float  # width of the proximal NAWM ring around each lesion
+    bootstrap: int  # resamples for the AUC confidence intervals
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; stored whole in every run directory."""
+
+    preset: str
+    data: DataConfig
+    autoencoder: AutoencoderConfig
+    train: TrainConfig
+    stage1: Stage1Config
+    align: AlignConfig
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    backbone: BackboneConfig
+    demist: DemistConfig
+    sampling: SamplingConfig
+    evaluation: EvaluationConfig
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with some sections replaced: `cfg.replace(demist=dataclasses.replace(cfg.demist, lora=False))`."""
+        return dataclasses.replace(self, **sections)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation and convert TOML lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise DemistError(f"config key {key}: got {value!r}; expected a table of {annotation.__name__} keys")
+        return _build(annotation, value, key)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise DemistError(f"config key {key}: got {value!r}; expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DemistError(f"config key {key}: got {len(value)} values; expected {len(args)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DemistError(f"config key {key}: got {value!r}; expected a number")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DemistError(f"config key {key}: got {value!r}; expected an integer")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise DemistError(f"config key {key}: got {value!r}; expected true or false")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise DemistError(f"config key {key}: got {value!r}; expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")  # a bug in this module
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in table:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise DemistError(f"config key {where}: unknown; expected one of {', '.join(names)}")
+    values = {}
+    for name in names:
+        where = f"{prefix}.{name}" if prefix else name
+        if name not in table:
+            raise DemistError(f"config key {where}: missing")
+        values[name] = _convert(table[name], hints[name], where)
+    return cls(**values)
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in override.items():
+        where = f"{prefix}.{k}" if prefix else k
+        if k not in base:
+            raise DemistError(f"config key {where}: unknown; expected one of {', '.join(base)}")
+        merged[k] = _merge(base[k], v, where) if isinstance(v, Mapping) and isinstance(base[k], Mapping) else v
+    return merged
+
+
+def _preset_table(name: str) -> dict[str, Any]:
+    text = resources.files("demist").joinpath("presets", f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise DemistError(f"config {path}: not readable ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DemistError(f"config {path}: not valid TOML ({exc})") from None
+
+
+def load_config(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a preset by name (`tiny`, `paper`) or a TOML file that sets `base = "<preset>"` and overrides keys."""
+    text = str(name_or_path)
+    if text in PRESETS:
+        table = _preset_table(text)
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise DemistError(f"config {text}: neither a preset ({', '.join(PRESETS)}) nor an existing TOML file")
+        user = _read_toml(path)
+        base = user.pop("base", None)
+        if base not in PRESETS:
+            raise DemistError(f"config {path}: key base = {base!r}; expected one of {', '.join(PRESETS)}")
+        table = _merge(_preset_table(base), user)
+        table["preset"] = f"{base}+{path.name}"
+    if overrides:
+        table = _merge(table, overrides)
+    return _build(Config, table)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A JSON/TOML-friendly dict of the whole config (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(table: Mapping[str, Any]) -> Config:
+    """The inverse of `config_to_dict` (used to read the config stored in a run directory)."""
+    return _build(Config, table)
+

@@ -1,0 +1,133 @@
+"""The manifest: demist's dataset format, one CSV row per imaging session.
+
+Columns: `subject, session, group, t1w, flair, psr, brain_mask, lesion_mask` and optional `wm_mask` and `meta`
+(a JSON file with lesion parameters and the mid-sagittal plane, as the synthetic cohort writes). Paths are
+relative to the manifest's folder (absolute paths also work). `psr` and the masks may be empty for sessions that
+only need synthesis; `t1w` and `flair` are always required.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from demist.errors import DemistError
+
+REQUIRED_COLUMNS = ("subject", "session", "group", "t1w", "flair", "psr", "brain_mask", "lesion_mask")
+OPTIONAL_COLUMNS = ("wm_mask", "meta")
+MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+IMAGE_COLUMNS = ("t1w", "flair", "psr", "brain_mask", "lesion_mask", "wm_mask", "meta")
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One imaging session of the manifest, with absolute paths (None where the column is empty)."""
+
+    subject: str
+    session: str
+    group: str
+    t1w: Path
+    flair: Path
+    psr: Path | None = None
+    brain_mask: Path | None = None
+    lesion_mask: Path | None = None
+    wm_mask: Path | None = None
+    meta: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """`subject/session`, unique within a manifest."""
+        return f"{self.subject}/{self.session}"
+
+    def require(self, *columns: str) -> None:
+        """Raise if any of `columns` is empty for this session."""
+        missing = [c for c in columns if getattr(self, c) is None]
+        if missing:
+            raise DemistError(f"manifest session {self.key}: column(s) {', '.join(missing)} empty; required here")
+
+
+def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
+    """Write rows (dicts keyed by column name) as a manifest CSV, atomically."""
+    path = Path(path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(MANIFEST_COLUMNS), extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") or "" for c in MANIFEST_COLUMNS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair")) -> list[SessionRecord]:
+    """Read and check a manifest.
+
+    Checks the header (every required column present, no unknown column), that each row's `require` columns are
+    filled, that every named file exists, and that `subject/session` pairs are unique. Images themselves are
+    checked when they are loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DemistError(f"manifest {path}: file not found; expected a CSV with columns {', '.join(REQUIRED_COLUMNS)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DemistError(f"manifest {path}: not readable as UTF-8 text ({exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DemistError(f"manifest {path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise DemistError(f"manifest {path}: unknown column(s) {', '.join(unknown)}; allowed: {', '.join(MANIFEST_COLUMNS)}")
+    root = path.parent
+    records: list[SessionRecord] = []
+    seen: set[str] = set()
+    for line, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        where = f"manifest {path}, line {line}"
+        for column in ("subject", "session", "group", *require):
+            if not row.get(column):
+                raise DemistError(f"{where}: column {column} is empty; expected a value")
+        paths: dict[str, Path | None] = {}
+        for column in IMAGE_COLUMNS:
+            value = row.get(column, "")
+            if not value:
+                paths[column] = None
+                continue
+            file = (root / value).resolve() if not Path(value).is_absolute() else Path(value)
+            if not file.exists():
+                raise DemistError(f"{where}: {column} file {file} not found")
+            paths[column] = file
+        record = SessionRecord(subject=row["subject"], session=row["session"], group=row["group"], **paths)
+        if record.key in seen:
+            raise DemistError(f"{where}: session {record.key} appears twice; expected one row per session")
+        seen.add(record.key)
+        records.append(record)
+    if not records:
+        raise DemistError(f"manifest {path}: has no sessions; expected at least one row")
+    return records
+
+
+def subjects_of(records: Sequence[SessionRecord]) -> list[str]:
+    """The distinct subjects, in manifest order."""
+    return list(dict.fromkeys(r.subject for r in records))
+
+
+def select_subjects(records: Sequence[SessionRecord], subjects: Sequence[str]) -> list[SessionRecord]:
+    """The sessions of the given subjects (a cross-validation fold's training or test set)."""
+    wanted = set(subjects)
+    return [r for r in records if r.subject in wanted]
+

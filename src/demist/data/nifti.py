@@ -1,0 +1,112 @@
+"""Reading and writing NIfTI volumes, with the checks a user's file deserves.
+
+Every loader error names the file and what is wrong with it in one line. Every writer goes through a temporary
+file in the destination folder and an atomic rename, so an interrupted run never leaves half a volume behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from demist.errors import DemistError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _describe(path: Path, what: str) -> str:
+    return f"{what} image {path}"
+
+
+def load_image(path: str | Path, what: str = "input") -> nib.Nifti1Image:
+    """Load a 3D NIfTI image and check it is usable.
+
+    Checks: the file exists and is readable, it is NIfTI (not truncated), it is 3D (a trailing singleton 4th
+    dimension is squeezed), its affine is invertible and every voxel is finite. The data are loaded eagerly so
+    truncation errors surface here, not later.
+    """
+    path = Path(path)
+    label = _describe(path, what)
+    if not path.exists():
+        raise DemistError(f"{label}: file not found")
+    if path.is_dir():
+        raise DemistError(f"{label}: is a directory; expected a .nii or .nii.gz file")
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise DemistError(f"{label}: not a NIfTI file name; expected a .nii or .nii.gz file")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except PermissionError:
+        raise DemistError(f"{label}: not readable (permission denied)") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DemistError(f"{label}: truncated or corrupt gzip stream ({exc})") from None
+    except (nib.filebasedimages.ImageFileError, ValueError, OSError) as exc:
+        raise DemistError(f"{label}: not a readable NIfTI file ({exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DemistError(f"{label}: is {type(img).__name__}; expected NIfTI-1 or NIfTI-2")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DemistError(f"{label}: has {data.ndim} dimensions {tuple(data.shape)}; expected a 3D volume")
+    if min(data.shape) < 2:
+        raise DemistError(f"{label}: shape {tuple(data.shape)} is not a volume; expected at least 2 voxels per axis")
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+        raise DemistError(f"{label}: its affine is singular or not finite; expected a valid voxel-to-world affine")
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise DemistError(f"{label}: {bad} voxels are NaN or infinite; expected finite values")
+    # Keep the header (qform/sform and their codes) but drop any scaling: `data` is already scaled.
+    header = img.header.copy()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(None, None)
+    return nib.Nifti1Image(np.asarray(data), affine, header)
+
+
+def load_mask(path: str | Path, what: str = "mask") -> nib.Nifti1Image:
+    """Load a binary mask (any voxel > 0.5 is inside) and refuse an empty one."""
+    img = load_image(path, what)
+    data = np.asarray(img.dataobj) > 0.5
+    if not data.any():
+        raise DemistError(f"{_describe(Path(path), what)}: the mask is empty; expected at least one voxel > 0.5")
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    return nib.Nifti1Image(data.astype(np.uint8), img.affine, header)
+
+
+def save_image(img: nib.Nifti1Image, path: str | Path, overwrite: bool = True) -> Path:
+    """Write `img` to `path` atomically (temporary file + rename), byte-for-byte reproducible.
+
+    Gzip output carries no timestamp, so the same image always gives the same bytes.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DemistError(f"output {path}: already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if path.name.endswith(".gz"):
+            raw = img.to_bytes() if isinstance(img, nib.Nifti1Image) else nib.Nifti1Image.from_image(img).to_bytes()
+            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+                gz.write(raw)
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(img.to_bytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def voxel_size(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm from an affine (column norms of its 3×3 part)."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))

@@ -1,0 +1,146 @@
+"""From a session's NIfTI files to model-ready arrays, and back to the T1w's native grid.
+
+The steps follow the paper: every image onto the T1w grid (resampled when it differs but overlaps), then one
+RAS-aligned isotropic model grid around the brain, padded to the networks' divisor; T1w and FLAIR scaled to [0, 1] by
+their 0–99.5th percentiles inside the brain; PSR divided by the fixed `psr_range`, so outputs map back to PSR units
+exactly. `ModelGrid.to_native` undoes the geometry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from demist.config import DataConfig
+from demist.data.manifest import SessionRecord
+from demist.data.nifti import load_image, load_mask
+from demist.data.space import ModelGrid, into_grid, model_grid_for, onto_model_grid
+from demist.errors import DemistError
+
+log = logging.getLogger(__name__)
+
+#: An input counts as skull-stripped when at least this fraction of its voxels is exactly zero.
+MIN_ZERO_BACKGROUND = 0.2
+
+
+@dataclass
+class PreparedSession:
+    """One session on the model grid. Intensities are float32; masks are bool; `psr` is PSR / psr_range."""
+
+    key: str
+    t1w: np.ndarray
+    flair: np.ndarray
+    brain: np.ndarray
+    grid: ModelGrid
+    psr: np.ndarray | None = None
+    lesion: np.ndarray | None = None
+    wm: np.ndarray | None = None
+
+    @property
+    def condition(self) -> np.ndarray:
+        """(2, D, H, W): T1w and FLAIR, the model's input channels."""
+        return np.stack([self.t1w, self.flair])
+
+
+def scale_percentiles(image: np.ndarray, brain: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map the `low`–`high` percentiles of the brain's intensities to 0–1 (not clipped above, as in the paper)."""
+    lo, hi = np.percentile(image[brain], [low, high])
+    if hi - lo <= 1e-12:
+        raise DemistError(f"image is constant inside the brain ({lo:g}); expected contrast between tissues")
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def brain_from_background(t1w: nib.Nifti1Image, what: str) -> np.ndarray:
+    """A brain mask from a skull-stripped image's zero background; refuse an image that is not skull-stripped."""
+    data = np.asarray(t1w.dataobj)
+    zero = float(np.mean(data == 0))
+    if zero < MIN_ZERO_BACKGROUND:
+        raise DemistError(
+            f"{what}: only {zero:.0%} of voxels are zero, so it does not look skull-stripped; "
+            "pass a brain mask (--mask) or a skull-stripped image"
+        )
+    mask = ndimage.binary_fill_holes(data != 0)
+    labels, n = ndimage.label(mask)
+    if n > 1:  # keep the largest component: stray non-zero voxels are not brain
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return mask
+
+
+def prepare_images(
+    t1w: nib.Nifti1Image,
+    flair: nib.Nifti1Image,
+    cfg: DataConfig,
+    brain: nib.Nifti1Image | None = None,
+    psr: nib.Nifti1Image | None = None,
+    lesion: nib.Nifti1Image | None = None,
+    wm: nib.Nifti1Image | None = None,
+    key: str = "session",
+    names: dict[str, str] | None = None,
+) -> PreparedSession:
+    """Bring already-loaded images onto one model grid (see the module docstring)."""
+    names = names or {}
+    name = lambda k: names.get(k, f"{k} of {key}")  # noqa: E731 - a label for error messages
+    flair = into_grid(flair, t1w, name("flair"))
+    brain_native = (
+        np.asarray(into_grid(brain, t1w, name("brain_mask"), is_mask=True).dataobj) > 0
+        if brain is not None
+        else brain_from_background(t1w, name("t1w"))
+    )
+    if not brain_native.any():
+        raise DemistError(f"{name('brain_mask')}: no brain voxel inside the T1w's field of view")
+    grid = model_grid_for(t1w, brain_native, cfg.spacing, cfg.divisor)
+    brain_img = nib.Nifti1Image(brain_native.astype(np.uint8), t1w.affine)
+    brain_m = onto_model_grid(brain_img, grid, is_mask=True)
+    t1w_m = onto_model_grid(t1w, grid) * brain_m
+    flair_m = onto_model_grid(flair, grid) * brain_m
+    session = PreparedSession(
+        key=key,
+        t1w=scale_percentiles(t1w_m, brain_m, cfg.percentile_low, cfg.percentile_high) * brain_m,
+        flair=scale_percentiles(flair_m, brain_m, cfg.percentile_low, cfg.percentile_high) * brain_m,
+        brain=brain_m,
+        grid=grid,
+    )
+    if psr is not None:
+        session.psr = onto_model_grid(into_grid(psr, t1w, name("psr")), grid) / np.float32(cfg.psr_range)
+    if lesion is not None:
+        session.lesion = onto_model_grid(into_grid(lesion, t1w, name("lesion_mask"), is_mask=True), grid, True)
+    if wm is not None:
+        session.wm = onto_model_grid(into_grid(wm, t1w, name("wm_mask"), is_mask=True), grid, True)
+    return session
+
+
+def prepare_session(record: SessionRecord, cfg: DataConfig, need_target: bool = True) -> PreparedSession:
+    """Load and prepare one manifest session; `need_target` requires its PSR map."""
+    if need_target:
+        record.require("psr")
+    optional = lambda path, what, loader: loader(path, what) if path is not None else None  # noqa: E731
+    prepared = prepare_images(
+        t1w=load_image(record.t1w, f"t1w of {record.key}"),
+        flair=load_image(record.flair, f"flair of {record.key}"),
+        cfg=cfg,
+        brain=optional(record.brain_mask, f"brain_mask of {record.key}", load_mask),
+        psr=optional(record.psr if need_target else None, f"psr of {record.key}", load_image),
+        lesion=optional(record.lesion_mask, f"lesion_mask of {record.key}", _load_binary),
+        wm=optional(record.wm_mask, f"wm_mask of {record.key}", load_mask),
+        key=record.key,
+    )
+    log.debug("prepared %s on a %s grid", record.key, prepared.grid.shape)
+    return prepared
+
+
+def _load_binary(path, what: str) -> nib.Nifti1Image:
+    """A mask that may be empty (a healthy control's lesion mask)."""
+    img = load_image(path, what)
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    return nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.uint8), img.affine, header)
+
+
+def psr_to_native(psr_model: np.ndarray, grid: ModelGrid, psr_range: float) -> nib.Nifti1Image:
+    """A model-grid prediction (PSR / psr_range) as a PSR-unit image on the T1w's native grid."""
+    return grid.to_native(np.asarray(psr_model, dtype=np.float32) * np.float32(psr_range))

@@ -1,0 +1,115 @@
+"""Physical space: do two images cover the same anatomy, and moving volumes between grids.
+
+Resampling is nibabel's (`nibabel.processing`): one interpolation per move, trilinear for intensities and nearest
+neighbour for masks, zero outside the source's field of view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+from demist.errors import DemistError
+
+#: Two grids whose affines differ by less than this (mm) are the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+#: Refuse to resample an image that covers less than this fraction of the reference's field of view.
+MIN_OVERLAP = 0.25
+
+
+def world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box (mm) of a grid's voxel centres, padded by half a voxel."""
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in shape[:3]], indexing="ij")).reshape(3, -1).T
+    world = nib.affines.apply_affine(affine, corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def overlap_fraction(a: nib.Nifti1Image, b: nib.Nifti1Image) -> float:
+    """Volume of the intersection of two world bounding boxes over the smaller box's volume."""
+    lo_a, hi_a = world_bounds(a.shape, a.affine)
+    lo_b, hi_b = world_bounds(b.shape, b.affine)
+    inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None).prod()
+    smaller = min((hi_a - lo_a).prod(), (hi_b - lo_b).prod())
+    return float(inter / smaller) if smaller > 0 else 0.0
+
+
+def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+    """True when both images have the same shape and (to 1 µm) the same affine."""
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and bool(np.allclose(a.affine, b.affine, atol=AFFINE_TOLERANCE_MM))
+
+
+def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_mask: bool = False) -> nib.Nifti1Image:
+    """`img` on `reference`'s grid: returned as is when the grids match, resampled when they overlap, else refused."""
+    if same_grid(img, reference):
+        return img
+    fraction = overlap_fraction(img, reference)
+    if fraction < MIN_OVERLAP:
+        raise DemistError(
+            f"{what}: covers {fraction:.0%} of the reference image's physical space; expected the same anatomy "
+            f"(check the affines: the images may not be co-registered)"
+        )
+    moved = resample_from_to(img, (reference.shape[:3], reference.affine), order=0 if is_mask else 1, cval=0.0)
+    if is_mask:
+        return nib.Nifti1Image((np.asarray(moved.dataobj) > 0.5).astype(np.uint8), reference.affine)
+    return nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), reference.affine)
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Where the model works (RAS, isotropic, cropped and padded) and the native grid it must return to."""
+
+    affine: np.ndarray  # model grid voxel -> world
+    shape: tuple[int, int, int]
+    native_affine: np.ndarray
+    native_shape: tuple[int, int, int]
+    native_header: nib.Nifti1Header
+
+    def to_native(self, volume: np.ndarray, is_mask: bool = False) -> nib.Nifti1Image:
+        """A model-grid volume resampled onto the native grid, with the native header (qform/sform codes kept)."""
+        if tuple(volume.shape) != self.shape:
+            raise ValueError(f"volume shape {volume.shape} is not the model grid's {self.shape}")
+        src = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), self.affine)
+        moved = resample_from_to(src, (self.native_shape, self.native_affine), order=0 if is_mask else 1, cval=0.0)
+        data = np.asarray(moved.dataobj)
+        data = (data > 0.5).astype(np.uint8) if is_mask else data.astype(np.float32)
+        header = self.native_header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(None, None)
+        return nib.Nifti1Image(data, self.native_affine, header)
+
+
+def model_grid_for(reference: nib.Nifti1Image, brain: np.ndarray, spacing: float, divisor: int,
+                   margin_mm: float = 8.0) -> ModelGrid:
+    """The model grid for a session: RAS axes, `spacing` mm voxels, the brain's bounding box plus a margin, each
+    side padded to a multiple of `divisor` voxels (the networks' downsampling needs it)."""
+    ijk = np.argwhere(brain)
+    lo_vox, hi_vox = ijk.min(axis=0), ijk.max(axis=0)
+    corners = np.array(np.meshgrid(*[[lo_vox[d], hi_vox[d]] for d in range(3)], indexing="ij")).reshape(3, -1).T
+    world = nib.affines.apply_affine(reference.affine, corners)
+    lo, hi = world.min(axis=0) - margin_mm, world.max(axis=0) + margin_mm
+    extent = np.ceil((hi - lo) / spacing).astype(int) + 1
+    shape = np.maximum(divisor, (np.ceil(extent / divisor) * divisor).astype(int))
+    centre = (lo + hi) / 2
+    origin = centre - (shape - 1) / 2 * spacing
+    # Snap to the native lattice: a native grid already RAS at `spacing` maps voxel to voxel, with no interpolation.
+    anchor = nib.affines.apply_affine(reference.affine, lo_vox)
+    origin = anchor + np.round((origin - anchor) / spacing) * spacing
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = origin
+    return ModelGrid(
+        affine=affine,
+        shape=tuple(int(s) for s in shape),
+        native_affine=reference.affine.copy(),
+        native_shape=tuple(int(s) for s in reference.shape[:3]),
+        native_header=reference.header.copy(),
+    )
+
+
+def onto_model_grid(img: nib.Nifti1Image, grid: ModelGrid, is_mask: bool = False) -> np.ndarray:
+    """Resample a native-grid image onto the model grid."""
+    moved = resample_from_to(img, (grid.shape, grid.affine), order=0 if is_mask else 1, cval=0.0)
+    data = np.asarray(moved.dataobj)
+    return data > 0.5 if is_mask else data.astype(np.float32)

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from demist.config import PRESETS, config_from_dict, config_to_dict, load_config
+from demist.errors import DemistError
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip(name):
+    cfg = load_config(name)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_paper_preset_is_the_bundle_architecture():
+    cfg = load_config("paper")
+    assert cfg.autoencoder.channels == (64, 128, 256) and cfg.autoencoder.latent_channels == 8
+    assert cfg.unet.channels == (256, 256, 512)
+    assert cfg.unet.attention_levels == (False, True, True)
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (0.0015, 0.0195)
+    assert cfg.data.spacing == 1.0 and cfg.data.patch_size == (96, 96, 96)
+
+
+def test_override_file_changes_only_its_keys(tmp_path: Path):
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "tiny"\n[stage1]\nsteps = 7\n[demist]\nlora = false\n')
+    cfg, tiny = load_config(f), load_config("tiny")
+    assert cfg.stage1.steps == 7 and cfg.demist.lora is False
+    assert cfg.unet == tiny.unet and cfg.stage1.batch_size == tiny.stage1.batch_size
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('base = "tiny"\n[stage1]\nstepz = 7\n', "stage1.stepz: unknown"),
+        ('base = "tiny"\n[stage9]\nsteps = 7\n', "stage9: unknown"),
+        ('base = "tiny"\n[stage1]\nsteps = "many"\n', "stage1.steps: got 'many'"),
+        ('base = "tiny"\n[data]\npatch_size = [64, 64]\n', "data.patch_size: got 2 values"),
+        ('base = "huge"\n', "base = 'huge'"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text, fragment):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(DemistError, match=None) as info:
+        load_config(f)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(DemistError, match="neither a preset"):
+        load_config("medium")

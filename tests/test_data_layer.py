@@ -1,0 +1,216 @@
+"""Loader errors, manifest checks, and the geometry round trip back to the T1w's native grid."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ellipsoid_session, write_session
+from demist.config import load_config
+from demist.data.manifest import load_manifest, write_manifest
+from demist.data.nifti import load_image, load_mask, save_image
+from demist.data.preprocess import prepare_images, prepare_session, psr_to_native
+from demist.errors import DemistError
+
+CFG = load_config("tiny").data
+
+
+def _save(tmp_path: Path, name: str, data, affine=None) -> Path:
+    return save_image(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), tmp_path / name)
+
+
+# --- NIfTI loading ---------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DemistError, match="file not found"):
+        load_image(tmp_path / "nope.nii.gz", "T1w")
+
+
+def test_not_nifti(tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(DemistError, match="not a readable NIfTI|truncated or corrupt"):
+        load_image(bad)
+
+
+def test_wrong_extension(tmp_path):
+    f = tmp_path / "x.png"
+    f.write_bytes(b"\x89PNG")
+    with pytest.raises(DemistError, match="not a NIfTI file name"):
+        load_image(f)
+
+
+def test_truncated_gzip(tmp_path):
+    good = _save(tmp_path, "good.nii.gz", np.ones((8, 8, 8), np.float32))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(DemistError, match="cut.nii.gz"):
+        load_image(cut)
+
+
+@pytest.mark.parametrize("shape, fragment", [((8, 8), "2 dimensions"), ((8, 8, 8, 3), "4 dimensions")])
+def test_not_3d(tmp_path, shape, fragment):
+    f = _save(tmp_path, "x.nii.gz", np.ones(shape, np.float32))
+    with pytest.raises(DemistError, match=fragment):
+        load_image(f)
+
+
+def test_singleton_fourth_axis_is_squeezed(tmp_path):
+    f = _save(tmp_path, "x.nii.gz", np.ones((8, 8, 8, 1), np.float32))
+    assert load_image(f).shape == (8, 8, 8)
+
+
+def test_non_finite(tmp_path):
+    data = np.ones((8, 8, 8), np.float32)
+    data[1, 2, 3] = np.nan
+    data[2, 2, 2] = np.inf
+    with pytest.raises(DemistError, match="2 voxels are NaN or infinite"):
+        load_image(_save(tmp_path, "x.nii.gz", data))
+
+
+def test_empty_mask(tmp_path):
+    with pytest.raises(DemistError, match="mask is empty"):
+        load_mask(_save(tmp_path, "m.nii.gz", np.zeros((8, 8, 8), np.uint8)))
+
+
+def test_save_is_reproducible_and_keeps_codes(tmp_path):
+    affine = np.diag([-1.0, 1.0, 1.5, 1.0])
+    img = nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 4)
+    a = save_image(img, tmp_path / "a.nii.gz").read_bytes()
+    b = save_image(img, tmp_path / "b.nii.gz").read_bytes()
+    assert a == b and gzip.decompress(a)  # no timestamp in the gzip header
+    back = load_image(tmp_path / "a.nii.gz")
+    assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 4
+    np.testing.assert_array_equal(back.get_fdata(), img.get_fdata())
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_save_refuses_existing_without_overwrite(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    save_image(img, tmp_path / "a.nii.gz")
+    with pytest.raises(DemistError, match="already exists"):
+        save_image(img, tmp_path / "a.nii.gz", overwrite=False)
+
+
+# --- manifest --------------------------------------------------------------------------------------------------
+
+
+def test_manifest_loads_relative_paths(small_manifest):
+    records = load_manifest(small_manifest)
+    assert [r.key for r in records] == ["s1/a", "s1/b", "s2/a"]
+    assert all(r.t1w.is_absolute() and r.t1w.exists() for r in records)
+    assert records[0].meta is None
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda t: t.replace("lesion_mask", "lesions"), "missing column(s) lesion_mask"),
+        (lambda t: t.replace("subject,", "subject,extra,", 1), "unknown column(s) extra"),
+        (lambda t: t.replace("s1/a/t1w.nii.gz", "s1/a/gone.nii.gz"), "t1w file"),
+        (lambda t: t.replace("s1/b/flair.nii.gz", ""), "column flair is empty"),
+        (lambda t: t.replace("s1,b,", "s1,a,"), "appears twice"),
+        (lambda t: t.splitlines()[0] + "\n", "has no sessions"),
+    ],
+)
+def test_manifest_errors(small_manifest, edit, fragment):
+    text = small_manifest.read_text()
+    if "extra" in fragment:
+        lines = text.splitlines()
+        text = "\n".join([lines[0].replace("subject,", "subject,extra,", 1)] + [",".join([l.split(",")[0], "x", *l.split(",")[1:]]) for l in lines[1:]])
+    else:
+        text = edit(text)
+    small_manifest.write_text(text)
+    with pytest.raises(DemistError) as info:
+        load_manifest(small_manifest)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_manifest_not_found(tmp_path):
+    with pytest.raises(DemistError, match="file not found"):
+        load_manifest(tmp_path / "none.csv")
+
+
+# --- preprocessing and the way back ----------------------------------------------------------------------------
+
+
+def _oblique(spacing=(1.7, 1.7, 2.3)) -> np.ndarray:
+    angle = np.deg2rad(17)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = [-30, -40, -35]
+    return affine
+
+
+AFFINES = {
+    "RAS": np.diag([2.0, 2.0, 2.0, 1.0]),
+    "LAS": np.array([[-2.0, 0, 0, 80], [0, 2.0, 0, -40], [0, 0, 2.0, -30], [0, 0, 0, 1]]),
+    "oblique": _oblique(),
+}
+
+
+@pytest.mark.parametrize("orientation", AFFINES)
+def test_prepare_and_return_to_native_grid(orientation):
+    images = ellipsoid_session(affine=AFFINES[orientation])
+    session = prepare_images(images["t1w"], images["flair"], CFG, brain=images["brain_mask"], psr=images["psr"])
+    assert all(s % CFG.divisor == 0 for s in session.grid.shape)
+    assert np.allclose(np.abs(session.grid.affine[:3, :3]), np.eye(3) * CFG.spacing)  # RAS, isotropic
+    assert np.isclose(np.percentile(session.t1w[session.brain], 99.5), 1.0, atol=1e-3)
+    back = psr_to_native(session.psr, session.grid, CFG.psr_range)
+    assert back.shape == images["t1w"].shape
+    np.testing.assert_allclose(back.affine, images["t1w"].affine, atol=1e-6)
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    interior = brain & (np.asarray(images["wm_mask"].dataobj) > 0)
+    truth = images["psr"].get_fdata()
+    error = np.abs(back.get_fdata() - truth)[interior]
+    tolerance = 1e-5 if orientation != "oblique" else 0.02  # two trilinear moves blur edges of oblique grids
+    assert np.median(error) <= tolerance
+
+
+def test_ras_input_on_the_model_spacing_is_not_interpolated():
+    images = ellipsoid_session()
+    session = prepare_images(images["t1w"], images["flair"], CFG, brain=images["brain_mask"], psr=images["psr"])
+    back = psr_to_native(session.psr, session.grid, CFG.psr_range)
+    np.testing.assert_allclose(back.get_fdata(), images["psr"].get_fdata(), atol=1e-6)
+
+
+def test_flair_on_another_grid_is_resampled_into_t1w_space():
+    images = ellipsoid_session()
+    flair = images["flair"]
+    shifted = nib.Nifti1Image(np.asarray(flair.dataobj), flair.affine @ np.diag([1, 1, 1.0, 1]))
+    coarse = nib.processing.resample_to_output(shifted, voxel_sizes=(2.0, 2.0, 4.0))
+    session = prepare_images(images["t1w"], coarse, CFG, brain=images["brain_mask"])
+    assert session.flair.shape == session.t1w.shape
+
+
+def test_images_that_do_not_overlap_are_refused():
+    images = ellipsoid_session()
+    far = images["flair"].affine.copy()
+    far[:3, 3] += 500.0
+    with pytest.raises(DemistError, match="covers 0% of the reference"):
+        prepare_images(images["t1w"], nib.Nifti1Image(np.asarray(images["flair"].dataobj), far), CFG,
+                       brain=images["brain_mask"])
+
+
+def test_unstripped_input_without_mask_is_refused():
+    images = ellipsoid_session()
+    noisy = np.asarray(images["t1w"].dataobj) + 0.05
+    with pytest.raises(DemistError, match="skull-stripped"):
+        prepare_images(nib.Nifti1Image(noisy, images["t1w"].affine), images["flair"], CFG)
+
+
+def test_prepare_session_from_manifest(small_manifest):
+    record = load_manifest(small_manifest)[0]
+    session = prepare_session(record, CFG)
+    assert session.psr is not None and session.lesion.any() and session.wm.any()
+    assert session.condition.shape == (2, *session.grid.shape)
+    wm_psr = session.psr[session.wm & ~session.lesion].mean() * CFG.psr_range
+    assert abs(wm_psr - 0.11) < 0.005
