@@ -1,0 +1,28 @@
+"""What every synthesis method offers: a prediction on the model grid, from a prepared session.
+
+DEMIST and each baseline implement `Synthesizer`; the pipeline around it (loading NIfTI, checking inputs, the way
+back to the native grid, writing files) is shared, so every method is run and evaluated the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from demist.config import Config
+from demist.data.preprocess import PreparedSession
+
+
+class Synthesizer(Protocol):
+    """A trained method that turns a prepared T1w + FLAIR session into PSR."""
+
+    method: str
+    config: Config
+
+    def predict(
+        self, session: PreparedSession, samples: int = 1, seed: int = 0, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """PSR / psr_range on the session's model grid: the mean over samples and the voxelwise SD (None if the
+        method is deterministic)."""
+        ...
