@@ -1,0 +1,1 @@
+"""Networks: the autoencoders and DEMIST assembled from MONAI parts."""

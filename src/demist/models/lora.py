@@ -1,0 +1,79 @@
+"""Adaptive stream: LoRA on the q/k/v projections of every self-attention block of the frozen backbone (peft).
+
+Targets are chosen by name under the attention blocks, never by layer type: the UNet's other Linear layers (the
+time-embedding MLP, each ResNet block's `time_emb_proj`) are not attention projections. With `include_fc=False`
+the output projection is an `nn.Identity`, so q/k/v are all there is. peft is imported lazily (it takes seconds).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from demist.models.backbone import ATTENTION_BLOCK_NAME
+
+# `.block` appears once the block has been wrapped with cross-attention (crossattn.CrossAttentionWrapper).
+_TARGET_NAME = re.compile(rf"{ATTENTION_BLOCK_NAME.pattern}(\.block)?\.attn\.to_[qkv]")
+LORA_KEY_MARK = ".lora_"
+
+
+def lora_target_names(unet: nn.Module) -> list[str]:
+    """Names of the q/k/v Linear layers of the UNet's self-attention blocks."""
+    names = [name for name, module in unet.named_modules() if _TARGET_NAME.fullmatch(name)]
+    for name in names:
+        if not isinstance(unet.get_submodule(name), nn.Linear):
+            raise TypeError(f"{name} is {type(unet.get_submodule(name)).__name__}; expected a plain nn.Linear")
+    return names
+
+
+def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers inside `module`, by name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def inject_lora(unet: nn.Module, rank: int, alpha: float) -> list[str]:
+    """Add LoRA (W + alpha/rank · B·A, B = 0 at first) to every self-attention q/k/v of `unet`, in place.
+
+    Load pretrained weights before calling this: peft renames the wrapped weights (`to_q.weight` becomes
+    `to_q.base_layer.weight`). peft also switches off gradients for all non-LoRA parameters of `unet`.
+    Returns the names of the layers that received LoRA.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora_target_names(unet)
+    if not targets:
+        raise ValueError("the UNet has no self-attention blocks; expected attention at one level at least")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
+    inject_adapter_in_model(config, unet)
+    injected = sorted(lora_layers(unet))
+    if injected != sorted(targets):  # peft matches by suffix too; make sure nothing else was touched
+        raise RuntimeError(f"LoRA went to {injected}; expected exactly {sorted(targets)}")
+    return targets
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Fold each LoRA update into its base weight (inference: no extra cost per step). Reversible by `unmerge_lora`."""
+    for layer in lora_layers(module).values():
+        if not layer.merged:
+            layer.merge()
+
+
+def unmerge_lora(module: nn.Module) -> None:
+    """Subtract the LoRA updates from the base weights again (exact up to float rounding)."""
+    for layer in lora_layers(module).values():
+        if layer.merged:
+            layer.unmerge()
+
+
+def lora_is_merged(module: nn.Module) -> bool:
+    """Whether any LoRA layer inside `module` is currently merged."""
+    return any(layer.merged for layer in lora_layers(module).values())
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA factors (A and B of every layer) of `module`'s state dict."""
+    return {k: v for k, v in module.state_dict().items() if LORA_KEY_MARK in k}

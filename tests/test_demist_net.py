@@ -1,0 +1,237 @@
+"""DemistNet: the frozen backbone plus three zero-initialised conditioning streams (tiny config, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from monai.networks.blocks import CrossAttentionBlock
+from monai.networks.nets import ControlNet
+
+from demist.config import load_config
+from demist.errors import DemistError
+from demist.models.backbone import attention_block_names, build_unet
+from demist.models.crossattn import CrossAttentionWrapper
+from demist.models.demist_net import DemistNet
+from demist.models.lora import lora_layers
+
+CFG = load_config("tiny")
+SHAPE = (2, 8, 8, 8, 8)  # latent (B, C, X, Y, Z): multiples of 4 for the two UNet downsamplings
+
+
+def random_backbone(seed: int = 0, use_flash_attention: bool = False) -> torch.nn.Module:
+    """A tiny backbone with random weights everywhere, including its (normally zero) output conv."""
+    torch.manual_seed(seed)
+    unet = build_unet(CFG.unet, 8, use_flash_attention=use_flash_attention)
+    torch.nn.init.normal_(unet.out[2].conv.weight, std=0.05)
+    return unet
+
+
+def make_net(backbone=None, **flags) -> DemistNet:
+    demist = dataclasses.replace(CFG.demist, **flags)
+    return DemistNet(copy.deepcopy(backbone or random_backbone()), demist, CFG.unet, 8)
+
+
+def wake_zero_inits(net: DemistNet, seed: int = 1) -> None:
+    """Give every zero-initialised path (cross-attention output, ControlNet gates, LoRA B) non-zero weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            zero_init = ("cross_attention.out_proj" in name or "controlnet_" in name or ".lora_B." in name)
+            if zero_init:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def inputs(seed: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(SHAPE, generator=generator), torch.tensor([10, 700]),
+            torch.randn(SHAPE, generator=generator))
+
+
+def test_untrained_net_predicts_exactly_what_the_backbone_predicts():
+    backbone = random_backbone()
+    net = make_net(backbone)
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        reference = backbone(x_t, t)
+        assert reference.abs().mean() > 0.01  # a non-trivial output to compare against
+        assert torch.equal(net(x_t, t, z_c), reference)
+        wake_zero_inits(net)
+        assert not torch.allclose(net(x_t, t, z_c), reference, atol=1e-3)  # the streams do reach the output
+
+
+def test_backbone_gets_no_gradient_and_stays_bit_identical_while_streams_learn():
+    net = make_net()
+    wake_zero_inits(net)
+    frozen = {k: v.clone() for k, v in net.state_dict().items() if k not in net.trainable_state_dict()}
+    trained_before = {k: v.clone() for k, v in net.trainable_state_dict().items()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    x_t, t, z_c = inputs()
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(x_t, t, z_c).square().mean().backward()
+        assert all(p.grad is None for p in net.parameters() if not p.requires_grad)
+        optimizer.step()
+
+    for key, value in net.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+    changed = {k for k, v in net.trainable_state_dict().items() if not torch.equal(v, trained_before[k])}
+    for mark in ("token_encoder.", ".cross_attention.", "controlnet.", ".lora_A.", ".lora_B."):
+        assert any(mark in k for k in changed), mark
+
+
+def test_lora_merge_gives_the_unmerged_output():
+    net = make_net()
+    wake_zero_inits(net)
+    x_t, t, z_c = inputs()
+    q_weight = net.backbone.get_submodule("middle_block.attention.block.attn.to_q.base_layer").weight
+    original = q_weight.detach().clone()
+    with torch.no_grad():
+        unmerged = net(x_t, t, z_c)
+        net.merge_lora()
+        assert net.lora_merged and not torch.equal(q_weight, original)
+        torch.testing.assert_close(net(x_t, t, z_c), unmerged, rtol=1e-4, atol=1e-5)
+        net.unmerge_lora()
+        assert not net.lora_merged
+        torch.testing.assert_close(q_weight, original, rtol=0, atol=1e-6)
+        torch.testing.assert_close(net(x_t, t, z_c), unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_targets_are_exactly_the_self_attention_qkv():
+    net = make_net(crossattn=False, controlnet=False)
+    blocks = attention_block_names(build_unet(CFG.unet, 8))
+    assert len(blocks) == 7  # levels 2-3 down (1 each), middle, levels 2-3 up (2 each)
+    expected = sorted(f"{b}.attn.{p}" for b in blocks for p in ("to_q", "to_k", "to_v"))
+    assert sorted(lora_layers(net.backbone)) == expected == sorted(net.lora_targets)
+    linear_total = sum(isinstance(m, torch.nn.Linear) for m in build_unet(CFG.unet, 8).modules())
+    assert linear_total > len(expected)  # time-embedding MLP and time_emb_proj layers exist and got none
+    assert not any("time_emb" in name for name in lora_layers(net.backbone))
+    lora_a = net.backbone.get_submodule("down_blocks.1.attentions.0.attn.to_v").lora_A["default"]
+    assert lora_a.weight.shape == (CFG.demist.lora_rank, 64)
+
+
+def test_new_modules_get_no_lora_and_the_controlnet_no_cross_attention():
+    net = make_net()
+    assert len(net.lora_targets) == 21
+    assert all(".block.attn." in name for name in lora_layers(net.backbone))  # none in the cross-attention
+    assert not lora_layers(net.controlnet)
+    assert not any(isinstance(m, (CrossAttentionWrapper, CrossAttentionBlock)) for m in net.controlnet.modules())
+    assert len(net.crossattn_blocks) == 7
+
+
+@pytest.mark.parametrize("off", ["crossattn", "controlnet", "lora"])
+def test_each_ablation_flag_removes_exactly_its_stream(off):
+    backbone = random_backbone()
+    net = make_net(backbone, **{off: False})
+    wrappers = [m for m in net.modules() if isinstance(m, CrossAttentionWrapper)]
+    keys = net.state_dict().keys()
+    present = {
+        "crossattn": net.token_encoder is not None and len(wrappers) == 7 and any("cross_" in k for k in keys),
+        "controlnet": isinstance(net.controlnet, ControlNet) and any(k.startswith("controlnet.") for k in keys),
+        "lora": len(lora_layers(net)) == 21 and any(".lora_" in k for k in keys),
+    }
+    absent = {
+        "crossattn": net.token_encoder is None and not wrappers
+        and not any("cross_" in k or "token" in k for k in keys),
+        "controlnet": net.controlnet is None and not any(k.startswith("controlnet.") for k in keys),
+        "lora": not lora_layers(net) and not any(".lora_" in k or "base_layer" in k for k in keys),
+    }
+    for flag in present:
+        assert (absent if flag == off else present)[flag], flag
+    counts = net.parameter_counts()
+    stream = {"crossattn": "semantic", "controlnet": "spatial", "lora": "adaptive"}
+    for flag, name in stream.items():
+        assert (counts[name]["trainable"] == 0) == (flag == off), name
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x_t, t, z_c), backbone(x_t, t))
+
+
+def test_parameter_counts_split_frozen_backbone_from_trainable_streams():
+    backbone = random_backbone()
+    net = make_net(backbone)
+    counts = net.parameter_counts()
+    assert counts["backbone"] == {"trainable": 0, "frozen": sum(p.numel() for p in backbone.parameters())}
+    assert counts["spatial"]["trainable"] == sum(p.numel() for p in net.controlnet.parameters())
+    # per attention block with C channels: rank-r factors A (r×C) and B (C×r) for each of q, k and v
+    rank = CFG.demist.lora_rank
+    lora = sum(3 * 2 * rank * m.block.norm.num_channels for m in net.modules() if isinstance(m, CrossAttentionWrapper))
+    assert counts["adaptive"] == {"trainable": lora, "frozen": 0}
+    assert counts["total"]["trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert counts["total"]["frozen"] == sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    assert sum(c["trainable"] + c["frozen"] for n, c in counts.items() if n != "total") == sum(
+        p.numel() for p in net.parameters())
+
+
+def test_controlnet_starts_from_the_backbone_with_zero_gates():
+    backbone = random_backbone()
+    net = make_net(backbone)
+    reference = backbone.state_dict()
+    copied = {k: v for k, v in net.controlnet.state_dict().items() if not k.startswith("controlnet_")}
+    assert copied and all(torch.equal(v, reference[k]) for k, v in copied.items())
+    gates = {k: v for k, v in net.controlnet.state_dict().items() if k.startswith("controlnet_")}
+    assert gates and all(not v.any() for v in gates.values())
+    assert net.controlnet.controlnet_cond_embedding.conv.kernel_size == (1, 1, 1)
+
+
+def test_trainable_state_dict_holds_only_the_new_parts_and_round_trips():
+    backbone = random_backbone()
+    net = make_net(backbone)
+    wake_zero_inits(net)
+    state = net.trainable_state_dict()
+    backbone_keys = set(backbone.state_dict())
+    assert not any(k.startswith("backbone.") and k[len("backbone."):] in backbone_keys for k in state)
+    assert sum(v.numel() for v in state.values()) == net.parameter_counts()["total"]["trainable"]
+
+    fresh = make_net(backbone)
+    fresh.load_trainable_state_dict(state)
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        assert torch.equal(fresh(x_t, t, z_c), net(x_t, t, z_c))
+
+    key = next(k for k in state if ".lora_B." in k)
+    with pytest.raises(DemistError, match=f"missing key {key}"):
+        fresh.load_trainable_state_dict({k: v for k, v in state.items() if k != key}, source="stage2.safetensors")
+    with pytest.raises(DemistError, match=r"unexpected key controlnet\..*controlnet=False"):
+        make_net(backbone, controlnet=False).load_trainable_state_dict(state)
+    with pytest.raises(DemistError, match=f"{key} has shape"):
+        fresh.load_trainable_state_dict({**state, key: torch.zeros(1, 1)})
+
+
+def test_copies_and_bad_inputs():
+    net = make_net()
+    wake_zero_inits(net)
+    twin = copy.deepcopy(net)  # e.g. an EMA copy: its cross-attention reads its own tokens
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        assert torch.equal(twin(x_t, t, z_c), net(x_t, t, z_c))
+        with pytest.raises(RuntimeError, match="without tokens"):
+            net.backbone(x_t, t)
+    with pytest.raises(DemistError, match="z_c: shape"):
+        net(x_t, t, z_c[:, :, :4])
+    with pytest.raises(DemistError, match="multiples of 4"):
+        net(x_t[..., :6], t, z_c[..., :6])
+
+
+def test_flash_attention_and_bf16_autocast():
+    backbone = random_backbone()
+    net = make_net(backbone)
+    wake_zero_inits(net)
+    flash_backbone = random_backbone(use_flash_attention=True)
+    flash_backbone.load_state_dict(backbone.state_dict())
+    flash = make_net(flash_backbone)
+    flash.load_trainable_state_dict(net.trainable_state_dict())
+    assert all(m.cross_attention.use_flash_attention for m in flash.modules() if isinstance(m, CrossAttentionWrapper))
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        reference = net(x_t, t, z_c)
+        torch.testing.assert_close(flash(x_t, t, z_c), reference, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = flash(x_t, t, z_c)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    error = (low.float() - reference).norm() / reference.norm()
+    assert error < 0.05
