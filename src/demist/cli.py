@@ -50,9 +50,11 @@ def phantom(
 
 
 def _mount_subcommands() -> None:
-    """Attach the command groups that live in their own modules."""
+    """Attach the commands that live in their own modules (each imports only typer at module level)."""
+    from demist.cli_synthesize import synthesize_command
     from demist.cli_train import train_app
 
+    app.command("synthesize")(synthesize_command)
     app.add_typer(train_app, name="train", help="Train Stage 1, the backbone, DEMIST or a baseline.")
 
 

@@ -1,0 +1,158 @@
+"""From a trained run and a T1w + FLAIR pair to a PSR map on the T1w's native grid.
+
+`load_synthesizer(run)` reads a run directory and returns the method it holds (DEMIST or a baseline). The functions
+here are shared by all methods: check and prepare the inputs, predict on the model grid, go back to the native grid
+in PSR units, zero outside the brain, and write files atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from demist.data.nifti import load_image, load_mask, save_image
+from demist.data.preprocess import brain_from_background, prepare_images
+from demist.data.space import into_grid
+from demist.errors import DemistError
+from demist.inference.base import Synthesizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    """PSR (mean over samples) and its voxelwise SD across samples (None for one sample or a deterministic method),
+    both on the T1w's native grid, in PSR units."""
+
+    psr: nib.Nifti1Image
+    std: nib.Nifti1Image | None
+
+
+def load_synthesizer(run_dir: str | Path, **options: Any) -> Synthesizer:
+    """The method a run directory holds, ready to predict. `options` (sampler, steps, device) go to diffusion
+    methods; deterministic methods ignore them."""
+    from demist.runs import read_run
+
+    run = read_run(run_dir, what="--model")
+    if run.method in ("ridge", "constant") and run.stage == "baseline":
+        from demist.baselines import load_baseline
+
+        return load_baseline(run)
+    if run.method.startswith("demist") and run.stage == "demist":
+        from demist.inference.demist_synthesizer import DemistSynthesizer
+
+        return DemistSynthesizer.from_run(run, **options)
+    raise DemistError(
+        f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; expected the run "
+        "directory of `demist train demist` or of a baseline"
+    )
+
+
+def synthesize_images(
+    synthesizer: Synthesizer,
+    t1w: nib.Nifti1Image,
+    flair: nib.Nifti1Image,
+    mask: nib.Nifti1Image | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    names: dict[str, str] | None = None,
+) -> SynthesisResult:
+    """Synthesize PSR for one loaded T1w + FLAIR pair (see `SynthesisResult`)."""
+    if samples < 1:
+        raise DemistError(f"--samples {samples}: expected 1 or more")
+    session = prepare_images(t1w, flair, synthesizer.config.data, brain=mask, key="input", names=names)
+    mean, std = synthesizer.predict(session, samples=samples, seed=seed, progress=progress)
+    psr_range = np.float32(synthesizer.config.data.psr_range)
+    brain = native_brain(t1w, mask, names)
+    psr = session.grid.to_native(mean * session.brain * psr_range)
+    psr = nib.Nifti1Image((psr.get_fdata(dtype=np.float32) * brain).astype(np.float32), psr.affine, psr.header)
+    std_img = None
+    if std is not None and samples > 1:
+        std_native = session.grid.to_native(std * session.brain * psr_range)
+        std_img = nib.Nifti1Image((std_native.get_fdata(dtype=np.float32) * brain).astype(np.float32),
+                                  std_native.affine, std_native.header)
+    return SynthesisResult(psr=psr, std=std_img)
+
+
+def native_brain(t1w: nib.Nifti1Image, mask: nib.Nifti1Image | None, names: dict[str, str] | None) -> np.ndarray:
+    """The brain on the T1w's grid: the given mask, or the skull-stripped T1w's non-zero region."""
+    names = names or {}
+    if mask is None:
+        return brain_from_background(t1w, names.get("t1w", "T1w"))
+    return np.asarray(into_grid(mask, t1w, names.get("brain_mask", "brain mask"), is_mask=True).dataobj) > 0
+
+
+def std_path_for(out: Path) -> Path:
+    """`<name>_std.nii.gz` beside `<name>.nii.gz`."""
+    name = out.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    return out.with_name(f"{stem}_std{name[len(stem):]}")
+
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is not a NIfTI name, or that exists without --overwrite, before any work is done."""
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise DemistError(f"output {out}: not a NIfTI file name; expected a name ending in .nii.gz or .nii")
+    for path in (out, std_path_for(out)):
+        if path.exists() and not overwrite:
+            raise DemistError(f"output {path}: already exists; pass --overwrite to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DemistError(f"output {out}: its folder {out.parent} is not a directory")
+
+
+def synthesize_files(
+    synthesizer: Synthesizer,
+    t1w: Path,
+    flair: Path,
+    out: Path,
+    mask: Path | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Read the inputs, synthesize and write `out` (and `<out>_std` for several samples); returns what was written.
+
+    Outputs are written only after everything succeeded, each atomically.
+    """
+    check_output_path(out, overwrite)
+    result = synthesize_images(
+        synthesizer,
+        load_image(t1w, "T1w"),
+        load_image(flair, "FLAIR"),
+        load_mask(mask, "brain mask") if mask is not None else None,
+        samples=samples,
+        seed=seed,
+        progress=progress,
+        names={"t1w": f"T1w image {t1w}", "flair": f"FLAIR image {flair}", "brain_mask": f"brain mask {mask}"},
+    )
+    written = [save_image(result.psr, out)]
+    if result.std is not None:
+        written.append(save_image(result.std, std_path_for(out)))
+    return written
+
+
+class Demist:
+    """The Python API: `Demist.load(run).synthesize(t1w_img, flair_img)` → `SynthesisResult` (nibabel images).
+
+    `run` is any run directory that can synthesize (DEMIST, an ablation or a baseline).
+    """
+
+    def __init__(self, synthesizer: Synthesizer) -> None:
+        self.synthesizer = synthesizer
+
+    @classmethod
+    def load(cls, run_dir: str | Path, sampler: str | None = None, steps: int | None = None,
+             device: str = "auto") -> "Demist":
+        return cls(load_synthesizer(run_dir, sampler=sampler, steps=steps, device=device))
+
+    def synthesize(self, t1w: nib.Nifti1Image, flair: nib.Nifti1Image, mask: nib.Nifti1Image | None = None,
+                   samples: int = 1, seed: int = 0, progress: bool = False) -> SynthesisResult:
+        """PSR on the T1w's grid, in PSR units; with `samples` > 1 also the voxelwise SD across samples."""
+        return synthesize_images(self.synthesizer, t1w, flair, mask, samples=samples, seed=seed, progress=progress)

@@ -1,0 +1,137 @@
+"""The synthesis pipeline shared by every method: native grid, PSR units, bad input, batches that resume.
+
+A stand-in synthesizer (PSR = a fixed linear function of T1w, optional noise per sample) isolates the pipeline from
+any trained network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ellipsoid_session
+from demist.config import Config, load_config
+from demist.data.nifti import save_image
+from demist.errors import DemistError
+from demist.inference.batch import output_path, synthesize_manifest
+from demist.inference.pipeline import std_path_for, synthesize_files, synthesize_images
+from test_data_layer import AFFINES
+
+
+@dataclass
+class StandIn:
+    method: str = "stand-in"
+    config: Config = field(default_factory=lambda: load_config("tiny"))
+    calls: list[str] = field(default_factory=list)
+    fail_on: str | None = None
+
+    def predict(self, session, samples=1, seed=0, progress=False):
+        self.calls.append(session.key)
+        if self.fail_on is not None and session.t1w.sum() > 0 and len(self.calls) == 2:
+            raise DemistError("stand-in failure")
+        rng = np.random.default_rng(seed)
+        draws = np.stack([0.4 * session.t1w + rng.normal(0, 0.01, session.t1w.shape) * (samples > 1)
+                          for _ in range(samples)]).astype(np.float32)
+        return draws.mean(0), (draws.std(0) if samples > 1 else None)
+
+
+@pytest.mark.parametrize("orientation", AFFINES)
+def test_output_is_on_the_t1w_grid_in_psr_units(orientation):
+    images = ellipsoid_session(affine=AFFINES[orientation])
+    t1w = images["t1w"]
+    t1w.set_qform(t1w.affine, 1)
+    t1w.set_sform(t1w.affine, 4)
+    result = synthesize_images(StandIn(), t1w, images["flair"], images["brain_mask"])
+    assert result.psr.shape == t1w.shape and result.std is None
+    np.testing.assert_allclose(result.psr.affine, t1w.affine, atol=1e-6)
+    assert int(result.psr.header["qform_code"]) == 1 and int(result.psr.header["sform_code"]) == 4
+    psr = result.psr.get_fdata()
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    assert np.all(psr[~brain] == 0)
+    # 0.4 × (T1w scaled so its 99.5th percentile is 1) × psr_range: WM (T1w ≈ 1) ≈ 0.1 PSR units
+    wm = np.asarray(images["wm_mask"].dataobj) > 0
+    assert 0.07 < np.median(psr[wm]) < 0.11
+
+
+def test_several_samples_write_mean_and_sd(tmp_path):
+    images = ellipsoid_session()
+    paths = {k: save_image(v, tmp_path / f"{k}.nii.gz") for k, v in images.items()}
+    out = tmp_path / "out" / "psr.nii.gz"
+    written = synthesize_files(StandIn(), paths["t1w"], paths["flair"], out, mask=paths["brain_mask"], samples=3)
+    assert written == [out, std_path_for(out)] and std_path_for(out).name == "psr_std.nii.gz"
+    std = nib.load(std_path_for(out)).get_fdata()
+    assert std.max() > 0 and std.shape == images["t1w"].shape
+
+
+def _inputs(tmp_path: Path) -> dict[str, Path]:
+    return {k: save_image(v, tmp_path / f"{k}.nii.gz") for k, v in ellipsoid_session().items()}
+
+
+def _bad_cases(tmp_path: Path, paths: dict[str, Path]) -> dict[str, tuple[dict, str]]:
+    t1w = nib.load(paths["t1w"])
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(paths["t1w"].read_bytes()[:-64])
+    text = tmp_path / "text.nii.gz"
+    text.write_text("hello")
+    four_d = save_image(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "4d.nii.gz")
+    two_d = save_image(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), tmp_path / "2d.nii.gz")
+    nan = np.asarray(t1w.dataobj).copy()
+    nan[3, 3, 3] = np.nan
+    nan_path = save_image(nib.Nifti1Image(nan, t1w.affine), tmp_path / "nan.nii.gz")
+    far = t1w.affine.copy()
+    far[:3, 3] += 1000
+    far_path = save_image(nib.Nifti1Image(np.asarray(nib.load(paths["flair"]).dataobj), far), tmp_path / "far.nii.gz")
+    empty = save_image(nib.Nifti1Image(np.zeros(t1w.shape, np.uint8), t1w.affine), tmp_path / "empty.nii.gz")
+    far_mask = save_image(nib.Nifti1Image(np.ones(t1w.shape, np.uint8), far), tmp_path / "farmask.nii.gz")
+    return {
+        "missing": ({"t1w": tmp_path / "none.nii.gz"}, "file not found"),
+        "not nifti": ({"flair": text}, "FLAIR image"),
+        "truncated": ({"t1w": cut}, "cut.nii.gz"),
+        "4D": ({"t1w": four_d}, "4 dimensions"),
+        "2D": ({"flair": two_d}, "2 dimensions"),
+        "NaN": ({"t1w": nan_path}, "NaN or infinite"),
+        "no overlap": ({"flair": far_path}, "physical space"),
+        "empty mask": ({"mask": empty}, "mask is empty"),
+        "mask elsewhere": ({"mask": far_mask}, "physical space"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "not nifti", "truncated", "4D", "2D", "NaN", "no overlap",
+                                  "empty mask", "mask elsewhere"])
+def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, case):
+    paths = _inputs(tmp_path)
+    change, fragment = _bad_cases(tmp_path, paths)[case]
+    args = {"t1w": paths["t1w"], "flair": paths["flair"], "mask": paths["brain_mask"], **change}
+    out_dir = tmp_path / "out"
+    with pytest.raises(DemistError) as info:
+        synthesize_files(StandIn(), args["t1w"], args["flair"], out_dir / "psr.nii.gz", mask=args["mask"])
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    paths = _inputs(tmp_path)
+    out = tmp_path / "psr.nii.gz"
+    out.write_bytes(b"keep me")
+    with pytest.raises(DemistError, match="already exists"):
+        synthesize_files(StandIn(), paths["t1w"], paths["flair"], out)
+    assert out.read_bytes() == b"keep me"
+    synthesize_files(StandIn(), paths["t1w"], paths["flair"], out, overwrite=True)
+    assert nib.load(out).shape == nib.load(paths["t1w"]).shape
+
+
+def test_batch_goes_on_after_a_failure_and_resumes_without_redoing(small_manifest, tmp_path):
+    out_dir = tmp_path / "pred"
+    first = StandIn(fail_on="second session")
+    summary = synthesize_manifest(first, small_manifest, out_dir, progress=False)
+    assert len(summary.written) == 2 and len(summary.failed) == 1 and not summary.skipped
+    failed = next(iter(summary.failed))
+    subject, session = failed.split("/")
+    assert not output_path(out_dir, subject, session).exists()
+    again = StandIn()
+    summary = synthesize_manifest(again, small_manifest, out_dir, progress=False)
+    assert again.calls == ["input"] and summary.written == [failed] and len(summary.skipped) == 2
