@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -51,10 +50,13 @@ def phantom(
 
 def _mount_subcommands() -> None:
     """Attach the commands that live in their own modules (each imports only typer at module level)."""
+    from demist.cli_baselines import constant_command, ridge_command
     from demist.cli_synthesize import synthesize_command
     from demist.cli_train import train_app
 
     app.command("synthesize")(synthesize_command)
+    train_app.command("ridge")(ridge_command)
+    train_app.command("constant")(constant_command)
     app.add_typer(train_app, name="train", help="Train Stage 1, the backbone, DEMIST or a baseline.")
 
 
@@ -62,22 +64,13 @@ def main() -> None:
     """Entry point: run the app, turning a user's mistake into one line and a non-zero exit."""
     _mount_subcommands()
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print click's message and exit 2 by themselves
     except DemistError as exc:
         typer.echo(f"demist: error: {exc}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("demist: aborted", err=True)
+    except KeyboardInterrupt:
+        typer.echo("demist: interrupted", err=True)
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

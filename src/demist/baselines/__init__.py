@@ -1,0 +1,56 @@
+"""Non-deep baselines every deep model must beat: a voxelwise ridge model and a constant predictor.
+
+Both implement `demist.inference.base.Synthesizer` and save to run directories (method "ridge" / "constant",
+stage "baseline"). This module holds what their training commands share: which manifest sessions to train on,
+and preparing them one at a time so memory does not grow with the cohort.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+from demist.config import Config
+from demist.data.manifest import SessionRecord, load_manifest, select_subjects, subjects_of
+from demist.data.preprocess import PreparedSession, prepare_session
+from demist.errors import DemistError
+
+#: The stage name of every baseline run directory.
+BASELINE_STAGE = "baseline"
+
+
+def training_records(manifest: str | Path, subjects: Sequence[str] | None = None) -> list[SessionRecord]:
+    """The manifest's sessions with a PSR map, restricted to `subjects` (a cross-validation fold) when given."""
+    records = load_manifest(manifest, require=("t1w", "flair", "psr"))
+    if subjects is None:
+        return records
+    known = set(subjects_of(records))
+    unknown = [s for s in subjects if s not in known]
+    if unknown:
+        raise DemistError(f"subjects {', '.join(unknown)}: not in manifest {manifest}; expected some of "
+                          f"{', '.join(sorted(known))}")
+    chosen = select_subjects(records, subjects)
+    if not chosen:
+        raise DemistError(f"subjects: empty list; expected at least one training subject of manifest {manifest}")
+    return chosen
+
+
+def iter_prepared(records: Sequence[SessionRecord], config: Config, progress: bool = True) -> Iterator[PreparedSession]:
+    """Prepare sessions lazily (with their PSR target), one at a time."""
+    for record in tqdm(records, desc="sessions", unit="session", disable=not progress):
+        yield prepare_session(record, config.data, need_target=True)
+
+
+def load_baseline(run):  # -> RidgeSynthesizer | ConstantSynthesizer
+    """The baseline synthesizer a verified baseline run holds (`run` is a `demist.runs.RunInfo`)."""
+    if run.method == "ridge":
+        from demist.baselines.ridge import RidgeSynthesizer
+
+        return RidgeSynthesizer.load(run.path)
+    if run.method == "constant":
+        from demist.baselines.constant import ConstantSynthesizer
+
+        return ConstantSynthesizer.load(run.path)
+    raise DemistError(f"run {run.path}: method {run.method!r} is not a baseline; expected ridge or constant")
