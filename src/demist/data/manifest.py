@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from demist.atomic import atomic_write
 from demist.errors import DemistError
 
 REQUIRED_COLUMNS = ("subject", "session", "group", "t1w", "flair", "psr", "brain_mask", "lesion_mask")
@@ -59,14 +58,7 @@ def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow({c: row.get(c, "") or "" for c in MANIFEST_COLUMNS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, buf.getvalue())
     return path
 
 

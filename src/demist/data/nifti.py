@@ -7,14 +7,13 @@ file in the destination folder and an atomic rename, so an interrupted run never
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from demist.atomic import atomic_path
 from demist.errors import DemistError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -89,21 +88,13 @@ def save_image(img: nib.Nifti1Image, path: str | Path, overwrite: bool = True) -
     path = Path(path)
     if path.exists() and not overwrite:
         raise DemistError(f"output {path}: already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    raw = (img if isinstance(img, nib.Nifti1Image) else nib.Nifti1Image.from_image(img)).to_bytes()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         if path.name.endswith(".gz"):
-            raw = img.to_bytes() if isinstance(img, nib.Nifti1Image) else nib.Nifti1Image.from_image(img).to_bytes()
-            with open(tmp, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+            with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
                 gz.write(raw)
         else:
-            with open(tmp, "wb") as fh:
-                fh.write(img.to_bytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            fh.write(raw)
     return path
 
 

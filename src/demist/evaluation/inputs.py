@@ -1,0 +1,146 @@
+"""What an evaluation reads: a manifest session's truth, and each method's prediction on the truth's grid.
+
+Predictions follow the layout of `demist synthesize --manifest`: `<folder>/<subject>/<session>/psr.nii.gz`, in
+PSR units. Every volume is brought onto the grid of the session's true PSR map (unchanged when the grids match,
+resampled when they overlap, refused otherwise), so voxels compare one to one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from demist.data.manifest import SessionRecord
+from demist.data.nifti import load_image
+from demist.data.space import into_grid, same_grid
+from demist.errors import DemistError
+from demist.evaluation.lesions import Plane
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_NAME = "psr.nii.gz"
+ORACLE = "oracle"
+"""The name under which the true PSR map enters the lesion-contrast comparison (reserved as a method name)."""
+CONTROL_GROUPS = frozenset({"hc", "control", "controls", "healthy"})
+"""Manifest `group` values (any case) of healthy controls; every other group is a patient group."""
+
+
+def prediction_path(folder: Path, record: SessionRecord) -> Path:
+    """Where a method's prediction for one session lives."""
+    return folder / record.subject / record.session / PREDICTION_NAME
+
+
+def find_predictions(
+    records: Sequence[SessionRecord], predictions: Mapping[str, str | Path]
+) -> dict[str, dict[str, Path]]:
+    """{method: {"subject/session": prediction file}} over `records`.
+
+    Sessions without a prediction are logged and left out; a method with none at all is a DemistError (most
+    likely a wrong folder).
+    """
+    if not predictions:
+        raise DemistError("predictions: none given; expected {method name: folder of <subject>/<session>/psr.nii.gz}")
+    found: dict[str, dict[str, Path]] = {}
+    for method, folder in predictions.items():
+        folder = Path(folder)
+        if not method or method == ORACLE:
+            raise DemistError(f"prediction method name {method!r}: empty or reserved; expected another name")
+        if not folder.is_dir():
+            raise DemistError(f"predictions of {method} {folder}: not a folder; expected the --out-dir of "
+                              "`demist synthesize --manifest`")
+        files = {r.key: prediction_path(folder, r) for r in records}
+        found[method] = {key: path for key, path in files.items() if path.is_file()}
+        missing = [key for key in files if key not in found[method]]
+        if not found[method]:
+            raise DemistError(
+                f"predictions of {method} {folder}: none of the {len(files)} sessions has "
+                f"<subject>/<session>/{PREDICTION_NAME} (e.g. {files[records[0].key]}); expected the layout of "
+                "`demist synthesize --manifest`"
+            )
+        if missing:
+            logger.warning("%s: no prediction for %d of %d sessions, skipped: %s%s", method, len(missing),
+                           len(files), ", ".join(missing[:5]), " …" if len(missing) > 5 else "")
+    return found
+
+
+@dataclass(frozen=True)
+class SessionTruth:
+    """A session's true PSR map (the reference grid) and masks on that grid (lesion/wm None when not given)."""
+
+    record: SessionRecord
+    image: nib.Nifti1Image
+    psr: np.ndarray
+    brain: np.ndarray
+    lesion: np.ndarray | None
+    wm: np.ndarray | None
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.image.affine
+
+
+def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: bool = False) -> np.ndarray:
+    """A volume on `reference`'s grid (bool for masks, float32 otherwise); a resampling is logged."""
+    image = load_image(path, what)
+    if not same_grid(image, reference):
+        logger.warning("%s %s: not on the grid of the true PSR map; resampling it (%s)", what, path,
+                       "nearest neighbour" if is_mask else "trilinear")
+    data = np.asarray(into_grid(image, reference, f"{what} image {path}", is_mask=is_mask).dataobj)
+    return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
+
+
+def load_truth(record: SessionRecord) -> SessionTruth:
+    """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them."""
+    record.require("psr", "brain_mask")
+    image = load_image(record.psr, f"{record.key} PSR")
+    brain = load_on_grid(record.brain_mask, image, f"{record.key} brain mask", is_mask=True)
+    if not brain.any():
+        raise DemistError(f"{record.key} brain mask {record.brain_mask}: empty on the PSR grid; expected the brain")
+    optional = {
+        column: load_on_grid(getattr(record, column), image, f"{record.key} {column}", is_mask=True)
+        if getattr(record, column) is not None else None
+        for column in ("lesion_mask", "wm_mask")
+    }
+    return SessionTruth(record, image, np.asarray(image.dataobj, dtype=np.float32), brain,
+                        optional["lesion_mask"], optional["wm_mask"])
+
+
+def load_prediction(path: Path, truth: SessionTruth, method: str) -> np.ndarray:
+    """A method's PSR map for the session of `truth`, on the truth's grid (float32, PSR units)."""
+    return load_on_grid(path, truth.image, f"{method} prediction for {truth.record.key}")
+
+
+def session_plane(record: SessionRecord) -> Plane | None:
+    """The mid-sagittal plane stored in the session's meta.json ("midsagittal_plane"), or None if there is none."""
+    if record.meta is None:
+        return None
+    try:
+        meta = json.loads(record.meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DemistError(
+            f"{record.key} meta {record.meta}: not readable as JSON ({exc}); expected a JSON object"
+        ) from None
+    plane = meta.get("midsagittal_plane") if isinstance(meta, dict) else None
+    if plane is None:
+        logger.info("%s: meta %s has no midsagittal_plane; estimating it from the brain mask", record.key, record.meta)
+    return plane
+
+
+def is_patient(record: SessionRecord) -> bool:
+    """True unless the session's group names healthy controls (see CONTROL_GROUPS)."""
+    return record.group.strip().lower() not in CONTROL_GROUPS
+
+
+def first_patient_sessions(records: Sequence[SessionRecord]) -> list[SessionRecord]:
+    """The first session (in manifest order) of each patient subject among `records`."""
+    first: dict[str, SessionRecord] = {}
+    for record in records:
+        if is_patient(record):
+            first.setdefault(record.subject, record)
+    return list(first.values())

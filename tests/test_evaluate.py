@@ -1,0 +1,241 @@
+"""`evaluate_predictions` and `demist evaluate` on a hand-made two-subject manifest (one patient, one control)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from conftest import ellipsoid_session, write_session
+from demist.cli_evaluate import evaluate_command, parse_prediction_dirs
+from demist.data.manifest import write_manifest
+from demist.data.nifti import save_image
+from demist.errors import DemistError
+from demist.evaluation.evaluate import evaluate_predictions
+
+SHAPE = (40, 44, 36)
+VOXEL_MM = 2.0
+# Lesion centres in the ellipsoid's [-1, 1] coordinates: inside the WM core, not mirror images of each other.
+LESIONS = ((0.22, 0.10, 0.0), (-0.15, -0.20, 0.10), (0.17, 0.0, -0.30))
+NOISE_PSR = 0.005
+
+
+def patient_session(seed: int) -> dict[str, nib.Nifti1Image]:
+    """conftest's ellipsoid head with three WM lesions of different depth (PSR 40–70 % of WM)."""
+    images = ellipsoid_session(SHAPE, seed=seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    psr = np.asarray(images["psr"].dataobj).copy()
+    psr[np.asarray(images["lesion_mask"].dataobj) > 0] = 0.11  # drop conftest's lesion; ours replace it
+    lesion = np.zeros(SHAPE, dtype=bool)
+    for centre, depth in zip(LESIONS, (0.4, 0.55, 0.7)):
+        blob = np.sqrt(((grid - np.array(centre)[:, None, None, None]) ** 2).sum(axis=0)) < 0.11
+        psr[blob] = 0.11 * depth
+        lesion |= blob
+    affine = images["psr"].affine
+    images["psr"] = nib.Nifti1Image((psr * brain).astype(np.float32), affine)
+    images["lesion_mask"] = nib.Nifti1Image(lesion.astype(np.uint8), affine)
+    return images
+
+
+def control_session(seed: int) -> dict[str, nib.Nifti1Image]:
+    images = ellipsoid_session(SHAPE, seed=seed)
+    images["lesion_mask"] = nib.Nifti1Image(np.zeros(SHAPE, np.uint8), images["psr"].affine)
+    return images
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict[str, Path]:
+    """Manifest (patient ms1 with sessions a, b and a meta.json plane; control hc1) and prediction folders."""
+    root = tmp_path_factory.mktemp("cohort")
+    centre_mm = (np.array(SHAPE) - 1) / 2 * VOXEL_MM
+    plane = {"point": centre_mm.tolist(), "normal": [1.0, 0.0, 0.0]}
+    rows, truths = [], {}
+    for subject, session, group, images in [("ms1", "a", "MS", patient_session(0)), ("ms1", "b", "MS",
+                                            patient_session(1)), ("hc1", "a", "HC", control_session(2))]:
+        folder = root / subject / session
+        row = write_session(folder, images)
+        if group == "MS":
+            (folder / "meta.json").write_text(json.dumps({"midsagittal_plane": plane}))
+            row["meta"] = str(folder / "meta.json")
+        rows.append({"subject": subject, "session": session, "group": group, **row})
+        truths[(subject, session)] = images["psr"]
+    rng = np.random.default_rng(0)
+    for (subject, session), truth in truths.items():
+        noisy = np.asarray(truth.dataobj) + rng.normal(0, NOISE_PSR, SHAPE)
+        save_image(truth, root / "perfect" / subject / session / "psr.nii.gz")
+        save_image(nib.Nifti1Image(noisy.astype(np.float32), truth.affine),
+                   root / "noisy" / subject / session / "psr.nii.gz")
+    return {"root": root, "manifest": write_manifest(root / "manifest.csv", rows)}
+
+
+@pytest.fixture(scope="module")
+def evaluated(cohort) -> tuple[dict, Path]:
+    out = cohort["root"] / "evaluation"
+    summary = evaluate_predictions(cohort["manifest"], {"perfect": cohort["root"] / "perfect",
+                                                        "noisy": cohort["root"] / "noisy"},
+                                   out, bootstrap=200, progress=False)
+    return summary, out
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_files_are_written(evaluated):
+    _, out = evaluated
+    for name in ("roc.png", "qualitative.png", "error_map.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["per_session.csv", "summary.json", "report.md", "roc.png", "qualitative.png", "error_map.png"])
+
+
+def test_perfect_prediction_scores_perfectly(evaluated):
+    summary, out = evaluated
+    with open(out / "per_session.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and {r["group"] for r in rows} == {"MS", "HC"}
+    for row in (r for r in rows if r["method"] == "perfect"):
+        assert float(row["mse"]) == 0 and float(row["l1"]) == 0 and row["psnr"] == "inf"
+        assert float(row["ssim"]) == pytest.approx(1.0, abs=1e-9) and float(row["ncc"]) == pytest.approx(1.0)
+    lesion = summary["lesion_contrast"]
+    oracle, perfect = lesion["auc"]["oracle"], lesion["auc"]["perfect"]
+    assert perfect == oracle  # same AUCs, CIs and ROC points
+    assert all(value == 0 for value in lesion["bias"]["perfect"].values())
+    # only the first session of the patient enters the lesion contrast; the control never does
+    assert lesion["sessions"] == ["ms1/a"] and lesion["n_lesions"] == len(LESIONS)
+    assert oracle["combined"]["auc"] == 1.0  # lesions at 40-70 % of WM PSR are fully separated
+
+
+def test_noisy_prediction_numbers_follow_the_noise(evaluated):
+    summary, _ = evaluated
+    noisy = summary["metrics"]["noisy"]
+    expected_mse = (NOISE_PSR / 0.25) ** 2  # metrics run on PSR / psr_range
+    assert noisy["mse"]["mean"] == pytest.approx(expected_mse, rel=0.05)
+    assert noisy["psnr"]["mean"] == pytest.approx(-10 * math.log10(expected_mse), abs=0.25)
+    assert 0.5 < noisy["ssim"]["mean"] < 0.99 and noisy["psnr"]["n_sessions"] == 3
+    assert summary["metrics"]["perfect"]["psnr"]["mean"] == math.inf
+    bias = summary["lesion_contrast"]["bias"]["noisy"]
+    assert abs(bias["lesion"]) < 0.003 and summary["paired_tests"]["mse"]["noisy"]["vs"] == "perfect"
+    assert summary["counts"] == {"sessions": {"perfect": 3, "noisy": 3}, "subjects": 2,
+                                 "skipped": {"perfect": [], "noisy": []}, "lesion_subjects": 1, "lesions": 3}
+
+
+def test_summary_json_is_strict_and_report_states_the_range(evaluated):
+    summary, out = evaluated
+    saved = _strict_json((out / "summary.json").read_text())
+    assert saved["psr_range"] == 0.25 and saved["data_range"] == 1.0
+    assert saved["metrics"]["perfect"]["psnr"]["mean"] is None  # infinite: null in strict JSON
+    assert saved["metrics"]["noisy"]["mse"]["mean"] == pytest.approx(summary["metrics"]["noisy"]["mse"]["mean"])
+    assert "fpr" not in saved["lesion_contrast"]["auc"]["noisy"]["combined"] and "per_session" not in saved
+    assert len(summary["per_session"]) == 6 and summary["per_session"][0].keys() >= {"method", "subject", "mse"}
+    report = (out / "report.md").read_text()
+    assert "fixed physical range 0.25" in report and "data range 1" in report
+    assert "| perfect | inf |" in report and "| oracle | 1.000 [1.000, 1.000] | — |" in report
+    assert "ms1/a" in summary["figures"]["qualitative.png"]  # the largest lesion of the lesion sessions
+
+
+def test_the_plane_comes_from_meta_json_and_is_estimated_without_it(cohort, tmp_path, monkeypatch):
+    import demist.evaluation.evaluate as evaluate_module
+
+    planes = []
+
+    def spy(*args, **kwargs):
+        planes.append(kwargs["plane"])
+        return real(*args, **kwargs)
+
+    real = evaluate_module.lesion_rois
+    monkeypatch.setattr(evaluate_module, "lesion_rois", spy)
+    predictions = {"noisy": cohort["root"] / "noisy"}
+    evaluate_predictions(cohort["manifest"], predictions, tmp_path / "a", bootstrap=0, progress=False)
+    assert planes == [json.loads((cohort["root"] / "ms1/a/meta.json").read_text())["midsagittal_plane"]]
+    text = cohort["manifest"].read_text().splitlines()
+    no_meta = tmp_path / "manifest.csv"  # the same sessions without the meta column's values
+    no_meta.write_text("\n".join([text[0]] + [line.rsplit(",", 1)[0] + "," for line in text[1:]]) + "\n")
+    summary = evaluate_predictions(no_meta, predictions, tmp_path / "b", bootstrap=0, progress=False)
+    assert planes[1] is None and summary["lesion_contrast"]["n_lesions"] == len(LESIONS)
+
+
+def test_missing_sessions_are_skipped_and_logged(cohort, tmp_path, caplog):
+    partial = tmp_path / "partial" / "ms1" / "a"
+    partial.mkdir(parents=True)
+    (partial / "psr.nii.gz").write_bytes((cohort["root"] / "noisy/ms1/a/psr.nii.gz").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="demist.evaluation"):
+        summary = evaluate_predictions(cohort["manifest"], {"partial": tmp_path / "partial"}, tmp_path / "out",
+                                       bootstrap=0, progress=False, sessions=["ms1/a", "hc1/a"])
+    assert summary["counts"]["sessions"] == {"partial": 1} and summary["counts"]["skipped"] == {"partial": ["hc1/a"]}
+    assert any("hc1/a" in record.message for record in caplog.records)
+
+
+def test_a_prediction_on_another_overlapping_grid_is_resampled(cohort, tmp_path):
+    truth = nib.load(cohort["root"] / "ms1/a/psr.nii.gz")
+    cropped = np.asarray(truth.dataobj)[2:-2, 3:-1, 1:-2]  # the brain stays inside; the affine follows the crop
+    affine = truth.affine @ np.array([[1, 0, 0, 2], [0, 1, 0, 3], [0, 0, 1, 1], [0, 0, 0, 1]])
+    save_image(nib.Nifti1Image(cropped, affine), tmp_path / "crop/ms1/a/psr.nii.gz")
+    summary = evaluate_predictions(cohort["manifest"], {"crop": tmp_path / "crop"}, tmp_path / "out",
+                                   bootstrap=0, progress=False, sessions=["ms1/a"])
+    assert summary["metrics"]["crop"]["mse"]["mean"] < 1e-10
+
+
+def test_a_prediction_elsewhere_in_space_raises(cohort, tmp_path):
+    truth = nib.load(cohort["root"] / "ms1/a/psr.nii.gz")
+    shifted = truth.affine.copy()
+    shifted[:3, 3] += 500.0
+    save_image(nib.Nifti1Image(np.asarray(truth.dataobj), shifted), tmp_path / "far/ms1/a/psr.nii.gz")
+    with pytest.raises(DemistError, match="far prediction for ms1/a.*physical space"):
+        evaluate_predictions(cohort["manifest"], {"far": tmp_path / "far"}, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("case", ["no_files", "not_a_folder", "reserved_name", "unknown_session", "psr_range"])
+def test_bad_arguments_raise(cohort, tmp_path, case):
+    (tmp_path / "empty").mkdir()
+    predictions = {"noisy": cohort["root"] / "noisy"}
+    kwargs = {}
+    if case == "no_files":
+        predictions["empty"] = tmp_path / "empty"
+    elif case == "not_a_folder":
+        predictions = {"ghost": tmp_path / "missing"}
+    elif case == "reserved_name":
+        predictions = {"oracle": cohort["root"] / "noisy"}
+    elif case == "unknown_session":
+        kwargs = {"sessions": ["ms1/zz"]}
+    else:
+        kwargs = {"psr_range": 0.0}
+    with pytest.raises(DemistError, match={"no_files": "empty.*none of the 3 sessions"}.get(case)):
+        evaluate_predictions(cohort["manifest"], predictions, tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are known to be usable
+
+
+def test_prediction_dir_arguments():
+    assert parse_prediction_dirs(["preds"]) == {"demist": Path("preds")}
+    assert parse_prediction_dirs(["preds", "ridge=out/ridge"]) == {"demist": Path("preds"),
+                                                                   "ridge": Path("out/ridge")}
+    assert parse_prediction_dirs(["runs/lr=1e-3"]) == {"demist": Path("runs/lr=1e-3")}  # not NAME=FOLDER
+    for bad in (["a", "b"], ["ridge="], []):
+        with pytest.raises(DemistError):
+            parse_prediction_dirs(bad)
+
+
+def test_cli_uses_the_config_and_the_psr_range_option(cohort, tmp_path):
+    app = typer.Typer()
+    app.command("evaluate")(evaluate_command)
+    app.callback()(lambda: None)  # keep "evaluate" a subcommand, as in the demist app
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["evaluate", "--manifest", str(cohort["manifest"]), "--pred-dir",
+                                      str(cohort["root"] / "noisy"), "--out", str(out), "--psr-range", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "| demist |" in result.output and "fixed physical range 0.5" in result.output
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["psr_range"] == 0.5 and saved["ring_mm"] == 4.0 and saved["bootstrap"] == 1000  # tiny preset
+    assert saved["metrics"]["demist"]["mse"]["mean"] == pytest.approx((NOISE_PSR / 0.5) ** 2, rel=0.05)
