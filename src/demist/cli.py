@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -48,15 +49,62 @@ def phantom(
     typer.echo(f"manifest: {manifest}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, runs, predictions and report."),
+    subjects: int = typer.Option(14, "--subjects", help="Synthetic subjects to generate."),
+    held_out: int = typer.Option(3, "--held-out", help="Subjects kept out of training, for evaluation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of the split."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Cap every training stage (a quick smoke run; numbers meaningless)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
+    from demist.demo import DemoPlan, run_demo
+
+    report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps),
+                      device=device)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def cv(
+    manifest: Path = typer.Option(..., "--manifest", help="Manifest of the cohort (sessions with PSR and masks)."),
+    out: Path = typer.Option(..., "--out", help="Folder for splits, per-fold runs, predictions and tables."),
+    methods: str = typer.Option("demist,ridge", "--methods",
+                                help="Comma-separated: demist, demist-no-controlnet, demist-no-lora, "
+                                     "demist-no-crossattn, ridge, constant, klgan, vqvae, cwdm."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Subject-grouped folds."),
+    config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split (saved in splits.json)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap every training stage."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
+    from demist.config import load_config
+    from demist.cv import parse_methods, run_cv
+
+    table = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
+                   max_steps=max_steps, device=device)
+    typer.echo(table.read_text())
+
+
 def _mount_subcommands() -> None:
     """Attach the commands that live in their own modules (each imports only typer at module level)."""
-    from demist.cli_baselines import constant_command, ridge_command
+    from demist.cli_baselines import DEEP_BASELINE_COMMANDS, constant_command, deep_baseline_command, ridge_command
+    from demist.cli_evaluate import evaluate_command
+    from demist.cli_stage2 import backbone_command, demist_command
     from demist.cli_synthesize import synthesize_command
     from demist.cli_train import train_app
 
     app.command("synthesize")(synthesize_command)
+    app.command("evaluate")(evaluate_command)
+    train_app.command("backbone")(backbone_command)
+    train_app.command("demist")(demist_command)
     train_app.command("ridge")(ridge_command)
     train_app.command("constant")(constant_command)
+    for method, summary in DEEP_BASELINE_COMMANDS.items():
+        train_app.command(method)(deep_baseline_command(method, summary))
     app.add_typer(train_app, name="train", help="Train Stage 1, the backbone, DEMIST or a baseline.")
 
 

@@ -152,6 +152,27 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The deep baselines (KL-GAN, VQ-VAE, cWDM), trained on [data] patches to map T1w + FLAIR to PSR directly.
+
+    They share [stage1]'s reconstruction and adversarial weights and its discriminator; KL-GAN's encoder-decoder
+    has the [autoencoder] architecture and cWDM diffuses with the [diffusion] noise schedule (predicting x0).
+    """
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    klgan_adv_start: int  # step at which KL-GAN's discriminator and adversarial term switch on
+    vq_channels: tuple[int, ...]  # VQ-VAE channels per level; each level downsamples 2×
+    vq_num_embeddings: int  # codebook size
+    vq_embedding_dim: int
+    cwdm_channels: tuple[int, ...]  # cWDM's DiffusionModelUNet; self-attention at the last level only
+    cwdm_num_head_channels: int
+    cwdm_num_res_blocks: int
+    cwdm_norm_num_groups: int
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; stored whole in every run directory."""
 
@@ -167,6 +188,7 @@ class Config:
     demist: DemistConfig
     sampling: SamplingConfig
     evaluation: EvaluationConfig
+    baselines: BaselineConfig
 
     def replace(self, **sections: Any) -> "Config":
         """A copy with some sections replaced: `cfg.replace(demist=dataclasses.replace(cfg.demist, lora=False))`."""

@@ -1,6 +1,7 @@
-"""Non-deep baselines every deep model must beat: a voxelwise ridge model and a constant predictor.
+"""Baselines every DEMIST model must beat: a voxelwise ridge model, a constant predictor, and the deep
+translation baselines KL-GAN, VQ-VAE and cWDM (`translation`).
 
-Both implement `demist.inference.base.Synthesizer` and save to run directories (method "ridge" / "constant",
+All implement `demist.inference.base.Synthesizer` and save to run directories (method = the baseline's name,
 stage "baseline"). This module holds what their training commands share: which manifest sessions to train on,
 and preparing them one at a time so memory does not grow with the cohort.
 """
@@ -43,8 +44,17 @@ def iter_prepared(records: Sequence[SessionRecord], config: Config, progress: bo
         yield prepare_session(record, config.data, need_target=True)
 
 
-def load_baseline(run):  # -> RidgeSynthesizer | ConstantSynthesizer
-    """The baseline synthesizer a verified baseline run holds (`run` is a `demist.runs.RunInfo`)."""
+#: Baselines that are one trained network (module demist.baselines.<name>, class <NAME>Synthesizer).
+DEEP_BASELINES = {"klgan": "KLGANSynthesizer", "vqvae": "VQVAESynthesizer", "cwdm": "CWDMSynthesizer"}
+#: Every baseline method a run directory can hold.
+BASELINE_METHODS = ("ridge", "constant", *DEEP_BASELINES)
+
+
+def load_baseline(run, **options):  # -> RidgeSynthesizer | ConstantSynthesizer | TranslationSynthesizer
+    """The baseline synthesizer a verified baseline run holds (`run` is a `demist.runs.RunInfo`).
+
+    `options` (device; sampler and steps for cWDM) go to the deep baselines; ridge and constant ignore them.
+    """
     if run.method == "ridge":
         from demist.baselines.ridge import RidgeSynthesizer
 
@@ -53,4 +63,12 @@ def load_baseline(run):  # -> RidgeSynthesizer | ConstantSynthesizer
         from demist.baselines.constant import ConstantSynthesizer
 
         return ConstantSynthesizer.load(run.path)
-    raise DemistError(f"run {run.path}: method {run.method!r} is not a baseline; expected ridge or constant")
+    if run.method in DEEP_BASELINES:
+        import importlib
+
+        module = importlib.import_module(f"demist.baselines.{run.method}")
+        synthesizer = getattr(module, DEEP_BASELINES[run.method])
+        accepted = {"device", *synthesizer.load_options}
+        return synthesizer.from_run(run, **{k: v for k, v in options.items() if k in accepted and v is not None})
+    raise DemistError(f"run {run.path}: method {run.method!r} is not a baseline; expected one of "
+                      f"{', '.join(BASELINE_METHODS)}")

@@ -177,8 +177,9 @@ def plot_error_map(
     return _save(fig, path)
 
 
-def _read_losses(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(step, loss) pairs of a metrics.jsonl; lines without both keys (e.g. evaluation records) are skipped."""
+def _read_losses(path: Path, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(step, loss) pairs of a metrics.jsonl (the loss under `key`: the training loop logs each phase's loss under
+    the phase's name); lines without both keys (e.g. evaluation records) are skipped."""
     if not path.is_file():
         raise DemistError(f"metrics log {path}: file not found; expected a metrics.jsonl written by training")
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -195,17 +196,19 @@ def _read_losses(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DemistError(
                 f"metrics log {path}, line {number}: not JSON; expected one JSON object per line"
             ) from None
-        if isinstance(record, dict) and "step" in record and "loss" in record:
+        if isinstance(record, dict) and "step" in record and key in record:
             steps.append(float(record["step"]))
-            losses.append(float(record["loss"]))
+            losses.append(float(record[key]))
     if not steps:
-        raise DemistError(f"metrics log {path}: no line has both 'step' and 'loss'; expected training records")
+        raise DemistError(f"metrics log {path}: no line has both 'step' and {key!r}; expected training records")
     return np.array(steps), np.array(losses)
 
 
-def plot_loss_curves(metrics_jsonl_paths: Mapping[str, str | Path], path: str | Path, smooth: int = 1) -> Path:
+def plot_loss_curves(metrics_jsonl_paths: Mapping[str, str | Path], path: str | Path, smooth: int = 1,
+                     keys: Mapping[str, str] | None = None) -> Path:
     """Training loss against step for each run (name → metrics.jsonl), on a log scale when every loss is positive.
 
+    `keys` names the logged loss of each run (default "loss"; the training loop logs a phase's loss under its name).
     `smooth` > 1 overlays a running mean over that many records on the raw (faint) curve.
     """
     if not metrics_jsonl_paths:
@@ -214,7 +217,7 @@ def plot_loss_curves(metrics_jsonl_paths: Mapping[str, str | Path], path: str | 
     ax = fig.add_subplot()
     all_positive = True
     for index, (name, log_path) in enumerate(metrics_jsonl_paths.items()):
-        steps, losses = _read_losses(Path(log_path))
+        steps, losses = _read_losses(Path(log_path), (keys or {}).get(name, "loss"))
         all_positive &= bool(np.all(losses > 0))
         colour = f"C{index % 10}"
         if smooth > 1 and len(losses) >= smooth:

@@ -39,10 +39,10 @@ def load_synthesizer(run_dir: str | Path, **options: Any) -> Synthesizer:
     from demist.runs import read_run
 
     run = read_run(run_dir, what="--model")
-    if run.method in ("ridge", "constant") and run.stage == "baseline":
+    if run.stage == "baseline":
         from demist.baselines import load_baseline
 
-        return load_baseline(run)
+        return load_baseline(run, **options)
     if run.method.startswith("demist") and run.stage == "demist":
         from demist.inference.demist_synthesizer import DemistSynthesizer
 

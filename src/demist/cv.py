@@ -1,0 +1,175 @@
+"""`demist cv`: subject-grouped K-fold cross-validation of several methods, as the paper reports them.
+
+Layout of DIR: `splits.json` (seeded, reused on rerun); per fold `fold-K/stage1/`, `fold-K/backbone/` (trained once
+per fold and shared by every method that needs them), `fold-K/runs/<method>/`, `fold-K/predictions/<method>/`,
+`fold-K/evaluation/`; then `per_session.csv`, `table.md`, `table.csv` and `summary.json` over all folds. Each step
+is skipped when its output is finished and resumed from its last checkpoint when it is not, so an interrupted
+cross-validation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from demist.config import Config
+from demist.errors import DemistError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to train one method of the comparison; `needs` lists the shared per-fold runs it builds on."""
+
+    name: str
+    needs: tuple[str, ...]
+    train: Callable[..., object]  # (ctx: FoldContext, out: Path) -> None
+
+
+@dataclass(frozen=True)
+class FoldContext:
+    """What a method's trainer gets: the data, the fold's subjects and shared runs, and the run settings."""
+
+    manifest: Path
+    config: Config
+    train_subjects: list[str]
+    stage1: Path
+    backbone: Path
+    max_steps: int | None
+    device: str
+
+
+def _demist(flags: dict[str, bool]) -> Callable[[FoldContext, Path], None]:
+    def train(ctx: FoldContext, out: Path) -> None:
+        from demist.training.stage2 import train_demist
+
+        train_demist(ctx.manifest, ctx.stage1, ctx.backbone, ctx.config, out, max_steps=ctx.max_steps,
+                     device=ctx.device, resume=True, subjects=ctx.train_subjects, **flags)
+
+    return train
+
+
+def _ridge(ctx: FoldContext, out: Path) -> None:
+    from demist.baselines.ridge import train_ridge
+
+    train_ridge(ctx.manifest, ctx.config, out, subjects=ctx.train_subjects)
+
+
+def _constant(ctx: FoldContext, out: Path) -> None:
+    from demist.baselines.constant import train_constant
+
+    train_constant(ctx.manifest, ctx.config, out, subjects=ctx.train_subjects)
+
+
+def _deep_baseline(name: str) -> Callable[[FoldContext, Path], None]:
+    def train(ctx: FoldContext, out: Path) -> None:
+        import importlib
+
+        module = importlib.import_module(f"demist.baselines.{name}")
+        getattr(module, f"train_{name}")(ctx.manifest, ctx.config, out, max_steps=ctx.max_steps, device=ctx.device,
+                                         resume=True, subjects=ctx.train_subjects)
+
+    return train
+
+
+METHODS: dict[str, Method] = {
+    "demist": Method("demist", ("stage1", "backbone"), _demist({})),
+    "demist-no-controlnet": Method("demist-no-controlnet", ("stage1", "backbone"), _demist({"controlnet": False})),
+    "demist-no-lora": Method("demist-no-lora", ("stage1", "backbone"), _demist({"lora": False})),
+    "demist-no-crossattn": Method("demist-no-crossattn", ("stage1", "backbone"), _demist({"crossattn": False})),
+    "ridge": Method("ridge", (), _ridge),
+    "constant": Method("constant", (), _constant),
+    "klgan": Method("klgan", (), _deep_baseline("klgan")),
+    "vqvae": Method("vqvae", (), _deep_baseline("vqvae")),
+    "cwdm": Method("cwdm", (), _deep_baseline("cwdm")),
+}
+
+
+def parse_methods(text: str) -> list[Method]:
+    """`demist,ridge,...` → methods, in order, each known; the constant predictor is always added."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise DemistError(f"--methods {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"expected a comma-separated list of {', '.join(METHODS)}")
+    if "constant" not in names:
+        names.append("constant")  # the floor under the floor: every method must beat it
+    return [METHODS[n] for n in dict.fromkeys(names)]
+
+
+def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
+           max_steps: int | None = None, device: str = "auto") -> Path:
+    """Cross-validate `methods`; returns the path of the Table-1-like markdown table."""
+    from demist.data.manifest import load_manifest, select_subjects, subjects_of
+    from demist.evaluation.crossval import load_or_create_splits
+    from demist.evaluation.evaluate import evaluate_predictions
+    from demist.inference.batch import synthesize_manifest
+    from demist.inference.pipeline import load_synthesizer
+    from demist.training.stage1 import train_stage1
+
+    records = load_manifest(manifest, require=("t1w", "flair", "psr"))
+    subjects = subjects_of(records)
+    groups = {r.subject: r.group for r in records}
+    splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=[groups[s] for s in subjects])
+    rows: list[dict] = []
+    for k, test_subjects in enumerate(splits):
+        fold = out / f"fold-{k}"
+        train_subjects = [s for s in subjects if s not in set(test_subjects)]
+        test_keys = [r.key for r in select_subjects(records, test_subjects)]
+        log.info("fold %d/%d: %d training subjects, %d held-out sessions", k + 1, len(splits), len(train_subjects),
+                 len(test_keys))
+        ctx = FoldContext(manifest, config, train_subjects, fold / "stage1" / "stage1", fold / "backbone",
+                          max_steps, device)
+        needs = {n for m in methods for n in m.needs}
+        if "stage1" in needs and not (ctx.stage1 / "run.json").exists():
+            train_stage1(select_subjects(records, train_subjects), config, fold / "stage1", max_steps=max_steps,
+                         device=device, resume=True)
+        if "backbone" in needs and not (ctx.backbone / "run.json").exists():
+            from demist.training.backbone import train_backbone
+
+            train_backbone(manifest, ctx.stage1, config, ctx.backbone, max_steps=max_steps, device=device,
+                           resume=True, subjects=train_subjects)
+        predictions = {}
+        for method in methods:
+            run = fold / "runs" / method.name
+            if not (run / "run.json").exists():
+                log.info("fold %d: training %s", k, method.name)
+                method.train(ctx, run)
+            predictions[method.name] = fold / "predictions" / method.name
+            summary = synthesize_manifest(load_synthesizer(run, device=device), manifest, predictions[method.name],
+                                          sessions=test_keys)
+            if summary.failed:
+                raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
+        evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
+                             ring_mm=config.evaluation.ring_mm, bootstrap=config.evaluation.bootstrap,
+                             sessions=test_keys)
+        rows += [{**row, "fold": k} for row in read_per_session(fold / "evaluation" / "per_session.csv")]
+    return write_cv_tables(out, rows)
+
+
+def read_per_session(path: Path) -> list[dict]:
+    """Rows of an evaluation's per_session.csv, metric columns as floats."""
+    from demist.evaluation.metrics import METRICS
+
+    with open(path, newline="") as fh:
+        return [{k: (float(v) if k in METRICS else v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def write_cv_tables(out: Path, rows: list[dict]) -> Path:
+    """Mean ± SD across folds, paired t-tests against the best other method; markdown, CSV and per-session CSV."""
+    from demist.atomic import atomic_path
+    from demist.evaluation.stats import paired_tests, summarise_folds, write_summary_csv, write_summary_markdown
+
+    summary = summarise_folds(rows)
+    tests = paired_tests(rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(out / "per_session.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    write_summary_csv(out / "table.csv", summary, tests)
+    return write_summary_markdown(out / "table.md", summary, tests)

@@ -1,0 +1,136 @@
+"""`demist demo`: the whole story on the embedded synthetic cohort, in one command.
+
+Generate a 2 mm cohort, hold out some subjects, train `tiny` Stage 1, the backbone and DEMIST on the others, fit the
+ridge floor, synthesize the held-out sessions with both, evaluate them with the paper's protocol and write
+`report.md`. Every step leaves a finished directory behind and is skipped when rerun, so an interrupted demo
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from demist.config import Config, load_config
+from demist.errors import DemistError
+
+log = logging.getLogger(__name__)
+
+#: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
+EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 11, "backbone": 4, "demist": 7, "ridge": 0.5, "synthesis": 2,
+                    "evaluation": 0.5}
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Where everything goes, and how big the demo is."""
+
+    out: Path
+    subjects: int
+    held_out: int
+    seed: int
+    max_steps: int | None  # None: the preset's budgets
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "cohort" / "manifest.csv"
+
+    def run(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def predictions(self, method: str) -> Path:
+        return self.out / "predictions" / method
+
+
+def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    """Training and held-out subjects (all sessions of a subject on one side), seeded; the held-out set includes an
+    MS patient whenever the cohort has one, so the lesion analysis has lesions to look at."""
+    import numpy as np
+
+    from demist.data.manifest import load_manifest, subjects_of
+
+    records = load_manifest(manifest)
+    subjects = subjects_of(records)
+    if not 1 <= held_out < len(subjects):
+        raise DemistError(f"--held-out {held_out}: expected 1 to {len(subjects) - 1} for {len(subjects)} subjects")
+    groups = {r.subject: r.group for r in records}
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    patients = [s for s in order if groups[s] != "HC"]
+    first = patients[:1] or order[:1]
+    test = first + [s for s in order if s not in first][: held_out - 1]
+    return [s for s in subjects if s not in test], sorted(test)
+
+
+def _step(name: str, done: Path, action: Callable[[], object]) -> float:
+    """Run a step unless its output exists; returns the minutes it took."""
+    if done.exists():
+        log.info("demo: %s already done (%s)", name, done)
+        return 0.0
+    log.info("demo: %s (about %.0f min) ...", name, EXPECTED_MINUTES.get(name, 1))
+    start = time.perf_counter()
+    action()
+    minutes = (time.perf_counter() - start) / 60
+    log.info("demo: %s done in %.1f min", name, minutes)
+    return minutes
+
+
+def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto") -> Path:
+    """Run every step of the demo (see the module docstring); returns the report's path."""
+    from demist.baselines.ridge import train_ridge
+    from demist.data.manifest import load_manifest, select_subjects
+    from demist.data.phantom import generate_cohort
+    from demist.evaluation.evaluate import evaluate_predictions
+    from demist.inference.batch import synthesize_manifest
+    from demist.inference.pipeline import load_synthesizer
+    from demist.training.backbone import train_backbone
+    from demist.training.stage1 import train_stage1
+    from demist.training.stage2 import train_demist
+
+    cfg = config or load_config("tiny")
+    total = sum(EXPECTED_MINUTES.values()) if plan.max_steps is None else 3
+    log.info("demo: %d synthetic subjects at %.0f mm, %d held out; train Stage 1, backbone, DEMIST and ridge; "
+             "synthesize and evaluate. Expect about %.0f minutes on 2 CPU cores. Output: %s",
+             plan.subjects, cfg.data.spacing, plan.held_out, total, plan.out)
+    minutes: dict[str, float] = {}
+    minutes["cohort"] = _step("cohort", plan.manifest, lambda: generate_cohort(
+        plan.out / "cohort", plan.subjects, spacing=cfg.data.spacing, seed=plan.seed))
+    train_subjects, test_subjects = split_subjects(plan.manifest, plan.held_out, plan.seed)
+    records = load_manifest(plan.manifest)
+    train_records = select_subjects(records, train_subjects)
+    test_keys = [r.key for r in select_subjects(records, test_subjects)]
+    steps = plan.max_steps
+    stage1 = plan.run("stage1")
+    minutes["stage1"] = _step("stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
+        train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
+    backbone = plan.run("backbone")
+    minutes["backbone"] = _step("backbone", backbone / "run.json", lambda: train_backbone(
+        plan.manifest, stage1 / "stage1", cfg, backbone, max_steps=steps, device=device, resume=True,
+        subjects=train_subjects))
+    demist = plan.run("demist")
+    minutes["demist"] = _step("demist", demist / "run.json", lambda: train_demist(
+        plan.manifest, stage1 / "stage1", backbone, cfg, demist, max_steps=steps, device=device, resume=True,
+        subjects=train_subjects))
+    ridge = plan.run("ridge")
+    minutes["ridge"] = _step("ridge", ridge / "run.json", lambda: train_ridge(
+        plan.manifest, cfg, ridge, subjects=train_subjects))
+    start = time.perf_counter()
+    for method, run in (("demist", demist), ("ridge", ridge)):
+        summary = synthesize_manifest(load_synthesizer(run, device=device), plan.manifest, plan.predictions(method),
+                                      sessions=test_keys)
+        if summary.failed:
+            raise DemistError(f"demo: synthesis with {method} failed for {', '.join(summary.failed)}")
+    minutes["synthesis"] = (time.perf_counter() - start) / 60
+    evaluation = plan.out / "evaluation"
+    start = time.perf_counter()
+    results = evaluate_predictions(plan.manifest, {"demist": plan.predictions("demist"),
+                                                   "ridge": plan.predictions("ridge")},
+                                   evaluation, psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm,
+                                   bootstrap=cfg.evaluation.bootstrap, sessions=test_keys)
+    minutes["evaluation"] = (time.perf_counter() - start) / 60
+    from demist.demo_report import write_demo_report
+
+    return write_demo_report(plan, results, minutes, train_subjects, test_subjects)

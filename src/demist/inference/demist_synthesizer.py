@@ -1,0 +1,164 @@
+"""DEMIST inference: encode the condition, sample the PSR latent with the conditioned frozen backbone, decode.
+
+Fast on a CPU and bounded in memory: SDPA attention, bf16 autocast where the processor has it, LoRA merged into the
+backbone, no gradients, and every network applied in overlapping Gaussian-blended tiles (`tiling.tiled`), so the
+memory needed depends on the tile size, not on the volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from demist.config import Config
+from demist.data.preprocess import PreparedSession
+from demist.diffusion.samplers import SAMPLERS
+from demist.diffusion.schedule import NoiseSchedule
+from demist.errors import DemistError
+from demist.inference.tiling import tiled
+from demist.runs import RunInfo, read_run
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is the user's mistake."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DemistError("--device cuda: no CUDA device is available; expected --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise DemistError(f"--device {device}: unknown; expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA with bf16, and on CPUs with native bf16 (AVX-512 BF16 / AMX); otherwise fp32."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    if not supported:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def parent_run(run: RunInfo, role: str, stages: str) -> RunInfo:
+    """A parent run named in `run.json`, read and verified."""
+    if role not in run.parents:
+        raise DemistError(f"--model {run.path}: run.json names no {role} run; expected a run of `demist train demist`")
+    return read_run(Path(run.parents[role]["path"]), stages, what=f"{role} run of {run.path}")
+
+
+@dataclass
+class DemistSynthesizer:
+    """A trained DEMIST (or ablation) run, ready to sample. Build it with `from_run`."""
+
+    method: str
+    config: Config
+    net: nn.Module  # DemistNet with LoRA merged: net(x_t, t, z_c)
+    psr_autoencoder: nn.Module
+    cond_autoencoder: nn.Module
+    schedule: NoiseSchedule
+    latent_scale_factor: float
+    sampler: str
+    steps: int
+    device: torch.device
+    use_bf16: bool = True
+
+    @classmethod
+    def from_run(cls, run: RunInfo, sampler: str | None = None, steps: int | None = None,
+                 device: str = "auto") -> "DemistSynthesizer":
+        """Rebuild every network of a Stage-2 run and its parents (Stage 1, backbone) for inference."""
+        from demist.training.stage2 import build_inference_networks
+
+        cfg = run.config
+        sampler = sampler or cfg.sampling.sampler
+        if sampler not in SAMPLERS:
+            raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
+        if steps is None:
+            steps = cfg.diffusion.num_train_timesteps if sampler == "ddpm" else cfg.sampling.steps
+        torch_device = resolve_device(device)
+        nets = build_inference_networks(run, use_flash_attention=True)
+        for module in (nets.net, nets.psr_autoencoder, nets.cond_autoencoder):
+            module.to(torch_device).eval().requires_grad_(False)
+        nets.net.merge_lora()
+        schedule = NoiseSchedule.create(
+            num_train_timesteps=cfg.diffusion.num_train_timesteps, beta_schedule=cfg.diffusion.beta_schedule,
+            beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
+            prediction_type=nets.prediction_type,
+        )
+        return cls(method=run.method, config=cfg, net=nets.net, psr_autoencoder=nets.psr_autoencoder,
+                   cond_autoencoder=nets.cond_autoencoder, schedule=schedule,
+                   latent_scale_factor=float(nets.latent_scale_factor), sampler=sampler, steps=int(steps),
+                   device=torch_device)
+
+    # -- the three networks, each tiled --------------------------------------------------------------------------
+
+    @property
+    def _latent_tile(self) -> tuple[int, int, int]:
+        return tuple(self.config.sampling.tile_size)
+
+    @property
+    def _image_tile(self) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.config.autoencoder.channels) - 1)
+        return tuple(t * factor for t in self._latent_tile)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return bf16_autocast(self.device) if self.use_bf16 else contextlib.nullcontext()
+
+    def encode_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """z_c: the condition encoder's mean, times the latent scale factor."""
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.cond_autoencoder.encode(x)[0].float()
+
+        return tiled(encode, condition, self._image_tile, self.config.sampling.tile_overlap) * self.latent_scale_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """PSR / psr_range from a (scaled) PSR latent."""
+        def decode(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.psr_autoencoder.decode(x / self.latent_scale_factor).float()
+
+        return tiled(decode, z, self._latent_tile, self.config.sampling.tile_overlap)
+
+    def denoiser(self, z_c: torch.Tensor):
+        """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c, tiled."""
+        channels = z_c.shape[1]
+
+        def tile_fn(stacked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.net(stacked[:, :channels], t, stacked[:, channels:]).float()
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            stacked = torch.cat([x_t, z_c], dim=1)
+            return tiled(tile_fn, stacked, self._latent_tile, self.config.sampling.tile_overlap, t=t)
+
+        return model
+
+    @torch.no_grad()
+    def predict(self, session: PreparedSession, samples: int = 1, seed: int = 0,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean and SD over `samples` PSR / psr_range maps on the session's model grid."""
+        condition = torch.from_numpy(session.condition)[None].to(self.device)
+        z_c = self.encode_condition(condition)
+        model = self.denoiser(z_c)
+        sample_fn = SAMPLERS[self.sampler]
+        outputs = []
+        for k in range(samples):
+            generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            x_T = torch.randn(z_c.shape, generator=generator, device=self.device)
+            z0 = sample_fn(model, x_T, self.schedule, self.steps, generator=generator, progress=progress)
+            outputs.append(self.decode(z0)[0, 0].cpu().numpy())
+            log.debug("sample %d/%d done", k + 1, samples)
+        stack = np.stack(outputs)
+        mean = stack.mean(axis=0).astype(np.float32)
+        std = stack.std(axis=0).astype(np.float32) if samples > 1 else None
+        return mean, std
