@@ -1,0 +1,74 @@
+"""`demist train backbone` and `demist train demist`: Stage 2 on top of a Stage-1 run.
+
+Torch and MONAI are imported inside the commands, so `demist --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (columns t1w, flair, psr, …).")
+STAGE1 = typer.Option(..., "--stage1", help="Stage-1 run directory (DIR/stage1 of `demist train stage1`).")
+CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
+OUT = typer.Option(..., "--out", help="Run directory to write (new, or an interrupted one with --resume).")
+MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train this many steps instead of the config's.")
+DEVICE = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda.")
+RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory.")
+TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard (needs the tensorboard package).")
+
+
+def backbone_command(
+    manifest: Path = MANIFEST,
+    stage1: Path = STAGE1,
+    config: str = CONFIG,
+    out: Path = OUT,
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """Pretrain the unconditional latent UNet (the frozen backbone of DEMIST) in Stage 1's PSR latent.
+
+    Use it when the MONAI bundle's UNet weights are not available; DEMIST then takes OUT as --backbone.
+    """
+    from demist.training.backbone import train_backbone
+
+    run = train_backbone(manifest, stage1, config, out, max_steps=max_steps, device=device, resume=resume,
+                         tensorboard=tensorboard)
+    if run is not None:
+        m = run.metrics
+        typer.echo(f"backbone: {run.path} (predicts {run.prediction_type}; denoising MSE on evaluation patches "
+                   f"{m['eval_denoising_mse_before']['mean']:.4g} -> {m['eval_denoising_mse_after']['mean']:.4g})")
+
+
+def demist_command(
+    manifest: Path = MANIFEST,
+    stage1: Path = STAGE1,
+    backbone: Path = typer.Option(..., "--backbone",
+                                  help="Frozen backbone: a `demist train backbone` run directory, or the MONAI "
+                                       "bundle's UNet checkpoint (.pt; needs a Stage 1 trained with --init-bundle)."),
+    config: str = CONFIG,
+    out: Path = OUT,
+    no_crossattn: bool = typer.Option(False, "--no-crossattn", help="Ablation: no semantic stream (cross-attention)."),
+    no_controlnet: bool = typer.Option(False, "--no-controlnet", help="Ablation: no spatial stream (ControlNet)."),
+    no_lora: bool = typer.Option(False, "--no-lora", help="Ablation: no adaptive stream (LoRA)."),
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """Train DEMIST's conditioning streams around the frozen backbone (Stage 2); OUT is what `synthesize` takes."""
+    from demist.training.stage2 import train_demist
+
+    run = train_demist(manifest, stage1, backbone, config, out, max_steps=max_steps, device=device, resume=resume,
+                       crossattn=False if no_crossattn else None, controlnet=False if no_controlnet else None,
+                       lora=False if no_lora else None, tensorboard=tensorboard)
+    if run is not None:
+        m = run.metrics
+        trainable = run.training["parameters"]["total"]["trainable"]
+        typer.echo(f"{run.method}: {run.path} ({trainable:,} trained parameters; denoising MSE on evaluation patches "
+                   f"{m['eval_denoising_mse_backbone']['mean']:.4g} for the backbone alone -> "
+                   f"{m['eval_denoising_mse_after']['mean']:.4g} with the streams)")

@@ -1,0 +1,114 @@
+"""`demist train …`: the training commands (Stage 1 here; later stages mount next to it).
+
+Every command writes one run directory (see docs/run_directories.md) and can be resumed with `--resume` after an
+interruption. Torch and MONAI are imported inside the commands, so `demist --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+train_app = typer.Typer(
+    help=(
+        "Train demist's networks. Stage 1 in one go: `demist train stage1 --manifest M --config tiny --out DIR` "
+        "writes DIR/psr_ae (PSR autoencoder), DIR/cond_ae (T1w+FLAIR autoencoder) and DIR/stage1 (both, after "
+        "aligning the condition latent to the PSR latent); DIR/stage1 is what later stages take as --stage1. "
+        "Multi-GPU or multi-process: `accelerate launch --num_processes N $(which demist) train …`."
+    ),
+    no_args_is_help=True,
+)
+
+MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (columns t1w, flair, psr, …).")
+CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
+MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train this many steps instead of the config's.")
+DEVICE = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda.")
+RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory.")
+TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard (needs the tensorboard package).")
+INIT_BUNDLE = typer.Option(None, "--init-bundle",
+                           help="Initialise from a MONAI bundle autoencoder file (.pt, old or new key layout).")
+
+
+def _inputs(manifest: Path, config: str | None):
+    """The manifest's sessions and the config, checked before the heavy imports (a typo fails at once)."""
+    from demist.config import load_config
+    from demist.data.manifest import load_manifest
+
+    return load_manifest(manifest), load_config(config) if config is not None else None
+
+
+@train_app.command()
+def autoencoder(
+    manifest: Path = MANIFEST,
+    modality: str = typer.Option(..., "--modality", help="psr (the PSR map) or cond (T1w + FLAIR)."),
+    config: str = CONFIG,
+    out: Path = typer.Option(..., "--out", help="Run directory to write (new, or an interrupted one with --resume)."),
+    init_bundle: Optional[Path] = INIT_BUNDLE,
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """Train one Stage-1 autoencoder (PSR or condition) into a run directory."""
+    from demist.errors import DemistError
+
+    if modality not in ("psr", "cond"):
+        raise DemistError(f"--modality {modality}: unknown; expected psr or cond")
+    records, cfg = _inputs(manifest, config)
+    from demist.training.stage1 import train_autoencoder
+
+    run = train_autoencoder(records, cfg, out, modality, init_bundle=init_bundle, max_steps=max_steps, device=device,
+                            resume=resume, tensorboard=tensorboard)
+    if run is not None:
+        typer.echo(f"{run.stage}: {run.path} (PSNR on training patches {run.metrics['train_patch_psnr']:.2f} dB)")
+
+
+@train_app.command()
+def align(
+    manifest: Path = MANIFEST,
+    psr_ae: Path = typer.Option(..., "--psr-ae", help="Run directory of the PSR autoencoder."),
+    cond_ae: Path = typer.Option(..., "--cond-ae", help="Run directory of the condition autoencoder."),
+    out: Path = typer.Option(..., "--out", help="Stage-1 run directory to write (both autoencoders)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Config for [align]/[train]; default: --psr-ae's."),
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """Freeze E_PSR, align E_cond's latent to it, compute the latent scale factor; write the Stage-1 run."""
+    records, cfg = _inputs(manifest, config)
+    from demist.training.stage1 import train_alignment
+
+    run = train_alignment(records, psr_ae, cond_ae, out, cfg=cfg, max_steps=max_steps, device=device, resume=resume,
+                          tensorboard=tensorboard)
+    if run is not None:
+        _echo_stage1(run)
+
+
+@train_app.command()
+def stage1(
+    manifest: Path = MANIFEST,
+    config: str = CONFIG,
+    out: Path = typer.Option(..., "--out", help="Folder for psr_ae/, cond_ae/ and stage1/ (the Stage-1 run)."),
+    init_bundle: Optional[Path] = INIT_BUNDLE,
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """All of Stage 1: PSR autoencoder, condition autoencoder, alignment (OUT/psr_ae, OUT/cond_ae, OUT/stage1)."""
+    records, cfg = _inputs(manifest, config)
+    from demist.training.stage1 import train_stage1
+
+    run = train_stage1(records, cfg, out, init_bundle=init_bundle, max_steps=max_steps, device=device, resume=resume,
+                       tensorboard=tensorboard)
+    if run is not None:
+        _echo_stage1(run)
+
+
+def _echo_stage1(run) -> None:
+    m = run.metrics
+    typer.echo(f"stage1: {run.path} (alignment error {m['align_mse_before']:.4g} -> {m['align_mse_after']:.4g}, "
+               f"latent scale factor {run.latent_scale_factor:.4g})")

@@ -1,0 +1,216 @@
+"""The two Stage-1 autoencoders: MONAI `AutoencoderKL` for PSR (1 channel) and for the condition (T1w + FLAIR).
+
+Both share one architecture (config section [autoencoder]): 3 levels (4× downsampling), no attention anywhere, as
+the MONAI model-zoo `brats_mri_generative_diffusion` autoencoder. That bundle's weights, in the old monai-generative
+key layout, can initialise either autoencoder; the 2-channel condition autoencoder receives them as described in
+`adapt_channels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.networks.nets import AutoencoderKL
+from monai.networks.nets.autoencoderkl import AEKLDownsample
+
+from demist.config import AutoencoderConfig
+from demist.errors import DemistError
+
+logger = logging.getLogger(__name__)
+
+PSR_CHANNELS = 1
+COND_CHANNELS = 2  # T1w, FLAIR
+INPUT_CONV = "encoder.blocks.0.conv"  # the first convolution of the encoder (image -> features)
+
+
+def autoencoder_kwargs(cfg: AutoencoderConfig, channels: int) -> dict[str, Any]:
+    """Constructor arguments of an AutoencoderKL with `channels` input and output channels."""
+    levels = len(cfg.channels)
+    return dict(
+        spatial_dims=3,
+        in_channels=channels,
+        out_channels=channels,
+        channels=tuple(cfg.channels),
+        latent_channels=cfg.latent_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        norm_num_groups=cfg.norm_num_groups,
+        norm_eps=1e-6,
+        attention_levels=(False,) * levels,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        include_fc=False,
+    )
+
+
+def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> AutoencoderKL:
+    """A randomly initialised autoencoder (1 channel for PSR, 2 for T1w + FLAIR)."""
+    try:
+        return AutoencoderKL(**autoencoder_kwargs(cfg, channels))
+    except ValueError as exc:  # MONAI's constructor checks (channels vs groups, list lengths)
+        raise DemistError(f"config [autoencoder]: {exc}; expected a valid MONAI AutoencoderKL architecture") from None
+
+
+def downsampling_factor(cfg: AutoencoderConfig) -> int:
+    """Image voxels per latent voxel along each axis (2 per level after the first)."""
+    return 2 ** (len(cfg.channels) - 1)
+
+
+def autoencoder_from_state(cfg: AutoencoderConfig, state: Mapping[str, torch.Tensor]) -> AutoencoderKL:
+    """Build the configured autoencoder with as many channels as `state` has, and load `state` (strict)."""
+    channels = int(state[f"{INPUT_CONV}.weight"].shape[1])
+    model = build_autoencoder(cfg, channels)
+    model.load_state_dict(dict(state), strict=True)
+    return model
+
+
+# --- the MONAI bundle autoencoder -------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a torch.save file (`.pt`/`.pth`, tensors only) or a `.safetensors` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DemistError(f"{path}: autoencoder weights not found; expected a .pt or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise DemistError(f"{path}: not readable as a state dict ({type(exc).__name__}: {exc}); "
+                          "expected a torch.save state dict or a safetensors file") from None
+    for wrapper in ("state_dict", "model", "autoencoder"):  # common containers around a bare state dict
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DemistError(f"{path}: not a state dict of tensors; expected an AutoencoderKL state_dict")
+    return dict(state)
+
+
+def old_key(new_key: str) -> str:
+    """The monai-generative name of an autoencoder key (without attention, MONAI only renamed `postconv`)."""
+    return new_key.replace(".postconv.", ".conv.")
+
+
+def adapt_channels(state: Mapping[str, torch.Tensor], model: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """Fit a 1-channel state dict to a model with more image channels (the condition autoencoder).
+
+    Encoder input: every input channel gets the pretrained kernel divided by the number of channels, so an input
+    whose channels are all equal (T1w = FLAIR) produces exactly the pretrained activations. Decoder output: every
+    output channel gets the pretrained kernel and bias, so each channel starts as the pretrained reconstruction.
+    """
+    adapted = dict(state)
+    expected = model.state_dict()
+    for key, value in state.items():
+        target = expected.get(key)
+        if target is None or target.shape == value.shape or value.ndim == 0:
+            continue
+        if key == f"{INPUT_CONV}.weight" and value.shape[1] == 1:
+            adapted[key] = value.repeat(1, target.shape[1], *([1] * (value.ndim - 2))) / target.shape[1]
+        elif value.shape[0] == 1 and target.shape[1:] == value.shape[1:]:  # the decoder's output conv
+            adapted[key] = value.repeat(target.shape[0], *([1] * (value.ndim - 1)))
+    return adapted
+
+
+def load_bundle_autoencoder(model: AutoencoderKL, path: str | Path) -> None:
+    """Initialise `model` from a MONAI bundle autoencoder file (old monai-generative or new key layout).
+
+    The architecture must be the configured one (the `paper` preset is the bundle's); a mismatch is named key by key.
+    """
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    old_expected = {old_key(k): v for k, v in expected.items()}
+    layout = "new" if len(set(state) ^ set(expected)) <= len(set(state) ^ set(old_expected)) else "old"
+    reference = expected if layout == "new" else old_expected
+    state = adapt_channels(state, model) if layout == "new" else _adapt_old(state, model)
+    missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or unexpected:
+        raise DemistError(f"{path}: {len(missing)} missing key(s) {missing[:3]} and {len(unexpected)} unexpected "
+                          f"key(s) {unexpected[:3]} for the {layout} key layout; expected an AutoencoderKL of the "
+                          "configured [autoencoder] architecture")
+    for key, value in reference.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise DemistError(f"{path}: key {key} has shape {tuple(state[key].shape)}; expected {tuple(value.shape)} "
+                              "for the configured [autoencoder] architecture")
+    if layout == "new":
+        model.load_state_dict(state, strict=True)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            model.load_old_state_dict(dict(state))  # MONAI pops keys from the dict it gets: give it a copy
+        if printed.getvalue().strip():
+            logger.debug("MONAI load_old_state_dict: %s", printed.getvalue().strip())
+    logger.info("initialised a %d-channel autoencoder from %s (%s key layout)",
+                model.encoder.blocks[0].conv.in_channels, path, layout)
+
+
+def _adapt_old(state: Mapping[str, torch.Tensor], model: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """`adapt_channels` for a state dict in the old key layout."""
+    by_new = {new: old_key(new) for new in model.state_dict()}
+    new_layout = {new: state[old] for new, old in by_new.items() if old in state}
+    adapted = adapt_channels(new_layout, model)
+    out = dict(state)
+    out.update({by_new[k]: v for k, v in adapted.items()})
+    return out
+
+
+# --- whole volumes ---------------------------------------------------------------------------------------------
+# GroupNorm normalises over the whole field of view, so an autoencoder trained on patches gives other (worse) outputs
+# on a whole volume, whose statistics differ (more background). Volumes are therefore encoded and decoded window by
+# window, each window the size of the training patches, and the overlapping windows blended (MONAI's sliding window).
+
+
+def pad_to_multiple(volume: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes of (B, C, D, H, W) up to a multiple; returns the padded tensor and the crop back."""
+    spatial = volume.shape[2:]
+    padded = [int(np.ceil(s / multiple) * multiple) for s in spatial]
+    pads: list[int] = []
+    for s, p in reversed(list(zip(spatial, padded))):
+        pads += [0, p - s]
+    crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+    return torch.nn.functional.pad(volume, pads), crop
+
+
+def _factor(model: AutoencoderKL) -> int:
+    """Image voxels per latent voxel along each axis."""
+    return 2 ** sum(isinstance(b, AEKLDownsample) for b in model.encoder.blocks)
+
+
+def _windows(function, volume: torch.Tensor, window: Sequence[int], overlap: float) -> torch.Tensor:
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(volume, tuple(int(w) for w in window), 4, function, overlap=overlap,
+                                    mode="gaussian", padding_mode="constant", cval=0.0, progress=False)
+
+
+@torch.no_grad()
+def encode_volume(model: AutoencoderKL, image: torch.Tensor, window: Sequence[int], overlap: float = 0.5
+                  ) -> torch.Tensor:
+    """The latent mean μ of (B, C, D, H, W), sizes multiples of the downsampling factor, window by window."""
+    factor = _factor(model)
+    if any(s % factor for s in image.shape[2:]) or any(w % factor for w in window):
+        raise ValueError(f"image {tuple(image.shape[2:])} and window {tuple(window)} must be multiples of {factor}")
+    return _windows(lambda x: model.encode(x)[0], image, window, overlap)
+
+
+@torch.no_grad()
+def decode_volume(model: AutoencoderKL, latent: torch.Tensor, window: Sequence[int], overlap: float = 0.5
+                  ) -> torch.Tensor:
+    """Decode a whole latent volume; `window` is the image-space window (the training patch size)."""
+    factor = _factor(model)
+    return _windows(model.decode, latent, [w // factor for w in window], overlap)
+
+
+@torch.no_grad()
+def reconstruct(model: AutoencoderKL, image: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """decode(μ(image)) for (B, C, D, H, W) of any size (zero-padded to the downsampling factor internally)."""
+    padded, crop = pad_to_multiple(image, _factor(model))
+    return decode_volume(model, encode_volume(model, padded, window), window)[crop]

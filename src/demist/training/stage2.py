@@ -1,0 +1,166 @@
+"""Stage 2: the conditioning streams around the frozen backbone (`DemistNet`), trained in the PSR latent.
+
+Per batch of paired patches: z_y = μ(E_PSR(y)) × s and z_c = μ(E_cond(x_c)) × s (s: Stage 1's latent scale factor;
+both encoders frozen unless `demist.finetune_cond_encoder`); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
+
+    loss = ‖target − DemistNet(x_t, t, z_c)‖²                      (target: ε, v or z_y — the backbone's prediction type)
+         + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁     on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
+         + λ_align·‖z_c − z_y‖²               only when E_cond is fine-tuned.
+
+The backbone is a `demist train backbone` run (its prediction type) or a MONAI bundle checkpoint (ε-prediction; then
+Stage 1's E_PSR must have been initialised from the bundle autoencoder, or the latents would not be the ones the
+bundle UNet learned). It stays frozen: no gradient, no optimizer state, never written again. The run keeps only the
+trained parts (component "streams"), and names its parents; `build_inference_networks` puts everything back together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from demist.config import Config
+from demist.data.patches import PatchSampler, load_sessions
+from demist.diffusion.schedule import NoiseSchedule
+from demist.errors import DemistError
+from demist.models.demist_net import DemistNet
+from demist.runs import RunInfo, write_run
+from demist.training.backbone import (LatentEncoder, Stage1Parts, barrier, check_against_stage1, check_out,
+                                      denoising_error, load_stage1, module_device, noise_schedule, resolve_config,
+                                      sample_noising, training_records, weights_metadata)
+from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
+from demist.training.losses import alignment_loss, edge_loss, voxel_weights
+from demist.training.stage1 import evaluation_batches
+from demist.training.stage2_parts import (InferenceNetworks, TrainableStreams, build_inference_networks,
+                                          load_frozen_backbone, method_name)
+
+logger = logging.getLogger(__name__)
+
+STAGE = "demist"
+__all__ = ["InferenceNetworks", "build_inference_networks", "demist_stage", "stage2_config", "train_demist"]
+
+
+def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEncoder, psr_autoencoder: nn.Module,
+                 scale_factor: float, schedule: NoiseSchedule, sampler: PatchSampler) -> Stage:
+    """One phase training the streams (and E_cond when fine-tuned) on the loss of the module docstring."""
+    d = cfg.demist
+    finetune = d.finetune_cond_encoder
+
+    def streams_loss(m, batch, step, ctx):
+        with torch.no_grad():
+            z_y = m["psr_autoencoder"].encode(batch["target"])[0].float() * scale_factor
+        with torch.set_grad_enabled(finetune and torch.is_grad_enabled()):
+            z_c = m["cond_encoder"](batch["cond"]).float()
+        x_t, t, target = sample_noising(z_y, schedule)
+        prediction = m["streams"](x_t, t, z_c)
+        terms = {"diffusion": ((prediction.float() - target) ** 2).mean()}
+        total = terms["diffusion"]
+        if d.edge_weight > 0 and step % d.edge_every == 0:
+            z0_hat, _ = schedule.predict_x0_eps(prediction, x_t, t)
+            decoded = m["psr_autoencoder"].decode(z0_hat / scale_factor)  # frozen D_PSR; gradients reach the streams
+            weights = voxel_weights(batch["brain"], cfg.stage1.background_weight)
+            terms["edge"] = edge_loss(decoded, batch["target"], weights)
+            total = total + d.edge_weight * terms["edge"]
+        if finetune:
+            terms["align"] = alignment_loss(z_c, z_y)
+            total = total + d.align_weight * terms["align"]
+        return {"loss": total, **terms}
+
+    params = [p for module in (streams, cond_encoder) for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=d.learning_rate)
+    return Stage(name=STAGE, modules={"streams": streams, "cond_encoder": cond_encoder,
+                                      "psr_autoencoder": psr_autoencoder},
+                 phases=[Phase("streams", optimizer, streams_loss, warmup_cosine(optimizer, d.steps))],
+                 batch=sampler.batch, steps=d.steps)
+
+
+def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, controlnet: bool | None,
+                  lora: bool | None) -> Config:
+    """The config with --max-steps and the stream flags applied (None keeps the config's value)."""
+    flags = {k: v for k, v in (("crossattn", crossattn), ("controlnet", controlnet), ("lora", lora)) if v is not None}
+    demist = dataclasses.replace(cfg.demist, **flags, **({"steps": max_steps} if max_steps is not None else {}))
+    if not (demist.crossattn or demist.controlnet or demist.lora):
+        raise DemistError("--no-crossattn --no-controlnet --no-lora: all streams are off, so nothing conditions the "
+                          "backbone; expected at least one of crossattn, controlnet, lora")
+    if demist.edge_every < 1:
+        raise DemistError(f"config key demist.edge_every: got {demist.edge_every}; expected an integer >= 1")
+    return cfg.replace(demist=demist)
+
+
+def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | Path, config: Config | str | Path,
+                 out: str | Path, max_steps: int | None = None, device: str = "auto", resume: bool = False,
+                 subjects: Sequence[str] | None = None, crossattn: bool | None = None,
+                 controlnet: bool | None = None, lora: bool | None = None, tensorboard: bool = False) -> RunInfo | None:
+    """Train DEMIST's streams around a frozen backbone into the run directory `out` (stage "demist").
+
+    `backbone`: a `train_backbone` run directory or a MONAI bundle UNet checkpoint file. The stream flags override the
+    config's [demist] switches; the method is "demist" or, with one stream off, "demist-no-<stream>".
+    Returns the run (None on the non-main processes of a multi-process launch).
+    """
+    out = Path(out)
+    check_out(out, resume)
+    cfg = stage2_config(resolve_config(config), max_steps, crossattn, controlnet, lora)
+    stage1 = load_stage1(stage1_run)
+    check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
+    frozen = load_frozen_backbone(backbone, cfg, stage1.run)
+    cfg = frozen.config
+    records = training_records(manifest, subjects)
+    sessions = load_sessions(records, cfg.data, need_target=True)
+    sampler = PatchSampler(sessions, cfg.data.patch_size, cfg.demist.batch_size, cfg.train.seed)
+    schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
+
+    seed_everything(cfg.train.seed)
+    net = DemistNet(frozen.unet, cfg.demist, cfg.unet, cfg.autoencoder.latent_channels)
+    counts = net.parameter_counts()
+    method = method_name(net.streams)
+    logger.info("%s: %d sessions, prediction target %s, %d steps; parameters (trainable/frozen) %s", method,
+                len(sessions), schedule.prediction_type, cfg.demist.steps,
+                ", ".join(f"{k} {v['trainable']:,}/{v['frozen']:,}" for k, v in counts.items()))
+    cond_encoder = LatentEncoder(stage1.cond_autoencoder, stage1.scale_factor)
+    if cfg.demist.finetune_cond_encoder:  # only what computes μ_c trains (the rest would get no gradient)
+        for part in (stage1.cond_autoencoder.encoder, stage1.cond_autoencoder.quant_conv_mu):
+            part.requires_grad_(True)
+
+    eval_batches = evaluation_batches(sampler)
+    before = _evaluate(net, stage1, eval_batches, schedule)
+    streams = TrainableStreams(net)
+    stage = demist_stage(cfg, streams, cond_encoder, stage1.psr_autoencoder, stage1.scale_factor, schedule, sampler)
+    result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
+                   weights_metadata=weights_metadata(cfg, STAGE))
+    run = None
+    if result.is_main_process:
+        after = _evaluate(net, stage1, eval_batches, schedule)
+        logger.info("%s: denoising MSE (%s) on evaluation patches %.4g for the backbone alone, %.4g with the streams",
+                    method, schedule.prediction_type, before["mean"], after["mean"])
+        components = {"streams": net.trainable_state_dict()}
+        if cfg.demist.finetune_cond_encoder:
+            components["cond_autoencoder"] = stage1.cond_autoencoder.state_dict()
+        training: dict[str, Any] = {
+            "steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
+            "device": result.device, "sessions": [s.key for s in sessions], "subjects": list(subjects or []) or None,
+            "manifest": str(Path(manifest).resolve()), "streams": net.streams, "parameters": counts,
+            "backbone_bundle": frozen.bundle, "latent_encoding": "mu"}
+        run = write_run(out, method=method, stage=STAGE, config=cfg, components=components,
+                        parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
+                        latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,
+                        training=training,
+                        metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
+    barrier()
+    return run
+
+
+@torch.no_grad()
+def _evaluate(net: DemistNet, stage1: Stage1Parts, batches: Sequence[dict[str, torch.Tensor]],
+              schedule: NoiseSchedule) -> dict[str, float]:
+    """Denoising MSE of `net` on fixed evaluation patches (before training: the backbone's own, all streams at 0)."""
+    device = module_device(net)
+    psr_ae, cond_ae = stage1.psr_autoencoder, stage1.cond_autoencoder
+    target = torch.cat([b["target"] for b in batches]).to(module_device(psr_ae))
+    cond = torch.cat([b["cond"] for b in batches]).to(module_device(cond_ae))
+    z_y = psr_ae.encode(target)[0].float().to(device) * stage1.scale_factor
+    z_c = cond_ae.encode(cond)[0].float().to(device) * stage1.scale_factor
+    return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)

@@ -1,0 +1,262 @@
+"""Backbone pretraining and Stage 2 on two hand-made sessions, with very small networks and 16³ patches (CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from conftest import ellipsoid_session, write_session
+from demist.cli_stage2 import backbone_command, demist_command
+from demist.config import load_config
+from demist.data.manifest import write_manifest
+from demist.errors import DemistError
+from demist.models.autoencoder import build_autoencoder
+from demist.models.backbone import build_unet
+from demist.models.demist_net import STREAMS
+from demist.runs import read_run, sha256_file, write_run
+from demist.training import stage2
+from demist.training.backbone import load_backbone_run, train_backbone
+from demist.training.checkpoint import latest_checkpoint
+from demist.training.stage2 import build_inference_networks, train_demist
+from demist.training.stage2_parts import STREAM_FLAGS
+
+OVERRIDES = {
+    "data": {"patch_size": [16, 16, 16]},
+    "autoencoder": {"channels": [8, 16, 16], "norm_num_groups": 8},
+    "unet": {"channels": [16, 32, 32], "num_head_channels": [0, 16, 16], "norm_num_groups": 8},
+    "train": {"checkpoint_every": 2, "log_every": 1},
+    "backbone": {"steps": 2, "batch_size": 1},
+    "demist": {"steps": 3, "batch_size": 1, "edge_every": 2, "token_grid": [2, 2, 2], "token_dim": 12,
+               "lora_rank": 2},
+}
+CFG = load_config("tiny", overrides=OVERRIDES)
+
+
+def toml_config(path: Path) -> Path:
+    """The same config as a user TOML file (for the command line)."""
+    lines = ['base = "tiny"']
+    for section, table in OVERRIDES.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stage1_run(folder: Path, init_bundle: str | None = None):
+    """A Stage-1 run with random (untrained) autoencoders; with `init_bundle`, its PSR parent records the bundle."""
+    torch.manual_seed(0)
+    psr, cond = build_autoencoder(CFG.autoencoder, 1), build_autoencoder(CFG.autoencoder, 2)
+    psr_run = write_run(folder / "psr_ae", method="demist", stage="autoencoder-psr", config=CFG,
+                        components={"autoencoder": psr.state_dict()}, training={"init_bundle": init_bundle})
+    return write_run(folder / "stage1", method="demist", stage="stage1", config=CFG,
+                     components={"psr_autoencoder": psr.state_dict(), "cond_autoencoder": cond.state_dict()},
+                     parents={"psr_ae": psr_run}, latent_scale_factor=2.0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    rows = []
+    for i, subject in enumerate(["s1", "s2"]):
+        row = write_session(root / subject / "a", ellipsoid_session(shape=(28, 30, 26), seed=i))
+        rows.append({"subject": subject, "session": "a", "group": "MS", **row})
+    manifest = write_manifest(root / "manifest.csv", rows)
+    stage1 = stage1_run(root / "s1run")
+    backbone = train_backbone(manifest, stage1.path, CFG, root / "backbone", device="cpu")
+    return {"root": root, "manifest": manifest, "stage1": stage1, "backbone": backbone}
+
+
+def test_backbone_trains_and_writes_a_loadable_run(setup):
+    run = setup["backbone"]
+    assert (run.method, run.stage, run.prediction_type) == ("demist", "backbone", "sample")
+    assert run.parents["stage1"]["sha256"] == setup["stage1"].run_json_sha256
+    assert run.latent_scale_factor == 2.0
+    assert run.training["steps"] == 2 and run.training["sessions"] == ["s1/a", "s2/a"]
+    curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [1, 2] and all(r["denoise"] > 0 for r in curve)
+    _, unet = load_backbone_run(run.path)
+    saved = run.weights("unet")
+    assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
+    assert unet.out[2].conv.weight.abs().sum() > 0  # the zero-initialised output conv has trained
+    assert run.metrics["eval_denoising_mse_after"]["mean"] < run.metrics["eval_denoising_mse_before"]["mean"]
+
+
+def test_unknown_training_subjects_are_refused(setup, tmp_path):
+    with pytest.raises(DemistError, match="subjects s9: not in manifest"):
+        train_backbone(setup["manifest"], setup["stage1"].path, CFG, tmp_path / "bb", subjects=["s9"])
+
+
+class RecordingNet(stage2.DemistNet):
+    """DemistNet that keeps a copy of its frozen tensors as they were when built."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen_at_start = {k: v.clone() for k, v in self.state_dict().items() if k in self._frozen_keys}
+        RecordingNet.last = self
+
+
+@pytest.fixture(scope="module")
+def demist_run(setup):
+    patch = pytest.MonkeyPatch()
+    patch.setattr(stage2, "DemistNet", RecordingNet)
+    file = setup["backbone"].path / "unet.safetensors"
+    before = (sha256_file(file), file.stat().st_mtime_ns)
+    try:
+        run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG,
+                           setup["root"] / "demist", device="cpu")
+    finally:
+        patch.undo()
+    return run, RecordingNet.last, before
+
+
+def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(setup, demist_run):
+    run, net, (sha_before, mtime_before) = demist_run
+    for key, value in net.state_dict().items():
+        if key in net._frozen_keys:
+            assert torch.equal(value, net.frozen_at_start[key]), key
+    assert not any(p.requires_grad for p in net.stream_parameters()["backbone"])
+    file = setup["backbone"].path / "unet.safetensors"
+    assert (sha256_file(file), file.stat().st_mtime_ns) == (sha_before, mtime_before)
+
+    saved = run.weights("streams")
+    assert set(saved) == set(net.trainable_state_dict()) and not set(saved) & net._frozen_keys
+    assert any(k.startswith("controlnet.") for k in saved) and any(".lora_A." in k for k in saved)
+    assert any(".cross_attention." in k for k in saved) and any(k.startswith("token_encoder.") for k in saved)
+    # the optimizer knows only the trained tensors
+    state = torch.load(latest_checkpoint(run.path) / "training_state.pt", weights_only=True)
+    assert len(state["optimizers"]["streams"]["param_groups"][0]["params"]) == len(
+        [p for p in net.parameters() if p.requires_grad])
+    # the zero-initialised gates have moved: the streams trained
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
+
+
+def test_stage2_run_records_method_parents_counts_and_loss_terms(setup, demist_run):
+    run, net, _ = demist_run
+    assert (run.method, run.stage, run.prediction_type) == ("demist", "demist", "sample")
+    assert set(run.components) == {"streams"}
+    assert run.parents["stage1"]["sha256"] == setup["stage1"].run_json_sha256
+    assert run.parents["backbone"]["sha256"] == setup["backbone"].run_json_sha256
+    counts = run.training["parameters"]
+    assert counts == net.parameter_counts()
+    assert counts["backbone"]["trainable"] == 0 and all(counts[s]["trainable"] > 0 for s in STREAMS)
+    curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    assert ["edge" in r for r in curve] == [True, False, True]  # edge_every = 2: steps 0 and 2
+    assert all("align" not in r for r in curve)  # E_cond frozen by default
+
+
+def test_inference_networks_rebuild_the_trained_net(demist_run):
+    run, net, _ = demist_run
+    nets = build_inference_networks(read_run(run.path))
+    assert nets.prediction_type == "sample" and nets.latent_scale_factor == 2.0
+    generator = torch.Generator().manual_seed(0)
+    x_t, z_c = torch.randn(1, 8, 4, 4, 4, generator=generator), torch.randn(1, 8, 4, 4, 4, generator=generator)
+    t = torch.tensor([300])
+    with torch.no_grad():
+        torch.testing.assert_close(nets.net(x_t, t, z_c), net.eval()(x_t, t, z_c), rtol=1e-5, atol=1e-6)
+    assert not any(p.requires_grad for p in nets.net.parameters())
+
+
+def test_ablation_flag_and_subjects_are_recorded(setup, tmp_path):
+    run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "abl",
+                       max_steps=1, device="cpu", controlnet=False, subjects=["s2"])
+    assert run.method == "demist-no-controlnet"
+    assert run.config.demist.controlnet is False and run.config.demist.steps == 1
+    assert not any(k.startswith("controlnet.") for k in run.weights("streams"))
+    assert run.training["parameters"]["spatial"]["trainable"] == 0
+    assert run.training["sessions"] == ["s2/a"] and run.training["subjects"] == ["s2"]
+
+
+def test_finetuning_the_condition_encoder_adds_the_alignment_term(setup, tmp_path):
+    cfg = CFG.replace(demist=dataclasses.replace(CFG.demist, finetune_cond_encoder=True))
+    run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, cfg, tmp_path / "ft",
+                       max_steps=1, device="cpu", controlnet=False)
+    curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert curve[0]["align"] > 0
+    tuned, original = run.weights("cond_autoencoder"), setup["stage1"].weights("cond_autoencoder")
+    changed = {k for k in tuned if not torch.equal(tuned[k], original[k])}
+    assert changed and all(k.startswith(("encoder.", "quant_conv_mu.")) for k in changed)
+    assert read_run(run.path).components.keys() == {"streams", "cond_autoencoder"}
+
+
+def test_all_streams_off_is_refused(setup, tmp_path):
+    with pytest.raises(DemistError, match="all streams are off"):
+        train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "x",
+                     crossattn=False, controlnet=False, lora=False)
+
+
+def bundle_file(folder: Path) -> Path:
+    torch.manual_seed(3)
+    path = folder / "diffusion_model.pt"
+    torch.save(build_unet(CFG.unet, 8).state_dict(), path)
+    return path
+
+
+def test_bundle_backbone_refused_with_a_stage1_not_initialised_from_the_bundle(setup, tmp_path):
+    with pytest.raises(DemistError, match="was not initialised from the bundle autoencoder"):
+        train_demist(setup["manifest"], setup["stage1"].path, bundle_file(tmp_path), CFG, tmp_path / "x",
+                     device="cpu")
+
+
+def test_bundle_backbone_trains_with_epsilon_and_records_the_file(setup, tmp_path):
+    stage1 = stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt")
+    bundle = bundle_file(tmp_path)
+    run = train_demist(setup["manifest"], stage1.path, bundle, CFG, tmp_path / "run", max_steps=1, device="cpu",
+                       crossattn=False)
+    assert run.prediction_type == "epsilon" and run.config.diffusion.prediction_type == "epsilon"
+    assert "backbone" not in run.parents
+    assert run.training["backbone_bundle"]["sha256"] == sha256_file(bundle)
+    assert build_inference_networks(run).prediction_type == "epsilon"
+    with pytest.raises(DemistError, match="was pretrained in the latent of another Stage-1 run"):
+        train_demist(setup["manifest"], stage1.path, setup["backbone"].path, CFG, tmp_path / "y", device="cpu")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(setup, demist_run, tmp_path, monkeypatch):
+    args = (setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "resumed")
+    original = stage2.PatchSampler.batch
+
+    def failing(self, step, shard=0):
+        if step == 2:
+            raise Interrupted
+        return original(self, step, shard)
+
+    monkeypatch.setattr(stage2.PatchSampler, "batch", failing)
+    with pytest.raises(Interrupted):
+        train_demist(*args, device="cpu")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
+    monkeypatch.setattr(stage2.PatchSampler, "batch", original)
+    with pytest.raises(DemistError, match="pass --resume"):
+        train_demist(*args, device="cpu")
+    resumed = train_demist(*args, device="cpu", resume=True)
+    a, b = demist_run[0].weights("streams"), resumed.weights("streams")  # the uninterrupted run
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_commands_train_through_the_command_line(setup, tmp_path):
+    app = typer.Typer()
+    app.command("backbone")(backbone_command)
+    app.command("demist")(demist_command)
+    config = toml_config(tmp_path / "small.toml")
+    common = ["--manifest", str(setup["manifest"]), "--stage1", str(setup["stage1"].path), "--config", str(config),
+              "--max-steps", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["backbone", *common, "--out", str(tmp_path / "bb")])
+    assert result.exit_code == 0, result.output
+    assert "backbone:" in result.output and read_run(tmp_path / "bb").stage == "backbone"
+    result = CliRunner().invoke(app, ["demist", *common, "--backbone", str(setup["backbone"].path),
+                                      "--no-crossattn", "--no-lora", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    run = read_run(tmp_path / "d")
+    assert run.method == "demist-no-crossattn-no-lora" and run.config.preset == "tiny+small.toml"
+    assert not any(".lora_" in k or "cross_attention" in k for k in run.weights("streams"))
