@@ -110,7 +110,8 @@ def main() -> None:
     ridge = fit_ridge(train_sessions, cfg, seed=args.seed)
     row("ridge (floor)", scores(lambda s: ridge.predict(s)[0], held_out), 0.0, 0.0)
     psr_ae = load_stage1(stage1).psr_autoencoder
-    ceiling = lambda s: reconstruct(psr_ae, torch.from_numpy(s.psr)[None, None]).numpy()[0, 0]  # noqa: E731
+    ceiling = lambda s: reconstruct(  # noqa: E731
+        psr_ae, torch.from_numpy(s.psr)[None, None], cfg.data.patch_size).numpy()[0, 0]
     row("stage-1 AE (ceiling)", scores(ceiling, held_out), minutes["stage1"], 0.0)
     for name in VARIANTS:
         synthesizer = DemistSynthesizer.from_run(read_run(runs / name), steps=args.sampling_steps, device="cpu")

@@ -91,7 +91,7 @@ def save_image(img: nib.Nifti1Image, path: str | Path, overwrite: bool = True) -
     raw = (img if isinstance(img, nib.Nifti1Image) else nib.Nifti1Image.from_image(img)).to_bytes()
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         if path.name.endswith(".gz"):
-            with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
+            with gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="", compresslevel=4) as gz:
                 gz.write(raw)
         else:
             fh.write(raw)

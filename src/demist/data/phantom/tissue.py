@@ -3,8 +3,8 @@
 Four compartments share each voxel: CSF, GM (cortical and deep, blended), normal-appearing WM and lesion. Myelin
 sets PSR and part of R1 = 1/T1 (as it does in real tissue), so T1w sees some of the myelin, FLAIR mostly sees
 water. What the images cannot see: the hidden smooth PSR field, half of the NAWM drops near lesions and
-ventricles, 30 % of a lesion's PSR loss in R1 (the rest confounded by edema and destruction), and an independent R1 field
-(iron, water) that blurs the myelin read-out.
+ventricles, 30 % of a lesion's PSR loss in R1 (the rest is confounded by edema and destruction), and an
+independent R1 field (iron, water) that blurs the myelin read-out.
 """
 
 from __future__ import annotations
