@@ -355,7 +355,7 @@ def quality(run_dir: str, session_key: str | None, seed: int) -> None:
     latent = tuple(s // factor for s in session.brain.shape)
     tiles = count_tiles(latent, tiled_cfg.sampling.tile_size, tiled_cfg.sampling.tile_overlap)
     print(f"Tiled ({'×'.join(map(str, tiled_cfg.sampling.tile_size))} latent voxels, overlap "
-          f"{tiled_cfg.sampling.tile_overlap:g}: {tiles} tiles on the "
+          f"{tiled_cfg.sampling.tile_overlap:g}: {tiles} tile{'s' * (tiles != 1)} on the "
           f"{'×'.join(map(str, latent))} latent) vs untiled, "
           f"{default[0]}-{default[1]}, same seed: PSNR {psnr(tiled, untiled)} dB; "
           f"max |difference| {np.abs(tiled - untiled)[session.brain].max():.4f}")

@@ -40,10 +40,10 @@ METRICS = ("psnr", "ssim", "mse")
 
 
 def once(name: str, done: Path, action) -> float:
-    """Run `action` unless `done` exists; returns the minutes it took."""
+    """Run `action` unless `done` exists; returns the minutes it took (NaN when reused)."""
     if done.exists():
         print(f"{name}: reused ({done.parent})")
-        return 0.0
+        return float("nan")
     start = time.perf_counter()
     action()
     minutes = (time.perf_counter() - start) / 60
@@ -108,7 +108,7 @@ def main() -> None:
 
     train_sessions = [prepare_session(r, cfg.data) for r in select_subjects(records, train_subjects)]
     ridge = fit_ridge(train_sessions, cfg, seed=args.seed)
-    row("ridge (floor)", scores(lambda s: ridge.predict(s)[0], held_out), 0.0, 0.0)
+    row("ridge (floor)", scores(lambda s: ridge.predict(s)[0], held_out), float("nan"), 0.0)
     psr_ae = load_stage1(stage1).psr_autoencoder
     ceiling = lambda s: reconstruct(  # noqa: E731
         psr_ae, torch.from_numpy(s.psr)[None, None], cfg.data.patch_size).numpy()[0, 0]

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ellipsoid_session, write_session
+from conftest import ellipsoid_session
 from demist.config import load_config
-from demist.data.manifest import load_manifest, write_manifest
+from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
 from demist.data.preprocess import prepare_images, prepare_session, psr_to_native
 from demist.errors import DemistError

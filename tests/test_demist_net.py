@@ -235,3 +235,28 @@ def test_flash_attention_and_bf16_autocast():
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     error = (low.float() - reference).norm() / reference.norm()
     assert error < 0.05
+
+
+def test_cross_attention_without_lora_trains_on_cpu():
+    """Regression: MONAI's attention returns channels-last tensors and torch's CPU GroupNorm backward crashed on
+    them when the input needed no gradient (cross-attention at the first attention level, LoRA off)."""
+    import torch
+    from torch import nn
+
+    from demist.models.crossattn import CrossAttentionWrapper, TokenSlot
+
+    class ChannelsLastBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.GroupNorm(16, 64)
+            self.attn = type("A", (), {"num_heads": 2, "use_flash_attention": False})()
+
+        def forward(self, x):
+            return x.to(memory_format=torch.channels_last_3d)
+
+    slot = TokenSlot()
+    wrapper = CrossAttentionWrapper(ChannelsLastBlock(), token_dim=8, slot=slot)
+    x = torch.randn(1, 64, 4, 4, 4)
+    with slot.holding(torch.randn(1, 5, 8)):
+        wrapper(x).square().mean().backward()
+    assert wrapper.cross_norm.weight.grad is not None

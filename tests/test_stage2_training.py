@@ -24,7 +24,6 @@ from demist.training import stage2
 from demist.training.backbone import load_backbone_run, train_backbone
 from demist.training.checkpoint import latest_checkpoint
 from demist.training.stage2 import build_inference_networks, train_demist
-from demist.training.stage2_parts import STREAM_FLAGS
 
 OVERRIDES = {
     "data": {"patch_size": [16, 16, 16]},

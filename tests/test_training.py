@@ -22,7 +22,7 @@ from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.runs import load_weights, read_run
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from demist.training.loop import Phase, Stage, train, warmup_cosine
+from demist.training.loop import Phase, Stage, train
 
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[1]

@@ -114,7 +114,10 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     records = load_manifest(manifest, require=("t1w", "flair", "psr"))
     subjects = subjects_of(records)
     groups = {r.subject: r.group for r in records}
-    splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=[groups[s] for s in subjects])
+    strata = [groups[s] for s in subjects]
+    if min(strata.count(g) for g in set(strata)) < folds:  # too few of a group to stratify: plain grouped folds
+        strata = None
+    splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
     rows: list[dict] = []
     for k, test_subjects in enumerate(splits):
         fold = out / f"fold-{k}"

@@ -8,7 +8,6 @@ continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass

@@ -8,34 +8,17 @@ and preparing them one at a time so memory does not grow with the cohort.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
 from demist.config import Config
-from demist.data.manifest import SessionRecord, load_manifest, select_subjects, subjects_of
+from demist.data.manifest import SessionRecord, training_records  # noqa: F401 - re-exported for the baselines
 from demist.data.preprocess import PreparedSession, prepare_session
 from demist.errors import DemistError
 
 #: The stage name of every baseline run directory.
 BASELINE_STAGE = "baseline"
-
-
-def training_records(manifest: str | Path, subjects: Sequence[str] | None = None) -> list[SessionRecord]:
-    """The manifest's sessions with a PSR map, restricted to `subjects` (a cross-validation fold) when given."""
-    records = load_manifest(manifest, require=("t1w", "flair", "psr"))
-    if subjects is None:
-        return records
-    known = set(subjects_of(records))
-    unknown = [s for s in subjects if s not in known]
-    if unknown:
-        raise DemistError(f"subjects {', '.join(unknown)}: not in manifest {manifest}; expected some of "
-                          f"{', '.join(sorted(known))}")
-    chosen = select_subjects(records, subjects)
-    if not chosen:
-        raise DemistError(f"subjects: empty list; expected at least one training subject of manifest {manifest}")
-    return chosen
 
 
 def iter_prepared(records: Sequence[SessionRecord], config: Config, progress: bool = True) -> Iterator[PreparedSession]:

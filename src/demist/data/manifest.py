@@ -123,3 +123,18 @@ def select_subjects(records: Sequence[SessionRecord], subjects: Sequence[str]) -
     wanted = set(subjects)
     return [r for r in records if r.subject in wanted]
 
+
+def training_records(manifest: str | Path, subjects: Sequence[str] | None = None) -> list[SessionRecord]:
+    """The manifest's sessions with PSR, restricted to `subjects` (a cross-validation fold's training set)."""
+    records = load_manifest(manifest, require=("t1w", "flair", "psr"))
+    if subjects is None:
+        return records
+    known = set(subjects_of(records))
+    unknown = [s for s in subjects if s not in known]
+    if unknown:
+        raise DemistError(f"subjects {', '.join(unknown)}: not in manifest {manifest}; expected some of "
+                          f"{', '.join(sorted(known))}")
+    chosen = select_subjects(records, subjects)
+    if not chosen:
+        raise DemistError(f"subjects: empty list; expected at least one training subject of manifest {manifest}")
+    return chosen

@@ -21,6 +21,7 @@ from monai.networks.nets.autoencoderkl import AEKLDownsample
 
 from demist.config import AutoencoderConfig
 from demist.errors import DemistError
+from demist.models.checkpoint_files import read_state_dict as read_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,27 +74,8 @@ def autoencoder_from_state(cfg: AutoencoderConfig, state: Mapping[str, torch.Ten
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict of tensors from a torch.save file (`.pt`/`.pth`, tensors only) or a `.safetensors` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DemistError(f"{path}: autoencoder weights not found; expected a .pt or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise DemistError(f"{path}: not readable as a state dict ({type(exc).__name__}: {exc}); "
-                          "expected a torch.save state dict or a safetensors file") from None
-    for wrapper in ("state_dict", "model", "autoencoder"):  # common containers around a bare state dict
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DemistError(f"{path}: not a state dict of tensors; expected an AutoencoderKL state_dict")
-    return dict(state)
+    """A state dict of tensors from a `.pt`/`.pth` (torch.save, tensors only) or `.safetensors` file."""
+    return read_state_dict_file(path, "autoencoder weights", wrappers=("state_dict", "model", "autoencoder"))
 
 
 def old_key(new_key: str) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 
 from demist.config import UNetConfig
 from demist.errors import DemistError
+from demist.models.checkpoint_files import read_state_dict as read_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,27 +98,8 @@ class BackboneLoadReport:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a `.pt`/`.pth` (torch.save, tensors only) or `.safetensors` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DemistError(f"{path}: backbone checkpoint not found; expected a .pt or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise DemistError(f"{path}: not readable as a checkpoint ({type(exc).__name__}: {exc}); "
-                          "expected a torch.save state dict or a safetensors file") from None
-    for wrapper in ("state_dict", "model", "diffusion_model"):  # common containers around a bare state dict
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DemistError(f"{path}: not a state dict of tensors; expected the UNet's state_dict saved by torch.save")
-    return dict(state)
+    """A state dict of tensors from a `.pt`/`.pth` (torch.save, tensors only) or `.safetensors` file."""
+    return read_state_dict_file(path, "backbone checkpoint", wrappers=("state_dict", "model", "diffusion_model"))
 
 
 def _keys_text(keys: set[str]) -> str:

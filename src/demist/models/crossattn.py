@@ -69,7 +69,7 @@ class CrossAttentionWrapper(nn.Module):
         self.slot = slot  # a plain attribute: shared by all wrappers of one network, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.block(x)
+        hidden = self.block(x).contiguous()  # MONAI returns channels-last; CPU GroupNorm backward crashes on it
         shape = hidden.shape
         queries = self.cross_norm(hidden).reshape(*shape[:2], -1).transpose(1, 2)  # (B, voxels, C)
         attended = self.cross_attention(queries, context=self.slot.get())

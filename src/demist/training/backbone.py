@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from demist.config import Config, DiffusionConfig, config_to_dict, load_config
-from demist.data.manifest import SessionRecord, load_manifest, select_subjects, subjects_of
+from demist.data.manifest import training_records
 from demist.data.patches import PatchSampler, load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.autoencoder import autoencoder_from_state, downsampling_factor
-from demist.models.backbone import build_unet, freeze
+from demist.models.backbone import build_unet, freeze, load_backbone_state_dict
 from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.stage1 import evaluation_batches
@@ -44,22 +44,6 @@ EVAL_SEED = 12345
 def resolve_config(config: Config | str | Path) -> Config:
     """A Config as given, or loaded from a preset name / TOML file."""
     return config if isinstance(config, Config) else load_config(config)
-
-
-def training_records(manifest: str | Path, subjects: Sequence[str] | None = None) -> list[SessionRecord]:
-    """The manifest's sessions with PSR, restricted to `subjects` (a cross-validation fold's training set)."""
-    records = load_manifest(manifest, require=("t1w", "flair", "psr"))
-    if subjects is None:
-        return records
-    known = set(subjects_of(records))
-    unknown = [s for s in subjects if s not in known]
-    if unknown:
-        raise DemistError(f"subjects {', '.join(unknown)}: not in manifest {manifest}; expected some of "
-                          f"{', '.join(sorted(known))}")
-    chosen = select_subjects(records, subjects)
-    if not chosen:
-        raise DemistError(f"subjects: empty list; expected at least one training subject of manifest {manifest}")
-    return chosen
 
 
 class LatentEncoder(nn.Module):
@@ -151,6 +135,13 @@ def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return errors
 
 
+@torch.no_grad()
+def encode_batches(autoencoder: nn.Module, images: Sequence[torch.Tensor], scale_factor: float) -> torch.Tensor:
+    """μ × scale factor of several batches, encoded one batch at a time (bounded memory), concatenated."""
+    device = module_device(autoencoder)
+    return torch.cat([autoencoder.encode(x.to(device))[0].float() * scale_factor for x in images])
+
+
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -240,15 +231,13 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
 @torch.no_grad()
 def _evaluation_latents(stage1: Stage1Parts, sampler: PatchSampler) -> torch.Tensor:
     """z_y of the fixed evaluation patches of the training sessions (never drawn as a training batch)."""
-    target = torch.cat([b["target"] for b in evaluation_batches(sampler)])
-    return stage1.psr_autoencoder.encode(target)[0].float() * stage1.scale_factor
+    return encode_batches(stage1.psr_autoencoder, [b["target"] for b in evaluation_batches(sampler)],
+                          stage1.scale_factor)
 
 
 def load_backbone_run(path: str | Path, what: str = "--backbone",
                       use_flash_attention: bool = True) -> tuple[RunInfo, nn.Module]:
     """A finished backbone run and its UNet (CPU, not frozen yet)."""
-    from demist.models.backbone import load_backbone_state_dict
-
     run = read_run(path, BACKBONE_STAGE, what=what)
     if run.prediction_type is None:
         raise DemistError(f"{what} {path}: run.json names no prediction_type; expected a backbone run")

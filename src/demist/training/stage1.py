@@ -274,7 +274,8 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
         run = write_run(out, method="demist", stage="stage1", config=cfg,
                         components={"psr_autoencoder": psr_ae.state_dict(), "cond_autoencoder": cond_ae.state_dict()},
                         parents={"psr_ae": psr, "cond_ae": cond}, latent_scale_factor=scale,
-                        training=_training_record(result, sessions, latent_encoding="mu"),
+                        training=_training_record(result, sessions, latent_encoding="mu",
+                                                  psr_init_bundle=psr.training.get("init_bundle")),
                         metrics={"align_mse_before": before["mse"], "align_mse_after": after["mse"],
                                  "align_relative_before": before["relative"], "align_relative_after": after["relative"],
                                  "cond_patch_psnr": patch_psnr(cond_ae, eval_batches, "cond")})

@@ -3,9 +3,9 @@
 Per batch of paired patches: z_y = μ(E_PSR(y)) × s and z_c = μ(E_cond(x_c)) × s (s: Stage 1's latent scale factor;
 both encoders frozen unless `demist.finetune_cond_encoder`); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
 
-    loss = ‖target − DemistNet(x_t, t, z_c)‖²                      (target: ε, v or z_y — the backbone's prediction type)
-         + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁     on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
-         + λ_align·‖z_c − z_y‖²               only when E_cond is fine-tuned.
+    loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type)
+         + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁   on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
+         + λ_align·‖z_c − z_y‖²             only when E_cond is fine-tuned.
 
 The backbone is a `demist train backbone` run (its prediction type) or a MONAI bundle checkpoint (ε-prediction; then
 Stage 1's E_PSR must have been initialised from the bundle autoencoder, or the latents would not be the ones the
@@ -30,8 +30,8 @@ from demist.errors import DemistError
 from demist.models.demist_net import DemistNet
 from demist.runs import RunInfo, write_run
 from demist.training.backbone import (LatentEncoder, Stage1Parts, barrier, check_against_stage1, check_out,
-                                      denoising_error, load_stage1, module_device, noise_schedule, resolve_config,
-                                      sample_noising, training_records, weights_metadata)
+                                      denoising_error, encode_batches, load_stage1, module_device, noise_schedule,
+                                      resolve_config, sample_noising, training_records, weights_metadata)
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
 from demist.training.stage1 import evaluation_batches
@@ -158,9 +158,6 @@ def _evaluate(net: DemistNet, stage1: Stage1Parts, batches: Sequence[dict[str, t
               schedule: NoiseSchedule) -> dict[str, float]:
     """Denoising MSE of `net` on fixed evaluation patches (before training: the backbone's own, all streams at 0)."""
     device = module_device(net)
-    psr_ae, cond_ae = stage1.psr_autoencoder, stage1.cond_autoencoder
-    target = torch.cat([b["target"] for b in batches]).to(module_device(psr_ae))
-    cond = torch.cat([b["cond"] for b in batches]).to(module_device(cond_ae))
-    z_y = psr_ae.encode(target)[0].float().to(device) * stage1.scale_factor
-    z_c = cond_ae.encode(cond)[0].float().to(device) * stage1.scale_factor
+    z_y = encode_batches(stage1.psr_autoencoder, [b["target"] for b in batches], stage1.scale_factor).to(device)
+    z_c = encode_batches(stage1.cond_autoencoder, [b["cond"] for b in batches], stage1.scale_factor).to(device)
     return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)
