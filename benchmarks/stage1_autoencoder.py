@@ -26,7 +26,7 @@ from demist.config import load_config
 from demist.data.manifest import load_manifest, select_subjects, subjects_of
 from demist.data.patches import load_sessions, session_tensors
 from demist.evaluation.metrics import image_metrics
-from demist.models.autoencoder import autoencoder_from_state, reconstruct
+from demist.models.autoencoder import autoencoder_from_state, decode_volume, encode_volume, reconstruct
 from demist.runs import read_run
 from demist.training.stage1 import train_stage1
 
@@ -53,15 +53,16 @@ def evaluate(stage1_dir: Path, cond_ae_dir: Path, sessions) -> dict[str, float]:
     cond_ae = autoencoder_from_state(run.config.autoencoder, run.weights("cond_autoencoder")).eval()
     before = read_run(cond_ae_dir, "autoencoder-cond")
     cond_before = autoencoder_from_state(before.config.autoencoder, before.weights("autoencoder")).eval()
+    window = run.config.autoencoder.patch_size  # whole volumes go through the autoencoders window by window
     rows = []
     for session in sessions:
         x = session_tensors(session)
         brain = session.brain
-        psr = reconstruct(psr_ae, x["target"])[0, 0].numpy()
-        cond = reconstruct(cond_ae, x["cond"])[0].numpy()
-        mu_y = psr_ae.encode(x["target"])[0]
-        mu_c, mu_c0 = cond_ae.encode(x["cond"])[0], cond_before.encode(x["cond"])[0]
-        from_cond = psr_ae.decode(mu_c)[0, 0].numpy()
+        psr = reconstruct(psr_ae, x["target"], window)[0, 0].numpy()
+        cond = reconstruct(cond_ae, x["cond"], window)[0].numpy()
+        mu_y = encode_volume(psr_ae, x["target"], window)
+        mu_c, mu_c0 = encode_volume(cond_ae, x["cond"], window), encode_volume(cond_before, x["cond"], window)
+        from_cond = decode_volume(psr_ae, mu_c, window)[0, 0].numpy()
         psr_metrics = image_metrics(psr, session.psr, brain)
         rows.append({
             "psr_psnr": psr_metrics["psnr"], "psr_ssim": psr_metrics["ssim"],

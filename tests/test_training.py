@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -75,6 +76,17 @@ def run_toy(script: Path, out: Path, *args: str, launcher: list[str] | None = No
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     command = (launcher or [PYTHON]) + [str(script), "--out", str(out), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_toy_here(script: Path, out: Path, *args: str) -> None:
+    """The toy script in this process (saves an interpreter start), on one thread like the subprocesses."""
+    threads, argv = torch.get_num_threads(), sys.argv
+    try:
+        sys.argv = [str(script), "--out", str(out), *args]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
 
 
 def final_weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -151,8 +163,7 @@ def test_gan_phase_gradients_do_not_leak_into_the_other_optimizer(tmp_path: Path
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path, toy_script: Path) -> None:
-    reference = run_toy(toy_script, tmp_path / "ref", "--steps", "6")
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    run_toy_here(toy_script, tmp_path / "ref", "--steps", "6")
     killed = run_toy(toy_script, tmp_path / "run", "--steps", "6", "--crash-at", "5")
     assert killed.returncode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path / "run").name == "step-00000004"
@@ -179,8 +190,7 @@ def test_two_gloo_processes_through_accelerate_equal_one_process_accumulating(tm
                 "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     ddp = run_toy(toy_script, tmp_path / "ddp", "--steps", "3", launcher=launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_toy(toy_script, tmp_path / "single", "--steps", "3", "--accumulation", "2")
-    assert single.returncode == 0, single.stderr[-2000:]
+    run_toy_here(toy_script, tmp_path / "single", "--steps", "3", "--accumulation", "2")
     rank0, rank1, expected = final_weights(tmp_path / "ddp", 0), final_weights(tmp_path / "ddp", 1), \
         final_weights(tmp_path / "single")
     assert load_weights(tmp_path / "ddp" / "final-rank0.safetensors")[1]["processes"] == "2"
@@ -224,7 +234,7 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
     from demist.training.stage1 import train_stage1
 
     cfg = load_config("tiny", overrides={
-        "data": {"patch_size": [16, 16, 16]}, "autoencoder": {"channels": [8, 8, 8], "norm_num_groups": 4},
+        "autoencoder": {"channels": [8, 8, 8], "norm_num_groups": 4, "patch_size": [16, 16, 16]},
         "stage1": {"batch_size": 1, "adv_start": 1, "disc_channels": 4}, "align": {"batch_size": 1}})
     run = train_stage1(load_manifest(small_manifest), cfg, tmp_path / "s1", max_steps=2, device="cpu")
     again = read_run(tmp_path / "s1" / "stage1", stages="stage1")
@@ -237,21 +247,24 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
     assert {"recon", "kl", "edge", "adv", "discriminator"} <= set(records[-1])  # the GAN switched on at step 1
 
 
-def test_bad_user_input_is_one_line_with_exit_code_2(tmp_path: Path, small_manifest: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    script = "import sys; from demist.cli import main; sys.argv[0] = 'demist'; main()"
-    cases = [
-        (["train", "autoencoder", "--manifest", str(tmp_path / "none.csv"), "--modality", "psr", "--out",
-          str(tmp_path / "o")], "none.csv: file not found"),
-        (["train", "autoencoder", "--manifest", str(small_manifest), "--modality", "t2", "--out",
-          str(tmp_path / "o")], "--modality t2: unknown"),
-        (["train", "stage1", "--manifest", str(small_manifest), "--config", str(tmp_path / "none.toml"), "--out",
-          str(tmp_path / "o")], "none.toml: neither a preset"),
-        (["train", "align", "--manifest", str(small_manifest), "--psr-ae", str(tmp_path), "--cond-ae",
-          str(tmp_path), "--out", str(tmp_path / "o")], "--psr-ae"),
-    ]
-    for args, message in cases:
-        done = subprocess.run([PYTHON, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, done.stderr[-2000:]
-        lines = [line for line in done.stderr.splitlines() if line.startswith("demist: error:")]
-        assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+@pytest.mark.parametrize("args, message", [
+    (["train", "autoencoder", "--manifest", "{tmp}/none.csv", "--modality", "psr", "--out", "{tmp}/o"],
+     "none.csv: file not found"),
+    (["train", "autoencoder", "--manifest", "{manifest}", "--modality", "t2", "--out", "{tmp}/o"],
+     "--modality t2: unknown"),
+    (["train", "stage1", "--manifest", "{manifest}", "--config", "{tmp}/none.toml", "--out", "{tmp}/o"],
+     "none.toml: neither a preset"),
+    (["train", "align", "--manifest", "{manifest}", "--psr-ae", "{tmp}", "--cond-ae", "{tmp}", "--out", "{tmp}/o"],
+     "--psr-ae"),
+])
+def test_bad_user_input_is_one_line_with_exit_code_2(args, message, tmp_path: Path, small_manifest: Path,
+                                                    monkeypatch, capsys) -> None:
+    from demist import cli
+
+    argv = [a.format(tmp=tmp_path, manifest=small_manifest) for a in args]
+    monkeypatch.setattr(sys, "argv", ["demist", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("demist: error:") and message in lines[0], lines

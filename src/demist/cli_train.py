@@ -16,7 +16,8 @@ train_app = typer.Typer(
         "Train demist's networks. Stage 1 in one go: `demist train stage1 --manifest M --config tiny --out DIR` "
         "writes DIR/psr_ae (PSR autoencoder), DIR/cond_ae (T1w+FLAIR autoencoder) and DIR/stage1 (both, after "
         "aligning the condition latent to the PSR latent); DIR/stage1 is what later stages take as --stage1. "
-        "Multi-GPU or multi-process: `accelerate launch --num_processes N $(which demist) train …`."
+        "Several GPUs or CPU processes (data parallel): `accelerate launch --multi_gpu --num_processes N "
+        "$(which demist) train …` (or `torchrun --nproc_per_node N $(which demist) train …`)."
     ),
     no_args_is_help=True,
 )
@@ -98,7 +99,12 @@ def stage1(
     resume: bool = RESUME,
     tensorboard: bool = TENSORBOARD,
 ) -> None:
-    """All of Stage 1: PSR autoencoder, condition autoencoder, alignment (OUT/psr_ae, OUT/cond_ae, OUT/stage1)."""
+    """All of Stage 1: PSR autoencoder, condition autoencoder, alignment (OUT/psr_ae, OUT/cond_ae, OUT/stage1).
+
+    OUT/stage1 holds both autoencoders and the latent scale factor; later stages take it as --stage1.
+
+    --resume keeps the finished parts and continues an interrupted one; --max-steps applies to all three.
+    """
     records, cfg = _inputs(manifest, config)
     from demist.training.stage1 import train_stage1
 

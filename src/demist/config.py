@@ -40,6 +40,8 @@ class AutoencoderConfig:
     latent_channels: int
     num_res_blocks: int
     norm_num_groups: int
+    norm_eps: float  # GroupNorm epsilon: 1e-6 in the bundle; ~1 keeps most of a quantitative map's intensity scale
+    patch_size: tuple[int, int, int]  # training patches, and the window in which whole volumes are encoded/decoded
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class TrainConfig:
 class Stage1Config:
     """Autoencoder training: L1 (+ L2) + KL + Sobel-edge + patch-adversarial loss."""
 
-    steps: int
+    steps: int  # the PSR autoencoder's
+    cond_steps: int  # the condition autoencoder's (the alignment fine-tunes it further)
     batch_size: int
     learning_rate: float
     l1_weight: float
@@ -65,7 +68,7 @@ class Stage1Config:
     kl_weight: float
     edge_weight: float
     adv_weight: float
-    adv_start: int  # step at which the discriminator and the adversarial term switch on
+    adv_start: int  # step at which the discriminator and the adversarial term switch on (the condition AE: same fraction)
     background_weight: float  # weight of voxels outside the brain mask in the reconstruction loss
     disc_channels: int
     disc_layers: int

@@ -26,6 +26,9 @@ from demist.runs import RunInfo, read_run
 
 log = logging.getLogger(__name__)
 
+#: Overlap of the autoencoder windows (as in Stage 1's whole-volume evaluation).
+AUTOENCODER_OVERLAP = 0.5
+
 
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without one is the user's mistake."""
@@ -107,8 +110,13 @@ class DemistSynthesizer:
 
     @property
     def _image_tile(self) -> tuple[int, int, int]:
+        """The autoencoders run in windows of their training patch size: GroupNorm statistics depend on it."""
+        return tuple(self.config.autoencoder.patch_size)
+
+    @property
+    def _decoder_tile(self) -> tuple[int, int, int]:
         factor = 2 ** (len(self.config.autoencoder.channels) - 1)
-        return tuple(t * factor for t in self._latent_tile)
+        return tuple(t // factor for t in self._image_tile)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return bf16_autocast(self.device) if self.use_bf16 else contextlib.nullcontext()
@@ -119,7 +127,7 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.cond_autoencoder.encode(x)[0].float()
 
-        return tiled(encode, condition, self._image_tile, self.config.sampling.tile_overlap) * self.latent_scale_factor
+        return tiled(encode, condition, self._image_tile, AUTOENCODER_OVERLAP) * self.latent_scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """PSR / psr_range from a (scaled) PSR latent."""
@@ -127,7 +135,7 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.psr_autoencoder.decode(x / self.latent_scale_factor).float()
 
-        return tiled(decode, z, self._latent_tile, self.config.sampling.tile_overlap)
+        return tiled(decode, z, self._decoder_tile, AUTOENCODER_OVERLAP)
 
     def denoiser(self, z_c: torch.Tensor):
         """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c, tiled."""

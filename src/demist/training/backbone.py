@@ -24,7 +24,7 @@ from demist.data.manifest import training_records
 from demist.data.patches import PatchSampler, load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
-from demist.models.autoencoder import autoencoder_from_state, downsampling_factor
+from demist.models.autoencoder import autoencoder_from_state, downsampling_factor, encode_windowed
 from demist.models.backbone import build_unet, freeze, load_backbone_state_dict
 from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
@@ -52,13 +52,14 @@ class LatentEncoder(nn.Module):
     A module of its own so that the loop can train it (fine-tuning E_cond) through `forward`.
     """
 
-    def __init__(self, autoencoder: nn.Module, scale_factor: float) -> None:
+    def __init__(self, autoencoder: nn.Module, scale_factor: float, window: Sequence[int]) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.scale_factor = float(scale_factor)
+        self.window = tuple(window)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(image)[0] * self.scale_factor
+        return encode_windowed(self.autoencoder, image, self.window) * self.scale_factor
 
 
 @dataclass
@@ -136,10 +137,11 @@ def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 
 @torch.no_grad()
-def encode_batches(autoencoder: nn.Module, images: Sequence[torch.Tensor], scale_factor: float) -> torch.Tensor:
+def encode_batches(autoencoder: nn.Module, images: Sequence[torch.Tensor], scale_factor: float,
+                   window: Sequence[int]) -> torch.Tensor:
     """μ × scale factor of several batches, encoded one batch at a time (bounded memory), concatenated."""
     device = module_device(autoencoder)
-    return torch.cat([autoencoder.encode(x.to(device))[0].float() * scale_factor for x in images])
+    return torch.cat([encode_windowed(autoencoder, x.to(device), window).float() * scale_factor for x in images])
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -171,7 +173,8 @@ def backbone_stage(cfg: Config, unet: nn.Module, psr_autoencoder: nn.Module, sca
 
     def denoise_loss(m, batch, step, ctx):
         with torch.no_grad():
-            z_y = m["psr_autoencoder"].encode(batch["target"])[0].float() * scale_factor
+            z_y = encode_windowed(m["psr_autoencoder"], batch["target"], cfg.autoencoder.patch_size).float()
+            z_y = z_y * scale_factor
         x_t, t, target = sample_noising(z_y, schedule)
         prediction = m["unet"](x_t, t)
         return {"loss": ((prediction.float() - target) ** 2).mean()}
@@ -232,7 +235,7 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
 def _evaluation_latents(stage1: Stage1Parts, sampler: PatchSampler) -> torch.Tensor:
     """z_y of the fixed evaluation patches of the training sessions (never drawn as a training batch)."""
     return encode_batches(stage1.psr_autoencoder, [b["target"] for b in evaluation_batches(sampler)],
-                          stage1.scale_factor)
+                          stage1.scale_factor, stage1.run.config.autoencoder.patch_size)
 
 
 def load_backbone_run(path: str | Path, what: str = "--backbone",

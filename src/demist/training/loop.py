@@ -150,6 +150,14 @@ def _release_accelerator() -> None:
     GradientState._reset_state()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a complete record."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """`metrics.jsonl` (one JSON object per logged step) and, if asked, TensorBoard; main process only."""
 
@@ -160,10 +168,9 @@ class MetricsLog:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines a killed run logged after its last checkpoint
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(f"{ln}\n" for ln in kept))
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint (and a torn last line)
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

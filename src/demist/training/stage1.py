@@ -65,14 +65,23 @@ def autoencoder_terms(cfg: Config, autoencoder: nn.Module, image: torch.Tensor, 
                    "kl": kl_divergence(mu, sigma), "edge": edge_loss(recon, image, weights)}
 
 
+def schedule(cfg: Config, modality: str) -> tuple[int, int]:
+    """(steps, adversarial start) of an autoencoder: the condition one switches its GAN on at the same fraction."""
+    s1 = cfg.stage1
+    if modality == "psr":
+        return s1.steps, s1.adv_start
+    return s1.cond_steps, round(s1.adv_start * s1.cond_steps / max(1, s1.steps))
+
+
 def autoencoder_stage(cfg: Config, modality: str, autoencoder: nn.Module, discriminator: nn.Module,
                       sampler: PatchSampler) -> Stage:
-    """Phases: the autoencoder (all terms) and, from `adv_start`, the discriminator."""
+    """Phases: the autoencoder (all terms) and, after the warm-up, the discriminator."""
     from monai.losses import PatchAdversarialLoss
 
     s1, key = cfg.stage1, MODALITIES[modality][0]
+    steps, adv_start = schedule(cfg, modality)
     adversarial = PatchAdversarialLoss(criterion="least_squares")
-    adv_on = lambda step: s1.adv_weight > 0 and step >= s1.adv_start  # noqa: E731
+    adv_on = lambda step: s1.adv_weight > 0 and step >= adv_start  # noqa: E731
 
     def ae_loss(m, batch, step, ctx):
         recon, terms = autoencoder_terms(cfg, m["autoencoder"], batch[key], batch["brain"])
@@ -92,9 +101,9 @@ def autoencoder_stage(cfg: Config, modality: str, autoencoder: nn.Module, discri
     ae_opt = torch.optim.Adam(autoencoder.parameters(), lr=s1.learning_rate)
     disc_opt = torch.optim.Adam(discriminator.parameters(), lr=s1.learning_rate)
     return Stage(name=f"autoencoder-{modality}", modules={"autoencoder": autoencoder, "discriminator": discriminator},
-                 phases=[Phase("autoencoder", ae_opt, ae_loss, warmup_cosine(ae_opt, s1.steps)),
+                 phases=[Phase("autoencoder", ae_opt, ae_loss, warmup_cosine(ae_opt, steps)),
                          Phase("discriminator", disc_opt, disc_loss, active=adv_on)],
-                 batch=sampler.batch, steps=s1.steps)
+                 batch=sampler.batch, steps=steps)
 
 
 def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: nn.Module,
@@ -205,9 +214,10 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
     out, (key, channels) = Path(out), MODALITIES[modality]
     _check_out(out, resume)
     if max_steps is not None:
-        cfg = cfg.replace(stage1=dataclasses.replace(cfg.stage1, steps=max_steps))
+        field = "steps" if modality == "psr" else "cond_steps"
+        cfg = cfg.replace(stage1=dataclasses.replace(cfg.stage1, **{field: max_steps}))
     sessions = _prepared(sessions, cfg, need_target=modality == "psr")
-    sampler = PatchSampler(sessions, cfg.data.patch_size, cfg.stage1.batch_size, cfg.train.seed,
+    sampler = PatchSampler(sessions, cfg.autoencoder.patch_size, cfg.stage1.batch_size, cfg.train.seed,
                            need_target=modality == "psr")
     seed_everything(cfg.train.seed)
     autoencoder = build_autoencoder(cfg.autoencoder, channels)
@@ -258,7 +268,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     if max_steps is not None:
         cfg = cfg.replace(align=dataclasses.replace(cfg.align, steps=max_steps))
     sessions = _prepared(sessions, cfg, need_target=True)
-    sampler = PatchSampler(sessions, cfg.data.patch_size, cfg.align.batch_size, cfg.train.seed)
+    sampler = PatchSampler(sessions, cfg.autoencoder.patch_size, cfg.align.batch_size, cfg.train.seed)
     eval_batches = evaluation_batches(sampler)
     before = alignment_error(psr_ae, cond_ae, eval_batches)
     scale = latent_scale_factor(psr_ae, eval_batches)
@@ -289,7 +299,7 @@ def train_stage1(sessions: Sessions, cfg: Config, out_dir: str | Path, *,
     """All of Stage 1 into `out_dir`/psr_ae, /cond_ae and /stage1 (with `resume`, finished parts are kept)."""
     out_dir = Path(out_dir)
     if max_steps is not None:  # one override for all three trainings, recorded in each run's config
-        cfg = cfg.replace(stage1=dataclasses.replace(cfg.stage1, steps=max_steps),
+        cfg = cfg.replace(stage1=dataclasses.replace(cfg.stage1, steps=max_steps, cond_steps=max_steps),
                           align=dataclasses.replace(cfg.align, steps=max_steps))
     common = dict(device=device, resume=resume, tensorboard=tensorboard)
     sessions = _prepared(sessions, cfg, need_target=True)

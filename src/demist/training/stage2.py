@@ -28,6 +28,7 @@ from demist.data.patches import PatchSampler, load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.demist_net import DemistNet
+from demist.models.autoencoder import encode_windowed
 from demist.runs import RunInfo, write_run
 from demist.training.backbone import (LatentEncoder, Stage1Parts, barrier, check_against_stage1, check_out,
                                       denoising_error, encode_batches, load_stage1, module_device, noise_schedule,
@@ -52,7 +53,8 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
 
     def streams_loss(m, batch, step, ctx):
         with torch.no_grad():
-            z_y = m["psr_autoencoder"].encode(batch["target"])[0].float() * scale_factor
+            z_y = encode_windowed(m["psr_autoencoder"], batch["target"], cfg.autoencoder.patch_size).float()
+            z_y = z_y * scale_factor
         with torch.set_grad_enabled(finetune and torch.is_grad_enabled()):
             z_c = m["cond_encoder"](batch["cond"]).float()
         x_t, t, target = sample_noising(z_y, schedule)
@@ -120,7 +122,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     logger.info("%s: %d sessions, prediction target %s, %d steps; parameters (trainable/frozen) %s", method,
                 len(sessions), schedule.prediction_type, cfg.demist.steps,
                 ", ".join(f"{k} {v['trainable']:,}/{v['frozen']:,}" for k, v in counts.items()))
-    cond_encoder = LatentEncoder(stage1.cond_autoencoder, stage1.scale_factor)
+    cond_encoder = LatentEncoder(stage1.cond_autoencoder, stage1.scale_factor, cfg.autoencoder.patch_size)
     if cfg.demist.finetune_cond_encoder:  # only what computes μ_c trains (the rest would get no gradient)
         for part in (stage1.cond_autoencoder.encoder, stage1.cond_autoencoder.quant_conv_mu):
             part.requires_grad_(True)
@@ -158,6 +160,7 @@ def _evaluate(net: DemistNet, stage1: Stage1Parts, batches: Sequence[dict[str, t
               schedule: NoiseSchedule) -> dict[str, float]:
     """Denoising MSE of `net` on fixed evaluation patches (before training: the backbone's own, all streams at 0)."""
     device = module_device(net)
-    z_y = encode_batches(stage1.psr_autoencoder, [b["target"] for b in batches], stage1.scale_factor).to(device)
-    z_c = encode_batches(stage1.cond_autoencoder, [b["cond"] for b in batches], stage1.scale_factor).to(device)
+    window = stage1.run.config.autoencoder.patch_size
+    z_y = encode_batches(stage1.psr_autoencoder, [b["target"] for b in batches], stage1.scale_factor, window).to(device)
+    z_c = encode_batches(stage1.cond_autoencoder, [b["cond"] for b in batches], stage1.scale_factor, window).to(device)
     return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)
