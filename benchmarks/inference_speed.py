@@ -16,7 +16,9 @@ the whole volume (for `paper` one call, no warm-up: it takes minutes). Every mea
 
 With --model RUN (a trained tiny DEMIST run) it also measures quality against steps on one held-out session of the
 run's manifest — PSNR of DDIM / DPM-Solver++ samples with 5–50 steps against the DDPM-1000 sample from the same
-seed, and against the true PSR — and the PSNR between a tiled and an untiled sample.
+seed, and against the true PSR — and the PSNR between a tiled and an untiled sample of the whole volume. The curve is
+measured on a brain-centred crop of one sampling tile (--quality-crop; 0 = the whole volume), which makes the
+DDPM-1000 reference affordable on a CPU (one tile per step instead of all of them) and keeps tiling out of the curve.
 
     python benchmarks/inference_speed.py --archs tiny,paper
     python benchmarks/inference_speed.py --quick --model demo/runs/demist
@@ -308,7 +310,19 @@ def held_out_session(run, key: str | None):
     return (unseen[0], False) if unseen else (records[0], True)
 
 
-def quality(run_dir: str, session_key: str | None, seed: int) -> None:
+def brain_crop(session, size: int):
+    """The session cut to a `size`³ box (each axis at most the volume) around the centre of its brain mask."""
+    shape = np.asarray(session.brain.shape)
+    edge = np.minimum(size, shape)
+    centre = np.round(np.argwhere(session.brain).mean(axis=0)).astype(int)
+    start = np.clip(centre - edge // 2, 0, shape - edge)
+    window = tuple(slice(int(a), int(a + e)) for a, e in zip(start, edge))
+    arrays = {k: getattr(session, k)[window] for k in ("t1w", "flair", "brain", "psr", "lesion", "wm")
+              if getattr(session, k) is not None}
+    return dataclasses.replace(session, **arrays)
+
+
+def quality(run_dir: str, session_key: str | None, seed: int, crop: int | None) -> None:
     from demist.data.preprocess import prepare_session
     from demist.evaluation.metrics import image_metrics
     from demist.inference.demist_synthesizer import DemistSynthesizer
@@ -317,24 +331,33 @@ def quality(run_dir: str, session_key: str | None, seed: int) -> None:
     run = read_run(run_dir, what="--model")
     synth = DemistSynthesizer.from_run(run, device="cpu")
     record, seen = held_out_session(run, session_key)
-    session = prepare_session(record, synth.config.data, need_target=record.psr is not None)
+    whole_session = prepare_session(record, synth.config.data, need_target=record.psr is not None)
+    factor = 2 ** (len(synth.config.autoencoder.channels) - 1)
+    if crop is None:
+        crop = int(min(synth.config.sampling.tile_size)) * factor
+    multiple = synth.config.data.divisor
+    if crop < 0 or crop % multiple:
+        raise SystemExit(f"--quality-crop {crop}: expected 0 (whole volume) or a positive multiple of {multiple}")
+    session = brain_crop(whole_session, crop) if crop else whole_session
     tiled_cfg = synth.config
     whole = tiled_cfg.replace(sampling=dataclasses.replace(tiled_cfg.sampling, tile_size=(UNTILED,) * 3))
 
-    def sample(sampler: str, steps: int, cfg=tiled_cfg) -> tuple[np.ndarray, float]:
+    def sample(sampler: str, steps: int, cfg=tiled_cfg, on=session) -> tuple[np.ndarray, float]:
         synth.sampler, synth.steps, synth.config = sampler, steps, cfg
         print(f"  sampling {sampler}-{steps}{'' if cfg is tiled_cfg else ' untiled'} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        mean, _ = synth.predict(session, samples=1, seed=seed, progress=True)
+        mean, _ = synth.predict(on, samples=1, seed=seed, progress=True)
         return mean, time.perf_counter() - start
 
-    def psnr(a: np.ndarray, b: np.ndarray) -> str:
-        return f"{image_metrics(a, b, session.brain)['psnr']:.2f}"
+    def psnr(a: np.ndarray, b: np.ndarray, brain: np.ndarray = session.brain) -> str:
+        return f"{image_metrics(a, b, brain)['psnr']:.2f}"
 
     reference, reference_s = sample("ddpm", synth.schedule.num_train_timesteps)
     truth = session.psr
-    print(f"\nQuality against steps: {run.path}, session {record.key} on its {synth.config.data.spacing:g} mm grid "
-          f"{session.brain.shape}{' (seen in training: no held-out session)' if seen else ' (held out)'}, seed {seed}; "
+    region = (f"a {'×'.join(map(str, session.brain.shape))} brain-centred crop of its "
+              f"{'×'.join(map(str, whole_session.brain.shape))}" if crop else f"its {session.brain.shape}")
+    print(f"\nQuality against steps: {run.path}, session {record.key}, {region} {synth.config.data.spacing:g} mm grid"
+          f"{' (seen in training: no held-out session)' if seen else ' (held out)'}, seed {seed}; "
           f"PSNR (dB) of PSR/psr_range inside the brain")
     rows = [["ddpm", "1000", "—", psnr(reference, truth) if truth is not None else "n/a", fmt_s(reference_s)]]
     outputs = {}
@@ -347,17 +370,17 @@ def quality(run_dir: str, session_key: str | None, seed: int) -> None:
     print_table(["sampler", "steps", "vs DDPM-1000", "vs true PSR", "time"], rows)
 
     default = (tiled_cfg.sampling.sampler, tiled_cfg.sampling.steps)
-    tiled = outputs.get(default)
+    tiled = outputs.get(default) if not crop else None
     if tiled is None:
-        tiled, _ = sample(*default)
-    untiled, _ = sample(*default, cfg=whole)
-    factor = 2 ** (len(tiled_cfg.autoencoder.channels) - 1)
+        tiled, _ = sample(*default, on=whole_session)
+    untiled, _ = sample(*default, cfg=whole, on=whole_session)
+    session = whole_session
     latent = tuple(s // factor for s in session.brain.shape)
     tiles = count_tiles(latent, tiled_cfg.sampling.tile_size, tiled_cfg.sampling.tile_overlap)
     print(f"Tiled ({'×'.join(map(str, tiled_cfg.sampling.tile_size))} latent voxels, overlap "
           f"{tiled_cfg.sampling.tile_overlap:g}: {tiles} tile{'s' * (tiles != 1)} on the "
           f"{'×'.join(map(str, latent))} latent) vs untiled, "
-          f"{default[0]}-{default[1]}, same seed: PSNR {psnr(tiled, untiled)} dB; "
+          f"{default[0]}-{default[1]}, same seed: PSNR {psnr(tiled, untiled, session.brain)} dB; "
           f"max |difference| {np.abs(tiled - untiled)[session.brain].max():.4f}")
 
 
@@ -372,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-gib", type=float, default=16.0, help="skip calls estimated to need more memory")
     parser.add_argument("--model", default=None, help="a trained tiny DEMIST run: also quality against steps")
     parser.add_argument("--session", default=None, help="manifest session for --model (default: a held-out one)")
+    parser.add_argument("--quality-crop", type=int, default=None,
+                        help="image voxels per axis of the crop the steps curve uses (default one sampling tile; 0 = whole)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-timing", action="store_true", help="skip the timing part (only --model's quality)")
     args = parser.parse_args(argv)
@@ -393,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                     results[(arch, path, part)] = run_isolated(job)
         report(results, archs, bf16)
     if args.model:
-        quality(args.model, args.session, args.seed)
+        quality(args.model, args.session, args.seed, args.quality_crop)
     else:
         print("\nQuality against steps: pending (no --model run given).")
     print("load average (1, 5, 15 min) at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))

@@ -51,3 +51,22 @@ def test_bad_config_names_the_key(tmp_path: Path, text, fragment):
 def test_unknown_preset_is_an_error():
     with pytest.raises(DemistError, match="neither a preset"):
         load_config("medium")
+
+
+def test_a_stored_config_from_before_a_key_existed_takes_the_presets_value(caplog) -> None:
+    stored = config_to_dict(load_config("tiny", overrides={"baselines": {"ftldm_learning_rate": 0.5}}))
+    del stored["stage1"]["mixed_precision"]
+    with caplog.at_level("WARNING"):
+        restored = config_from_dict(stored)
+    assert restored.stage1.mixed_precision == load_config("tiny").stage1.mixed_precision
+    assert restored.baselines.ftldm_learning_rate == 0.5  # stored values are kept
+    assert "stage1.mixed_precision missing" in caplog.text
+    stored["stage1"]["colour"] = 1
+    with pytest.raises(DemistError, match="stage1.colour: unknown"):
+        config_from_dict(stored)
+
+
+@pytest.mark.parametrize("section", ["train", "stage1"])
+def test_an_unknown_mixed_precision_names_its_key(section) -> None:
+    with pytest.raises(DemistError, match=f"{section}.mixed_precision: got 'fp8'"):
+        load_config("tiny", overrides={section: {"mixed_precision": "fp8"}})

@@ -4,6 +4,7 @@ evaluation → report, then the same command again resumes instead of redoing an
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import nibabel as nib
@@ -22,6 +23,12 @@ def smoke_config():
         sampling=dataclasses.replace(cfg.sampling, steps=3),
         evaluation=dataclasses.replace(cfg.evaluation, bootstrap=50),
     )
+
+
+def minutes_cells(report: str) -> list[str]:
+    lines = report.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| cohort |"))
+    return [cell.strip() for cell in lines[header + 2].strip("|").split("|")]
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path, smoke_config, caplog):
@@ -43,8 +50,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, smoke_config, caplog):
     assert out.shape == t1w.shape and np.allclose(out.affine, t1w.affine)
     assert np.isfinite(out.get_fdata()).all()
 
+    timings = json.loads((plan.out / "timings.json").read_text())
+    assert set(timings) == {"cohort", "stage1", "backbone", "demist", "ridge", "synthesis", "evaluation"}
+
     stamp = first.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="demist.demo"):
-        run_demo(plan, smoke_config, device="cpu")
+        again = run_demo(plan, smoke_config, device="cpu").read_text()
     assert first.stat().st_mtime_ns == stamp  # nothing re-synthesized
+    # the rerun reports the minutes recorded when each training step ran
+    assert minutes_cells(again)[:5] == minutes_cells(text)[:5] == [f"{timings[k]:.1f}" for k in
+                                                                    ("cohort", "stage1", "backbone", "demist", "ridge")]
     assert "stage1 already done" in caplog.text and "demist already done" in caplog.text

@@ -224,18 +224,18 @@ class Interrupted(Exception):
 
 def test_interrupted_training_resumes_to_the_same_weights(setup, demist_run, tmp_path, monkeypatch):
     args = (setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "resumed")
-    original = stage2.PatchSampler.batch
+    original = stage2.LatentPatchSampler.batch
 
     def failing(self, step, shard=0):
         if step == 2:
             raise Interrupted
         return original(self, step, shard)
 
-    monkeypatch.setattr(stage2.PatchSampler, "batch", failing)
+    monkeypatch.setattr(stage2.LatentPatchSampler, "batch", failing)
     with pytest.raises(Interrupted):
         train_demist(*args, device="cpu")
     assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
-    monkeypatch.setattr(stage2.PatchSampler, "batch", original)
+    monkeypatch.setattr(stage2.LatentPatchSampler, "batch", original)
     with pytest.raises(DemistError, match="pass --resume"):
         train_demist(*args, device="cpu")
     resumed = train_demist(*args, device="cpu", resume=True)

@@ -73,7 +73,7 @@ def cv(
     out: Path = typer.Option(..., "--out", help="Folder for splits, per-fold runs, predictions and tables."),
     methods: str = typer.Option("demist,ridge", "--methods",
                                 help="Comma-separated: demist, demist-no-controlnet, demist-no-lora, "
-                                     "demist-no-crossattn, ridge, constant, klgan, vqvae, cwdm."),
+                                     "demist-no-crossattn, ftldm, ridge, constant, klgan, vqvae, cwdm."),
     folds: int = typer.Option(5, "--folds", min=2, help="Subject-grouped folds."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (saved in splits.json)."),
@@ -93,7 +93,7 @@ def _mount_subcommands() -> None:
     """Attach the commands that live in their own modules (each imports only typer at module level)."""
     from demist.cli_baselines import DEEP_BASELINE_COMMANDS, constant_command, deep_baseline_command, ridge_command
     from demist.cli_evaluate import evaluate_command
-    from demist.cli_stage2 import backbone_command, demist_command
+    from demist.cli_stage2 import backbone_command, demist_command, ftldm_command
     from demist.cli_synthesize import synthesize_command
     from demist.cli_train import train_app
 
@@ -101,6 +101,7 @@ def _mount_subcommands() -> None:
     app.command("evaluate")(evaluate_command)
     train_app.command("backbone")(backbone_command)
     train_app.command("demist")(demist_command)
+    train_app.command("ftldm")(ftldm_command)
     train_app.command("ridge")(ridge_command)
     train_app.command("constant")(constant_command)
     for method, summary in DEEP_BASELINE_COMMANDS.items():

@@ -1,4 +1,5 @@
-"""`demist train backbone` and `demist train demist`: Stage 2 on top of a Stage-1 run.
+"""`demist train backbone`, `demist train demist` and `demist train ftldm`: the latent diffusion stages on top of a
+Stage-1 run.
 
 Torch and MONAI are imported inside the commands, so `demist --help` stays fast.
 """
@@ -44,12 +45,15 @@ def backbone_command(
                    f"{m['eval_denoising_mse_before']['mean']:.4g} -> {m['eval_denoising_mse_after']['mean']:.4g})")
 
 
+BACKBONE = typer.Option(..., "--backbone",
+                        help="The backbone: a `demist train backbone` run directory, or the MONAI bundle's UNet "
+                             "checkpoint (.pt; needs a Stage 1 trained with --init-bundle).")
+
+
 def demist_command(
     manifest: Path = MANIFEST,
     stage1: Path = STAGE1,
-    backbone: Path = typer.Option(..., "--backbone",
-                                  help="Frozen backbone: a `demist train backbone` run directory, or the MONAI "
-                                       "bundle's UNet checkpoint (.pt; needs a Stage 1 trained with --init-bundle)."),
+    backbone: Path = BACKBONE,
     config: str = CONFIG,
     out: Path = OUT,
     no_crossattn: bool = typer.Option(False, "--no-crossattn", help="Ablation: no semantic stream (cross-attention)."),
@@ -72,3 +76,25 @@ def demist_command(
         typer.echo(f"{run.method}: {run.path} ({trainable:,} trained parameters; denoising MSE on evaluation patches "
                    f"{m['eval_denoising_mse_backbone']['mean']:.4g} for the backbone alone -> "
                    f"{m['eval_denoising_mse_after']['mean']:.4g} with the streams)")
+
+
+def ftldm_command(
+    manifest: Path = MANIFEST,
+    stage1: Path = STAGE1,
+    backbone: Path = BACKBONE,
+    config: str = CONFIG,
+    out: Path = OUT,
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    tensorboard: bool = TENSORBOARD,
+) -> None:
+    """Baseline FT-LDM: fine-tune the whole backbone with the condition latent concatenated to its input."""
+    from demist.training.ftldm import train_ftldm
+
+    run = train_ftldm(manifest, stage1, backbone, config, out, max_steps=max_steps, device=device, resume=resume,
+                      tensorboard=tensorboard)
+    if run is not None:
+        m = run.metrics
+        typer.echo(f"ftldm: {run.path} (denoising MSE on evaluation patches {m['eval_denoising_mse_backbone']['mean']:.4g}"
+                   f" for the backbone -> {m['eval_denoising_mse_after']['mean']:.4g} fine-tuned)")

@@ -2,7 +2,7 @@
 
 Layout of DIR: `splits.json` (seeded, reused on rerun); per fold `fold-K/stage1/`, `fold-K/backbone/` (trained once
 per fold and shared by every method that needs them), `fold-K/runs/<method>/`, `fold-K/predictions/<method>/`,
-`fold-K/evaluation/`; then `per_session.csv`, `table.md`, `table.csv` and `summary.json` over all folds. Each step
+`fold-K/evaluation/`, `fold-K/timings.json` (minutes of each step that ran); then `per_session.csv`, `table.md`, `table.csv` and `summary.json` over all folds. Each step
 is skipped when its output is finished and resumed from its last checkpoint when it is not, so an interrupted
 cross-validation continues where it stopped.
 """
@@ -10,10 +10,13 @@ cross-validation continues where it stopped.
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from demist.config import Config
 from demist.errors import DemistError
@@ -53,6 +56,13 @@ def _demist(flags: dict[str, bool]) -> Callable[[FoldContext, Path], None]:
     return train
 
 
+def _ftldm(ctx: FoldContext, out: Path) -> None:
+    from demist.training.ftldm import train_ftldm
+
+    train_ftldm(ctx.manifest, ctx.stage1, ctx.backbone, ctx.config, out, max_steps=ctx.max_steps, device=ctx.device,
+                resume=True, subjects=ctx.train_subjects)
+
+
 def _ridge(ctx: FoldContext, out: Path) -> None:
     from demist.baselines.ridge import train_ridge
 
@@ -81,6 +91,7 @@ METHODS: dict[str, Method] = {
     "demist-no-controlnet": Method("demist-no-controlnet", ("stage1", "backbone"), _demist({"controlnet": False})),
     "demist-no-lora": Method("demist-no-lora", ("stage1", "backbone"), _demist({"lora": False})),
     "demist-no-crossattn": Method("demist-no-crossattn", ("stage1", "backbone"), _demist({"crossattn": False})),
+    "ftldm": Method("ftldm", ("stage1", "backbone"), _ftldm),
     "ridge": Method("ridge", (), _ridge),
     "constant": Method("constant", (), _constant),
     "klgan": Method("klgan", (), _deep_baseline("klgan")),
@@ -107,7 +118,7 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     from demist.data.manifest import load_manifest, select_subjects, subjects_of
     from demist.evaluation.crossval import load_or_create_splits
     from demist.evaluation.evaluate import evaluate_predictions
-    from demist.inference.batch import synthesize_manifest
+    from demist.inference.batch import output_path, synthesize_manifest
     from demist.inference.pipeline import load_synthesizer
     from demist.training.stage1 import train_stage1
 
@@ -129,22 +140,28 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
                           max_steps, device)
         needs = {n for m in methods for n in m.needs}
         if "stage1" in needs and not (ctx.stage1 / "run.json").exists():
-            train_stage1(select_subjects(records, train_subjects), config, fold / "stage1", max_steps=max_steps,
-                         device=device, resume=True)
+            with timed(fold, "stage1"):
+                train_stage1(select_subjects(records, train_subjects), config, fold / "stage1", max_steps=max_steps,
+                             device=device, resume=True)
         if "backbone" in needs and not (ctx.backbone / "run.json").exists():
             from demist.training.backbone import train_backbone
 
-            train_backbone(manifest, ctx.stage1, config, ctx.backbone, max_steps=max_steps, device=device,
-                           resume=True, subjects=train_subjects)
+            with timed(fold, "backbone"):
+                train_backbone(manifest, ctx.stage1, config, ctx.backbone, max_steps=max_steps, device=device,
+                               resume=True, subjects=train_subjects)
         predictions = {}
         for method in methods:
             run = fold / "runs" / method.name
             if not (run / "run.json").exists():
                 log.info("fold %d: training %s", k, method.name)
-                method.train(ctx, run)
+                with timed(fold, f"train {method.name}"):
+                    method.train(ctx, run)
             predictions[method.name] = fold / "predictions" / method.name
-            summary = synthesize_manifest(load_synthesizer(run, device=device), manifest, predictions[method.name],
-                                          sessions=test_keys)
+            pending = [r for r in select_subjects(records, test_subjects)
+                       if not output_path(predictions[method.name], r.subject, r.session).exists()]
+            with timed(fold, f"synthesize {method.name}") if pending else nullcontext():
+                summary = synthesize_manifest(load_synthesizer(run, device=device), manifest,
+                                              predictions[method.name], sessions=test_keys)
             if summary.failed:
                 raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
         evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
@@ -152,6 +169,23 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
                              sessions=test_keys)
         rows += [{**row, "fold": k} for row in read_per_session(fold / "evaluation" / "per_session.csv")]
     return write_cv_tables(out, rows)
+
+
+@contextmanager
+def timed(fold: Path, step: str) -> Iterator[None]:
+    """Add the minutes a step takes to `fold/timings.json` (kept across reruns; a rerun step adds its own)."""
+    from demist.atomic import atomic_write
+
+    start = time.perf_counter()
+    try:
+        yield
+    finally:  # an interrupted step keeps its minutes: the rerun adds the rest
+        minutes = (time.perf_counter() - start) / 60
+        file = fold / "timings.json"
+        timings = json.loads(file.read_text()) if file.exists() else {}
+        timings[step] = round(timings.get(step, 0.0) + minutes, 3)
+        atomic_write(file, json.dumps(timings, indent=1) + "\n")
+        log.info("%s: %s took %.1f min", fold.name, step, minutes)
 
 
 def read_per_session(path: Path) -> list[dict]:

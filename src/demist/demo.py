@@ -8,19 +8,21 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from demist.atomic import atomic_write
 from demist.config import Config, load_config
 from demist.errors import DemistError
 
 log = logging.getLogger(__name__)
 
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
-EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 11, "backbone": 4, "demist": 7, "ridge": 0.5, "synthesis": 2,
+EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 7, "backbone": 7, "demist": 11, "ridge": 0.5, "synthesis": 2,
                     "evaluation": 0.5}
 
 
@@ -64,17 +66,31 @@ def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str],
     return [s for s in subjects if s not in test], sorted(test)
 
 
-def _step(name: str, done: Path, action: Callable[[], object]) -> float:
-    """Run a step unless its output exists; returns the minutes it took."""
+def _record(out: Path, name: str, minutes: float) -> float:
+    """Keep a step's minutes in `out/timings.json`, so a rerun's report still shows what each step took."""
+    file = out / "timings.json"
+    timings = json.loads(file.read_text()) if file.exists() else {}
+    timings[name] = round(minutes, 2)
+    atomic_write(file, json.dumps(timings, indent=1) + "\n")
+    return timings[name]
+
+
+def _recorded(out: Path, name: str) -> float:
+    file = out / "timings.json"
+    return float(json.loads(file.read_text()).get(name, 0.0)) if file.exists() else 0.0
+
+
+def _step(out: Path, name: str, done: Path, action: Callable[[], object]) -> float:
+    """Run a step unless its output exists; returns the minutes it took (when it ran before: as recorded then)."""
     if done.exists():
         log.info("demo: %s already done (%s)", name, done)
-        return 0.0
+        return _recorded(out, name)
     log.info("demo: %s (about %.0f min) ...", name, EXPECTED_MINUTES.get(name, 1))
     start = time.perf_counter()
     action()
     minutes = (time.perf_counter() - start) / 60
     log.info("demo: %s done in %.1f min", name, minutes)
-    return minutes
+    return _record(out, name, minutes)
 
 
 def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto") -> Path:
@@ -95,7 +111,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
              "synthesize and evaluate. Expect about %.0f minutes on 2 CPU cores. Output: %s",
              plan.subjects, cfg.data.spacing, plan.held_out, total, plan.out)
     minutes: dict[str, float] = {}
-    minutes["cohort"] = _step("cohort", plan.manifest, lambda: generate_cohort(
+    minutes["cohort"] = _step(plan.out, "cohort", plan.manifest, lambda: generate_cohort(
         plan.out / "cohort", plan.subjects, spacing=cfg.data.spacing, seed=plan.seed))
     train_subjects, test_subjects = split_subjects(plan.manifest, plan.held_out, plan.seed)
     records = load_manifest(plan.manifest)
@@ -103,33 +119,35 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     test_keys = [r.key for r in select_subjects(records, test_subjects)]
     steps = plan.max_steps
     stage1 = plan.run("stage1")
-    minutes["stage1"] = _step("stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
+    minutes["stage1"] = _step(plan.out, "stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
         train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
     backbone = plan.run("backbone")
-    minutes["backbone"] = _step("backbone", backbone / "run.json", lambda: train_backbone(
+    minutes["backbone"] = _step(plan.out, "backbone", backbone / "run.json", lambda: train_backbone(
         plan.manifest, stage1 / "stage1", cfg, backbone, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
     demist = plan.run("demist")
-    minutes["demist"] = _step("demist", demist / "run.json", lambda: train_demist(
+    minutes["demist"] = _step(plan.out, "demist", demist / "run.json", lambda: train_demist(
         plan.manifest, stage1 / "stage1", backbone, cfg, demist, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
     ridge = plan.run("ridge")
-    minutes["ridge"] = _step("ridge", ridge / "run.json", lambda: train_ridge(
+    minutes["ridge"] = _step(plan.out, "ridge", ridge / "run.json", lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
-    start = time.perf_counter()
+    start, written = time.perf_counter(), 0
     for method, run in (("demist", demist), ("ridge", ridge)):
         summary = synthesize_manifest(load_synthesizer(run, device=device), plan.manifest, plan.predictions(method),
                                       sessions=test_keys)
         if summary.failed:
             raise DemistError(f"demo: synthesis with {method} failed for {', '.join(summary.failed)}")
-    minutes["synthesis"] = (time.perf_counter() - start) / 60
+        written += len(summary.written)
+    minutes["synthesis"] = (_record(plan.out, "synthesis", (time.perf_counter() - start) / 60) if written
+                            else _recorded(plan.out, "synthesis"))
     evaluation = plan.out / "evaluation"
     start = time.perf_counter()
     results = evaluate_predictions(plan.manifest, {"demist": plan.predictions("demist"),
                                                    "ridge": plan.predictions("ridge")},
                                    evaluation, psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm,
                                    bootstrap=cfg.evaluation.bootstrap, sessions=test_keys)
-    minutes["evaluation"] = (time.perf_counter() - start) / 60
+    minutes["evaluation"] = _record(plan.out, "evaluation", (time.perf_counter() - start) / 60)
     from demist.demo_report import write_demo_report
 
     return write_demo_report(plan, results, minutes, train_subjects, test_subjects)

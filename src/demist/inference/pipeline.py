@@ -43,13 +43,13 @@ def load_synthesizer(run_dir: str | Path, **options: Any) -> Synthesizer:
         from demist.baselines import load_baseline
 
         return load_baseline(run, **options)
-    if run.method.startswith("demist") and run.stage == "demist":
+    if (run.method.startswith("demist") and run.stage == "demist") or (run.method, run.stage) == ("ftldm", "ftldm"):
         from demist.inference.demist_synthesizer import DemistSynthesizer
 
         return DemistSynthesizer.from_run(run, **options)
     raise DemistError(
         f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; expected the run "
-        "directory of `demist train demist` or of a baseline"
+        "directory of `demist train demist`, of `demist train ftldm` or of a baseline"
     )
 
 

@@ -1,6 +1,7 @@
 """Backbone pretraining: an unconditional latent UNet learns the prior of PSR latents (when no bundle is at hand).
 
-The frozen E_PSR of a Stage-1 run encodes PSR patches; the latent is z_y = μ × the run's latent scale factor. A MONAI
+The frozen E_PSR of a Stage-1 run encodes each PSR map once, whole (`latent_patches`); the latent is z_y = μ × the run's
+latent scale factor, and training draws latent patches of it. A MONAI
 `DiffusionModelUNet` (config [unet]) learns to denoise z_y under the config's noise schedule and prediction target
 ([diffusion]; x0 = "sample" in the tiny preset, which trains a usable prior within CPU budgets). The run it writes
 (stage "backbone", component "unet") is what `demist train demist --backbone` freezes. This module also holds what
@@ -21,14 +22,14 @@ from torch import nn
 
 from demist.config import Config, DiffusionConfig, config_to_dict, load_config
 from demist.data.manifest import training_records
-from demist.data.patches import PatchSampler, load_sessions
+from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.autoencoder import autoencoder_from_state, downsampling_factor, encode_windowed
 from demist.models.backbone import build_unet, freeze, load_backbone_state_dict
 from demist.runs import RunInfo, read_run, write_run
+from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.stage1 import evaluation_batches
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +138,6 @@ def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 
 @torch.no_grad()
-def encode_batches(autoencoder: nn.Module, images: Sequence[torch.Tensor], scale_factor: float,
-                   window: Sequence[int]) -> torch.Tensor:
-    """μ × scale factor of several batches, encoded one batch at a time (bounded memory), concatenated."""
-    device = module_device(autoencoder)
-    return torch.cat([encode_windowed(autoencoder, x.to(device), window).float() * scale_factor for x in images])
-
-
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -167,21 +161,17 @@ def barrier() -> None:
 # --- the stage ----------------------------------------------------------------------------------------------------
 
 
-def backbone_stage(cfg: Config, unet: nn.Module, psr_autoencoder: nn.Module, scale_factor: float,
-                   schedule: NoiseSchedule, sampler: PatchSampler) -> Stage:
-    """One phase: ‖target − UNet(x_t, t)‖² on z_y = μ(E_PSR(y)) × scale factor."""
+def backbone_stage(cfg: Config, unet: nn.Module, schedule: NoiseSchedule, sampler: LatentPatchSampler) -> Stage:
+    """One phase: ‖target − UNet(x_t, t)‖² on latent patches z_y = μ(E_PSR(y)) × scale factor."""
 
     def denoise_loss(m, batch, step, ctx):
-        with torch.no_grad():
-            z_y = encode_windowed(m["psr_autoencoder"], batch["target"], cfg.autoencoder.patch_size).float()
-            z_y = z_y * scale_factor
-        x_t, t, target = sample_noising(z_y, schedule)
+        x_t, t, target = sample_noising(batch["z_y"].float(), schedule)
         prediction = m["unet"](x_t, t)
         return {"loss": ((prediction.float() - target) ** 2).mean()}
 
     steps = cfg.backbone.steps
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.backbone.learning_rate)
-    return Stage(name=BACKBONE_STAGE, modules={"unet": unet, "psr_autoencoder": psr_autoencoder},
+    return Stage(name=BACKBONE_STAGE, modules={"unet": unet},
                  phases=[Phase("denoise", optimizer, denoise_loss, warmup_cosine(optimizer, steps))],
                  batch=sampler.batch, steps=steps)
 
@@ -201,7 +191,11 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
     check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
     records = training_records(manifest, subjects)
     sessions = load_sessions(records, cfg.data, need_target=True)
-    sampler = PatchSampler(sessions, cfg.data.patch_size, cfg.backbone.batch_size, cfg.train.seed)
+    latents = encode_sessions(sessions, {"z_y": (stage1.psr_autoencoder, "target")}, stage1.scale_factor,
+                              cfg.autoencoder.patch_size, downsampling_factor(cfg.autoencoder), cfg.data.patch_size,
+                              encoding_device(device))
+    sampler = LatentPatchSampler(latents, cfg.data.patch_size, downsampling_factor(cfg.autoencoder),
+                                 cfg.backbone.batch_size, cfg.train.seed, image_keys=())
     schedule = noise_schedule(cfg.diffusion)
 
     seed_everything(cfg.train.seed)
@@ -209,9 +203,9 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
     logger.info("backbone: %d sessions, %.2f M parameters, prediction target %s, %d steps",
                 len(sessions), sum(p.numel() for p in unet.parameters()) / 1e6, schedule.prediction_type,
                 cfg.backbone.steps)
-    eval_latents = _evaluation_latents(stage1, sampler)
+    eval_latents = torch.cat([b["z_y"] for b in sampler.evaluation_batches()])
     before = denoising_error(unet, eval_latents, schedule)
-    stage = backbone_stage(cfg, unet, stage1.psr_autoencoder, stage1.scale_factor, schedule, sampler)
+    stage = backbone_stage(cfg, unet, schedule, sampler)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=weights_metadata(cfg, BACKBONE_STAGE))
     run = None
@@ -229,13 +223,6 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
                         metrics={"eval_denoising_mse_before": before, "eval_denoising_mse_after": after})
     barrier()
     return run
-
-
-@torch.no_grad()
-def _evaluation_latents(stage1: Stage1Parts, sampler: PatchSampler) -> torch.Tensor:
-    """z_y of the fixed evaluation patches of the training sessions (never drawn as a training batch)."""
-    return encode_batches(stage1.psr_autoencoder, [b["target"] for b in evaluation_batches(sampler)],
-                          stage1.scale_factor, stage1.run.config.autoencoder.patch_size)
 
 
 def load_backbone_run(path: str | Path, what: str = "--backbone",

@@ -128,9 +128,10 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
         native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return "bf16" if native_bf16 else "no"
     if requested == "fp16" and device != "cuda":
-        raise DemistError("config key train.mixed_precision: fp16 needs a CUDA device; expected bf16, no or auto on CPU")
+        raise DemistError("mixed precision fp16 (config key train.mixed_precision or stage1.mixed_precision) needs a "
+                          "CUDA device; expected bf16, no or auto on CPU")
     if requested not in ("no", "bf16", "fp16"):
-        raise DemistError(f"config key train.mixed_precision: got {requested!r}; expected auto, no, bf16 or fp16")
+        raise DemistError(f"mixed precision {requested!r}: expected auto, no, bf16 or fp16")
     return requested
 
 

@@ -25,9 +25,10 @@ def sobel_gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     diff = torch.tensor(_SOBEL_DIFF, dtype=x.dtype, device=x.device)
     smooth = torch.tensor(_SOBEL_SMOOTH, dtype=x.dtype, device=x.device)
     squared = torch.zeros_like(x)
-    for axis in range(3):
-        kernels = [diff if a == axis else smooth for a in range(3)]
-        squared = squared + separable_filtering(x, kernels, mode="replicate") ** 2
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run the filters in bf16
+        for axis in range(3):
+            kernels = [diff if a == axis else smooth for a in range(3)]
+            squared = squared + separable_filtering(x, kernels, mode="replicate") ** 2
     return torch.sqrt(squared + _MAGNITUDE_EPS)
 
 

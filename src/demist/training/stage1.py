@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from demist.config import Config, config_to_dict
+from demist.config import Config, TrainConfig, config_to_dict
 from demist.data.manifest import SessionRecord
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
@@ -129,6 +129,11 @@ def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: n
                  batch=sampler.batch, steps=a.steps)
 
 
+def _autoencoder_training(cfg: Config) -> TrainConfig:
+    """[train] with the autoencoder stages' own precision."""
+    return dataclasses.replace(cfg.train, mixed_precision=cfg.stage1.mixed_precision)
+
+
 # --- measurements on fixed evaluation patches ------------------------------------------------------------------
 
 
@@ -224,7 +229,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
     if init_bundle is not None:
         load_bundle_autoencoder(autoencoder, init_bundle)
     stage = autoencoder_stage(cfg, modality, autoencoder, build_discriminator(cfg, channels), sampler)
-    result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
+    result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=_weights_metadata(cfg, stage.name))
     run = None
     if result.is_main_process:
@@ -274,7 +279,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     scale = latent_scale_factor(psr_ae, eval_batches)
     seed_everything(cfg.train.seed)
     stage = alignment_stage(cfg, psr_ae, cond_ae.train(), sampler)
-    result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
+    result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=_weights_metadata(cfg, "stage1"))
     run = None
     if result.is_main_process:

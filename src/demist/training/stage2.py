@@ -1,7 +1,9 @@
 """Stage 2: the conditioning streams around the frozen backbone (`DemistNet`), trained in the PSR latent.
 
-Per batch of paired patches: z_y = μ(E_PSR(y)) × s and z_c = μ(E_cond(x_c)) × s (s: Stage 1's latent scale factor;
-both encoders frozen unless `demist.finetune_cond_encoder`); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
+Per batch of paired latent patches: z_y = μ(E_PSR(y)) × s and z_c = μ(E_cond(x_c)) × s (s: Stage 1's latent scale
+factor), cropped from whole sessions encoded once (`latent_patches`); both encoders are frozen unless
+`demist.finetune_cond_encoder`, which encodes z_c from each image patch instead (so that E_cond gets gradients; its
+latents then differ slightly from the whole-volume ones at inference); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
 
     loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type)
          + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁   on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
@@ -24,18 +26,18 @@ import torch
 from torch import nn
 
 from demist.config import Config
-from demist.data.patches import PatchSampler, load_sessions
+from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.demist_net import DemistNet
-from demist.models.autoencoder import encode_windowed
+from demist.models.autoencoder import downsampling_factor
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (LatentEncoder, Stage1Parts, barrier, check_against_stage1, check_out,
-                                      denoising_error, encode_batches, load_stage1, module_device, noise_schedule,
+from demist.training.backbone import (LatentEncoder, barrier, check_against_stage1, check_out,
+                                      denoising_error, load_stage1, module_device, noise_schedule,
                                       resolve_config, sample_noising, training_records, weights_metadata)
+from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
-from demist.training.stage1 import evaluation_batches
 from demist.training.stage2_parts import (InferenceNetworks, TrainableStreams, build_inference_networks,
                                           load_frozen_backbone, method_name)
 
@@ -45,18 +47,16 @@ STAGE = "demist"
 __all__ = ["InferenceNetworks", "build_inference_networks", "demist_stage", "stage2_config", "train_demist"]
 
 
-def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEncoder, psr_autoencoder: nn.Module,
-                 scale_factor: float, schedule: NoiseSchedule, sampler: PatchSampler) -> Stage:
-    """One phase training the streams (and E_cond when fine-tuned) on the loss of the module docstring."""
+def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEncoder | None,
+                 psr_autoencoder: nn.Module, scale_factor: float, schedule: NoiseSchedule,
+                 sampler: LatentPatchSampler) -> Stage:
+    """One phase training the streams (and E_cond when `cond_encoder` is given, i.e. fine-tuned) on the loss of the
+    module docstring. Batches carry z_y (and z_c unless E_cond trains) as precomputed latents."""
     d = cfg.demist
-    finetune = d.finetune_cond_encoder
 
     def streams_loss(m, batch, step, ctx):
-        with torch.no_grad():
-            z_y = encode_windowed(m["psr_autoencoder"], batch["target"], cfg.autoencoder.patch_size).float()
-            z_y = z_y * scale_factor
-        with torch.set_grad_enabled(finetune and torch.is_grad_enabled()):
-            z_c = m["cond_encoder"](batch["cond"]).float()
+        z_y = batch["z_y"].float()
+        z_c = batch["z_c"].float() if cond_encoder is None else m["cond_encoder"](batch["cond"]).float()
         x_t, t, target = sample_noising(z_y, schedule)
         prediction = m["streams"](x_t, t, z_c)
         terms = {"diffusion": ((prediction.float() - target) ** 2).mean()}
@@ -67,15 +67,17 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
             weights = voxel_weights(batch["brain"], cfg.stage1.background_weight)
             terms["edge"] = edge_loss(decoded, batch["target"], weights)
             total = total + d.edge_weight * terms["edge"]
-        if finetune:
+        if cond_encoder is not None:
             terms["align"] = alignment_loss(z_c, z_y)
             total = total + d.align_weight * terms["align"]
         return {"loss": total, **terms}
 
-    params = [p for module in (streams, cond_encoder) for p in module.parameters() if p.requires_grad]
+    modules: dict[str, nn.Module] = {"streams": streams, "psr_autoencoder": psr_autoencoder}
+    if cond_encoder is not None:
+        modules["cond_encoder"] = cond_encoder
+    params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=d.learning_rate)
-    return Stage(name=STAGE, modules={"streams": streams, "cond_encoder": cond_encoder,
-                                      "psr_autoencoder": psr_autoencoder},
+    return Stage(name=STAGE, modules=modules,
                  phases=[Phase("streams", optimizer, streams_loss, warmup_cosine(optimizer, d.steps))],
                  batch=sampler.batch, steps=d.steps)
 
@@ -112,7 +114,15 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     cfg = frozen.config
     records = training_records(manifest, subjects)
     sessions = load_sessions(records, cfg.data, need_target=True)
-    sampler = PatchSampler(sessions, cfg.data.patch_size, cfg.demist.batch_size, cfg.train.seed)
+    finetune = cfg.demist.finetune_cond_encoder
+    encoders = {"z_y": (stage1.psr_autoencoder, "target")}
+    if not finetune:  # a frozen E_cond gives fixed latents: encode them once too
+        encoders["z_c"] = (stage1.cond_autoencoder, "cond")
+    factor = downsampling_factor(cfg.autoencoder)
+    latents = encode_sessions(sessions, encoders, stage1.scale_factor, cfg.autoencoder.patch_size, factor,
+                              cfg.data.patch_size, encoding_device(device))
+    sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
+                                 image_keys=("target", "brain", "cond") if finetune else ("target", "brain"))
     schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
 
     seed_everything(cfg.train.seed)
@@ -122,20 +132,21 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     logger.info("%s: %d sessions, prediction target %s, %d steps; parameters (trainable/frozen) %s", method,
                 len(sessions), schedule.prediction_type, cfg.demist.steps,
                 ", ".join(f"{k} {v['trainable']:,}/{v['frozen']:,}" for k, v in counts.items()))
-    cond_encoder = LatentEncoder(stage1.cond_autoencoder, stage1.scale_factor, cfg.autoencoder.patch_size)
-    if cfg.demist.finetune_cond_encoder:  # only what computes μ_c trains (the rest would get no gradient)
+    cond_encoder = None
+    if finetune:  # only what computes μ_c trains (the rest would get no gradient)
+        cond_encoder = LatentEncoder(stage1.cond_autoencoder, stage1.scale_factor, cfg.autoencoder.patch_size)
         for part in (stage1.cond_autoencoder.encoder, stage1.cond_autoencoder.quant_conv_mu):
             part.requires_grad_(True)
 
-    eval_batches = evaluation_batches(sampler)
-    before = _evaluate(net, stage1, eval_batches, schedule)
+    eval_batches = sampler.evaluation_batches()
+    before = _evaluate(net, eval_batches, schedule, cond_encoder)
     streams = TrainableStreams(net)
     stage = demist_stage(cfg, streams, cond_encoder, stage1.psr_autoencoder, stage1.scale_factor, schedule, sampler)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=weights_metadata(cfg, STAGE))
     run = None
     if result.is_main_process:
-        after = _evaluate(net, stage1, eval_batches, schedule)
+        after = _evaluate(net, eval_batches, schedule, cond_encoder)
         logger.info("%s: denoising MSE (%s) on evaluation patches %.4g for the backbone alone, %.4g with the streams",
                     method, schedule.prediction_type, before["mean"], after["mean"])
         components = {"streams": net.trainable_state_dict()}
@@ -156,11 +167,14 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
 
 
 @torch.no_grad()
-def _evaluate(net: DemistNet, stage1: Stage1Parts, batches: Sequence[dict[str, torch.Tensor]],
-              schedule: NoiseSchedule) -> dict[str, float]:
+def _evaluate(net: DemistNet, batches: Sequence[dict[str, torch.Tensor]], schedule: NoiseSchedule,
+              cond_encoder: LatentEncoder | None) -> dict[str, float]:
     """Denoising MSE of `net` on fixed evaluation patches (before training: the backbone's own, all streams at 0)."""
     device = module_device(net)
-    window = stage1.run.config.autoencoder.patch_size
-    z_y = encode_batches(stage1.psr_autoencoder, [b["target"] for b in batches], stage1.scale_factor, window).to(device)
-    z_c = encode_batches(stage1.cond_autoencoder, [b["cond"] for b in batches], stage1.scale_factor, window).to(device)
+    z_y = torch.cat([b["z_y"] for b in batches]).to(device)
+    if cond_encoder is None:
+        z_c = torch.cat([b["z_c"] for b in batches]).to(device)
+    else:
+        cond_encoder.to(device)
+        z_c = torch.cat([cond_encoder(b["cond"].to(device)).float() for b in batches])
     return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)

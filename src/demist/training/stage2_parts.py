@@ -115,18 +115,19 @@ def load_frozen_backbone(backbone: str | Path, cfg: Config, stage1: RunInfo,
 class InferenceNetworks:
     """Everything a finished Stage-2 run needs to synthesize (CPU, eval mode, no gradients; LoRA not merged)."""
 
-    net: DemistNet
+    net: nn.Module  # net(x_t, t, z_c): a DemistNet, or FT-LDM's ConcatConditionedUNet
     psr_autoencoder: nn.Module
     cond_autoencoder: nn.Module
     prediction_type: str
     latent_scale_factor: float
 
 
-def _unchanged_parent(run: RunInfo, role: str) -> Path:
+def unchanged_parent(run: RunInfo, role: str) -> Path:
     """The folder of a parent run, refused if it is gone or has changed since `run` was trained on it."""
     parent = run.parents.get(role)
     if parent is None:
-        raise DemistError(f"--model {run.path}: run.json names no {role} run; expected a `demist train demist` run")
+        raise DemistError(f"--model {run.path}: run.json names no {role} run; expected a `demist train demist` or "
+                          "`demist train ftldm` run")
     path = Path(parent["path"])
     if not (path / RUN_FILE).is_file():
         raise DemistError(f"--model {run.path}: its {role} run {path} is missing; expected it where training left it")
@@ -149,13 +150,18 @@ def _bundle_file(run: RunInfo) -> Path:
 
 
 def build_inference_networks(run: RunInfo, use_flash_attention: bool = True) -> InferenceNetworks:
-    """Rebuild a Stage-2 run: its Stage-1 autoencoders, its frozen backbone and its trained streams."""
+    """Rebuild a Stage-2 run: its Stage-1 autoencoders, its frozen backbone and its trained streams (or, for an
+    FT-LDM run, its fine-tuned UNet)."""
+    if run.stage == "ftldm":
+        from demist.training.ftldm import build_ftldm_networks
+
+        return build_ftldm_networks(run, use_flash_attention)
     if run.stage != "demist" or run.prediction_type is None or run.latent_scale_factor is None:
         raise DemistError(f"--model {run.path}: is a {run.stage!r} run; expected a run of `demist train demist`")
     cfg = run.config
-    stage1 = load_stage1(_unchanged_parent(run, "stage1"), what=f"Stage-1 run of {run.path}")
+    stage1 = load_stage1(unchanged_parent(run, "stage1"), what=f"Stage-1 run of {run.path}")
     if "backbone" in run.parents:
-        _, unet = load_backbone_run(_unchanged_parent(run, "backbone"), f"backbone run of {run.path}",
+        _, unet = load_backbone_run(unchanged_parent(run, "backbone"), f"backbone run of {run.path}",
                                     use_flash_attention)
     else:
         unet, _ = load_backbone_checkpoint(_bundle_file(run), cfg.unet, cfg.autoencoder.latent_channels,

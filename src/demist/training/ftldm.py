@@ -1,0 +1,127 @@
+"""Training FT-LDM (the fine-tuned latent diffusion baseline) on the same Stage 1, backbone and latents as DEMIST.
+
+The loss is DEMIST's diffusion term alone, ‖target − UNet([x_t, z_c], t)‖², over the whole UNet (see
+`models.ftldm_net`); the steps and batch size are [demist]'s, the learning rate `baselines.ftldm_learning_rate`.
+The run (stage "ftldm") keeps the fine-tuned UNet and names its Stage-1 and backbone parents; `demist synthesize`
+samples it like DEMIST.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from demist.config import Config
+from demist.data.patches import load_sessions
+from demist.errors import DemistError
+from demist.models.autoencoder import downsampling_factor
+from demist.models.backbone import freeze
+from demist.models.ftldm_net import ConcatConditionedUNet
+from demist.runs import RunInfo, write_run
+from demist.training.backbone import (barrier, check_against_stage1, check_out, denoising_error, load_stage1,
+                                      module_device, noise_schedule, resolve_config, sample_noising,
+                                      training_records, weights_metadata)
+from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
+from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
+from demist.training.stage2_parts import InferenceNetworks, load_frozen_backbone, unchanged_parent
+
+logger = logging.getLogger(__name__)
+
+STAGE = "ftldm"
+
+
+def ftldm_stage(cfg: Config, net: ConcatConditionedUNet, schedule, sampler: LatentPatchSampler) -> Stage:
+    """One phase: the diffusion loss on latent patch pairs (z_y, z_c), every UNet parameter trained."""
+
+    def diffusion_loss(m, batch, step, ctx):
+        x_t, t, target = sample_noising(batch["z_y"].float(), schedule)
+        prediction = m["net"](x_t, t, batch["z_c"].float())
+        return {"loss": ((prediction.float() - target) ** 2).mean()}
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.baselines.ftldm_learning_rate)
+    steps = cfg.demist.steps
+    return Stage(name=STAGE, modules={"net": net},
+                 phases=[Phase("diffusion", optimizer, diffusion_loss, warmup_cosine(optimizer, steps))],
+                 batch=sampler.batch, steps=steps)
+
+
+def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Path, config: Config | str | Path,
+                out: str | Path, max_steps: int | None = None, device: str = "auto", resume: bool = False,
+                subjects: Sequence[str] | None = None, tensorboard: bool = False) -> RunInfo | None:
+    """Fine-tune the backbone with the condition concatenated into the run directory `out` (method "ftldm").
+
+    `backbone`: a `train_backbone` run directory or a MONAI bundle UNet checkpoint file, as for `train_demist`.
+    Returns the run (None on the non-main processes of a multi-process launch).
+    """
+    out = Path(out)
+    check_out(out, resume)
+    cfg = resolve_config(config)
+    if max_steps is not None:
+        cfg = cfg.replace(demist=dataclasses.replace(cfg.demist, steps=max_steps))
+    stage1 = load_stage1(stage1_run)
+    check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
+    frozen = load_frozen_backbone(backbone, cfg, stage1.run)
+    cfg = frozen.config
+    sessions = load_sessions(training_records(manifest, subjects), cfg.data, need_target=True)
+    factor = downsampling_factor(cfg.autoencoder)
+    latents = encode_sessions(sessions, {"z_y": (stage1.psr_autoencoder, "target"),
+                                         "z_c": (stage1.cond_autoencoder, "cond")},
+                              stage1.scale_factor, cfg.autoencoder.patch_size, factor, cfg.data.patch_size,
+                              encoding_device(device))
+    sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
+                                 image_keys=())
+    schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
+
+    seed_everything(cfg.train.seed)
+    net = ConcatConditionedUNet.from_backbone(frozen.unet, cfg.unet, cfg.autoencoder.latent_channels,
+                                              use_flash_attention=True).requires_grad_(True)
+    parameters = sum(p.numel() for p in net.parameters())
+    logger.info("ftldm: %d sessions, prediction target %s, %d steps, %s parameters, all trained", len(sessions),
+                schedule.prediction_type, cfg.demist.steps, f"{parameters:,}")
+    eval_batches = sampler.evaluation_batches()
+    before = _evaluate(net, eval_batches, schedule)
+    result = train(ftldm_stage(cfg, net, schedule, sampler), out, cfg.train, device=device, resume=resume,
+                   tensorboard=tensorboard, weights_metadata=weights_metadata(cfg, STAGE))
+    run = None
+    if result.is_main_process:
+        after = _evaluate(net.eval(), eval_batches, schedule)
+        logger.info("ftldm: denoising MSE (%s) on evaluation patches %.4g for the backbone, %.4g fine-tuned",
+                    schedule.prediction_type, before["mean"], after["mean"])
+        training = {"steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
+                    "device": result.device, "sessions": [s.key for s in sessions],
+                    "subjects": list(subjects or []) or None, "manifest": str(Path(manifest).resolve()),
+                    "parameters": {"total": {"trainable": parameters, "frozen": 0}},
+                    "backbone_bundle": frozen.bundle, "latent_encoding": "mu"}
+        run = write_run(out, method="ftldm", stage=STAGE, config=cfg, components={"unet": net.unet.state_dict()},
+                        parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
+                        latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,
+                        training=training,
+                        metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
+    barrier()
+    return run
+
+
+@torch.no_grad()
+def _evaluate(net: ConcatConditionedUNet, batches, schedule) -> dict[str, float]:
+    device = module_device(net)
+    z_y = torch.cat([b["z_y"] for b in batches]).to(device)
+    z_c = torch.cat([b["z_c"] for b in batches]).to(device)
+    return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)
+
+
+def build_ftldm_networks(run: RunInfo, use_flash_attention: bool = True) -> InferenceNetworks:
+    """Rebuild a finished FT-LDM run (its Stage-1 autoencoders and fine-tuned UNet) for inference."""
+    if run.stage != STAGE or run.prediction_type is None or run.latent_scale_factor is None:
+        raise DemistError(f"--model {run.path}: is a {run.stage!r} run without its prediction type or latent scale "
+                          "factor; expected a run of `demist train ftldm`")
+    cfg = run.config
+    stage1 = load_stage1(unchanged_parent(run, "stage1"), what=f"Stage-1 run of {run.path}")
+    net = ConcatConditionedUNet(cfg.unet, cfg.autoencoder.latent_channels, use_flash_attention)
+    net.unet.load_state_dict(run.weights("unet"))
+    return InferenceNetworks(net=freeze(net), psr_autoencoder=stage1.psr_autoencoder,
+                             cond_autoencoder=stage1.cond_autoencoder, prediction_type=str(run.prediction_type),
+                             latent_scale_factor=float(run.latent_scale_factor))

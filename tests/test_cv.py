@@ -1,0 +1,61 @@
+"""`demist cv` end to end with the fast methods: folds, tables, timings, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ellipsoid_session, write_session
+from demist.config import load_config
+from demist.cv import METHODS, Method, run_cv
+from demist.data.manifest import write_manifest
+
+CONFIG = load_config("tiny", overrides={"evaluation": {"bootstrap": 10}})
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    rows = []
+    for i, subject in enumerate(["s1", "s2", "s3", "s4"]):
+        row = write_session(tmp_path / subject / "a", ellipsoid_session(shape=(24, 26, 22), seed=i))
+        rows.append({"subject": subject, "session": "a", "group": "MS" if i % 2 else "HC", **row})
+    return write_manifest(tmp_path / "manifest.csv", rows)
+
+
+def counting(name: str, calls: list[str], fail_on: int | None = None) -> Method:
+    """METHODS[name] that records each training call and raises on call number `fail_on`."""
+    original = METHODS[name]
+
+    def train(ctx, out):
+        calls.append(f"{name}:{Path(out).parent.parent.name}")
+        if len(calls) == fail_on:
+            raise Interrupted
+        original.train(ctx, out)
+
+    return Method(name, original.needs, train)
+
+
+def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):
+    out = tmp_path / "cv"
+    calls: list[str] = []
+    with pytest.raises(Interrupted):  # the fourth training (fold 1's constant) fails
+        run_cv(manifest, out, [counting("ridge", calls), counting("constant", calls, fail_on=4)], CONFIG, folds=3)
+    splits = (out / "splits.json").read_text()
+    assert calls == ["ridge:fold-0", "constant:fold-0", "ridge:fold-1", "constant:fold-1"]
+    assert not (out / "table.md").exists()
+
+    calls.clear()
+    table = run_cv(manifest, out, [counting("ridge", calls), counting("constant", calls)], CONFIG, folds=3)
+    assert calls == ["constant:fold-1", "ridge:fold-2", "constant:fold-2"]  # finished runs are not retrained
+    assert (out / "splits.json").read_text() == splits
+    text = table.read_text()
+    assert "ridge" in text and "constant" in text and "psnr" in text.lower()
+    timings = json.loads((out / "fold-2" / "timings.json").read_text())
+    assert {"train ridge", "train constant", "synthesize ridge", "synthesize constant"} <= set(timings)
+    assert all(minutes >= 0 for minutes in timings.values())
