@@ -31,7 +31,7 @@ def encoded():
     psr, cond = build_autoencoder(CFG.autoencoder, 1).eval(), build_autoencoder(CFG.autoencoder, 2).eval()
     sessions = [brain_session("a/1", seed=1), brain_session("b/1", (24, 20, 18), seed=2)]
     latents = encode_sessions(sessions, {"z_y": (psr, "target"), "z_c": (cond, "cond")}, 2.0,
-                              CFG.autoencoder.patch_size, FACTOR, (8, 8, 8))
+                              CFG.autoencoder.patch_size, FACTOR, (8, 8, 8), keep=("target", "cond"))
     return sessions, latents, psr
 
 
@@ -95,8 +95,17 @@ def test_a_volume_smaller_than_the_patch_is_padded_at_the_far_end(encoded) -> No
     small = brain_session("c/1", shape=(6, 7, 5))
     small.brain[:] = False
     small.brain[1:5, 1:6, 1:4] = True
-    (session,) = encode_sessions([small], {"z_y": (psr, "target")}, 1.0, CFG.autoencoder.patch_size, FACTOR, (8, 8, 8))
+    (session,) = encode_sessions([small], {"z_y": (psr, "target")}, 1.0, CFG.autoencoder.patch_size, FACTOR, (8, 8, 8),
+                                 keep=("target",))
     assert session.images["target"].shape == (1, 8, 8, 8) and session.latents["z_y"].shape == (8, 4, 4, 4)
     np.testing.assert_array_equal(session.images["target"][0, :6, :7, :5], small.psr)
     batch = LatentPatchSampler([session], (8, 8, 8), FACTOR, 1, 0).batch(0)
     np.testing.assert_array_equal(batch["z_y"][0].numpy(), session.latents["z_y"])
+
+
+def test_only_the_brain_mask_and_the_kept_images_stay_in_memory(encoded) -> None:
+    sessions, _, psr = encoded
+    (lean,) = encode_sessions(sessions[:1], {"z_y": (psr, "target")}, 1.0, CFG.autoencoder.patch_size, FACTOR,
+                              (8, 8, 8))
+    assert set(lean.images) == {"brain"} and set(lean.latents) == {"z_y"}
+    assert set(LatentPatchSampler([lean], (8, 8, 8), FACTOR, 1, 0, image_keys=()).batch(0)) == {"z_y"}

@@ -60,10 +60,11 @@ def encoding_device(device: str) -> torch.device:
 @torch.no_grad()
 def encode_sessions(sessions: Sequence[PreparedSession], encoders: dict[str, tuple[nn.Module, str]],
                     scale_factor: float, window: Sequence[int], factor: int, patch_size: Sequence[int],
-                    device: torch.device | str = "cpu") -> list[LatentSession]:
+                    device: torch.device | str = "cpu", keep: Sequence[str] = ()) -> list[LatentSession]:
     """Encode every session whole: `encoders` maps a latent name to (autoencoder, image key), e.g.
     {"z_y": (psr_ae, "target"), "z_c": (cond_ae, "cond")}; latents are μ × `scale_factor`, kept in float32 on the
-    CPU. The encoders run on `device` and are returned to the CPU."""
+    CPU. Of the images, only the brain mask (where patches are centred) and the `keep` keys stay in memory. The
+    encoders run on `device` and are returned to the CPU."""
     from tqdm.auto import tqdm
 
     # Far-end padding up to the training patch and the encoder window: MONAI's sliding window would otherwise pad a
@@ -78,7 +79,8 @@ def encode_sessions(sessions: Sequence[PreparedSession], encoders: dict[str, tup
         for name, (model, key) in encoders.items():
             image = torch.from_numpy(images[key])[None].to(device)
             latents[name] = (encode_volume(model, image, window)[0].float() * scale_factor).cpu().numpy()
-        out.append(LatentSession(session.key, images, latents))
+        kept = {k: v for k, v in images.items() if k == "brain" or k in keep}
+        out.append(LatentSession(session.key, kept, latents))
     for model, _ in encoders.values():
         model.cpu()
     logger.info("encoded %d sessions into latents of %s voxels (first session)", len(out),

@@ -119,10 +119,11 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     if not finetune:  # a frozen E_cond gives fixed latents: encode them once too
         encoders["z_c"] = (stage1.cond_autoencoder, "cond")
     factor = downsampling_factor(cfg.autoencoder)
+    image_keys = ("target", "brain", "cond") if finetune else ("target", "brain")
     latents = encode_sessions(sessions, encoders, stage1.scale_factor, cfg.autoencoder.patch_size, factor,
-                              cfg.data.patch_size, encoding_device(device))
+                              cfg.data.patch_size, encoding_device(device), keep=image_keys)
     sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
-                                 image_keys=("target", "brain", "cond") if finetune else ("target", "brain"))
+                                 image_keys=image_keys)
     schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
 
     seed_everything(cfg.train.seed)
