@@ -95,3 +95,13 @@ def test_session_summary_is_mean_and_sd_across_sessions():
     assert math.isnan(single["sd"]) and single["n_sessions"] == 1
     table = summary_markdown(summary, paired_tests(rows, ("psnr", "mse")), across="sessions")
     assert "Mean ± SD across sessions." in table and "across folds" not in table
+
+
+def test_an_undefined_metric_prints_a_dash_not_nan():
+    rows = per_session_table()
+    for row in rows:
+        if row["method"] == "tie":
+            row["psnr"] = float("nan")  # e.g. NCC of a constant map
+    table = summary_markdown(summarise_folds(rows, ("psnr", "mse")), paired_tests(rows, ("psnr", "mse")))
+    tie_line = next(line for line in table.splitlines() if line.startswith("| tie "))
+    assert "| — |" in tie_line and "nan" not in table

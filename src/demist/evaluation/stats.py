@@ -127,6 +127,8 @@ def paired_tests(
 def _cell(entry: Mapping[str, float], test: Mapping[str, object] | None, digits: int) -> str:
     if math.isinf(entry["mean"]):
         return "inf"
+    if math.isnan(entry["mean"]):  # undefined for this method (NCC of a constant map)
+        return "—"
     sd = "" if math.isnan(entry["sd"]) else f" ± {entry['sd']:.{digits}f}"
     star = "*" if test is not None and test.get("significant") else ""
     return f"{entry['mean']:.{digits}f}{sd}{star}"
