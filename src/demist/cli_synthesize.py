@@ -10,8 +10,8 @@ import typer
 from demist.errors import DemistError
 
 DEFAULT_HELP = (
-    "Sampler and steps default to the model's config (tiny: DDIM, 20 steps — on the tiny model DDIM-20 matches "
-    "DDIM-50 within noise, see docs/inference.md)."
+    "Sampler and steps default to the model's config (tiny: DPM-Solver++, 10 steps, which is as close to the "
+    "DDPM-1000 sample as DDIM-20; see docs/inference.md)."
 )
 
 
