@@ -7,29 +7,21 @@ import pytest
 import torch
 
 from demist.config import load_config
-from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder, encode_volume
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions
+from test_training import brain_session
 
 CFG = load_config("tiny", overrides={"autoencoder": {"channels": [4, 8], "norm_num_groups": 4,
                                                      "patch_size": [8, 8, 8]}})
 FACTOR = 2
 
 
-def brain_session(key: str, shape=(19, 18, 16), seed: int = 0) -> PreparedSession:
-    rng = np.random.default_rng(seed)
-    brain = np.zeros(shape, bool)
-    brain[4:15, 4:14, 3:12] = True
-    image = lambda: (rng.random(shape) * brain).astype(np.float32)  # noqa: E731
-    return PreparedSession(key=key, t1w=image(), flair=image(), brain=brain, grid=None, psr=image())
-
-
 @pytest.fixture(scope="module")
 def encoded():
     torch.manual_seed(0)
     psr, cond = build_autoencoder(CFG.autoencoder, 1).eval(), build_autoencoder(CFG.autoencoder, 2).eval()
-    sessions = [brain_session("a/1", seed=1), brain_session("b/1", (24, 20, 18), seed=2)]
+    sessions = [brain_session("a/1", (19, 18, 16), seed=1), brain_session("b/1", (24, 20, 18), seed=2)]
     latents = encode_sessions(sessions, {"z_y": (psr, "target"), "z_c": (cond, "cond")}, 2.0,
                               CFG.autoencoder.patch_size, FACTOR, (8, 8, 8), keep=("target", "cond"))
     return sessions, latents, psr

@@ -22,11 +22,12 @@ from demist.models.autoencoder import downsampling_factor
 from demist.models.backbone import freeze
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (barrier, check_against_stage1, check_out, denoising_error, load_stage1,
-                                      module_device, noise_schedule, resolve_config, sample_noising,
+from demist.training.backbone import (barrier, check_against_stage1, check_out, load_stage1,
+                                      noise_schedule, resolve_config, sample_noising,
                                       training_records, weights_metadata)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
+from demist.training.stage2 import conditioned_denoising_error
 from demist.training.stage2_parts import InferenceNetworks, load_frozen_backbone, unchanged_parent
 
 logger = logging.getLogger(__name__)
@@ -83,12 +84,12 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
     logger.info("ftldm: %d sessions, prediction target %s, %d steps, %s parameters, all trained", len(sessions),
                 schedule.prediction_type, cfg.demist.steps, f"{parameters:,}")
     eval_batches = sampler.evaluation_batches()
-    before = _evaluate(net, eval_batches, schedule)
+    before = conditioned_denoising_error(net, eval_batches, schedule)
     result = train(ftldm_stage(cfg, net, schedule, sampler), out, cfg.train, device=device, resume=resume,
                    tensorboard=tensorboard, weights_metadata=weights_metadata(cfg, STAGE))
     run = None
     if result.is_main_process:
-        after = _evaluate(net.eval(), eval_batches, schedule)
+        after = conditioned_denoising_error(net.eval(), eval_batches, schedule)
         logger.info("ftldm: denoising MSE (%s) on evaluation patches %.4g for the backbone, %.4g fine-tuned",
                     schedule.prediction_type, before["mean"], after["mean"])
         training = {"steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
@@ -103,14 +104,6 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
                         metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
     barrier()
     return run
-
-
-@torch.no_grad()
-def _evaluate(net: ConcatConditionedUNet, batches, schedule) -> dict[str, float]:
-    device = module_device(net)
-    z_y = torch.cat([b["z_y"] for b in batches]).to(device)
-    z_c = torch.cat([b["z_c"] for b in batches]).to(device)
-    return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)
 
 
 def build_ftldm_networks(run: RunInfo, use_flash_attention: bool = True) -> InferenceNetworks:

@@ -140,14 +140,14 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
             part.requires_grad_(True)
 
     eval_batches = sampler.evaluation_batches()
-    before = _evaluate(net, eval_batches, schedule, cond_encoder)
+    before = conditioned_denoising_error(net, eval_batches, schedule, cond_encoder)
     streams = TrainableStreams(net)
     stage = demist_stage(cfg, streams, cond_encoder, stage1.psr_autoencoder, stage1.scale_factor, schedule, sampler)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=weights_metadata(cfg, STAGE))
     run = None
     if result.is_main_process:
-        after = _evaluate(net, eval_batches, schedule, cond_encoder)
+        after = conditioned_denoising_error(net, eval_batches, schedule, cond_encoder)
         logger.info("%s: denoising MSE (%s) on evaluation patches %.4g for the backbone alone, %.4g with the streams",
                     method, schedule.prediction_type, before["mean"], after["mean"])
         components = {"streams": net.trainable_state_dict()}
@@ -168,9 +168,10 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
 
 
 @torch.no_grad()
-def _evaluate(net: DemistNet, batches: Sequence[dict[str, torch.Tensor]], schedule: NoiseSchedule,
-              cond_encoder: LatentEncoder | None) -> dict[str, float]:
-    """Denoising MSE of `net` on fixed evaluation patches (before training: the backbone's own, all streams at 0)."""
+def conditioned_denoising_error(net: nn.Module, batches: Sequence[dict[str, torch.Tensor]], schedule: NoiseSchedule,
+                                cond_encoder: LatentEncoder | None = None) -> dict[str, float]:
+    """Denoising MSE of net(x_t, t, z_c) on fixed evaluation latent patches; z_c from the batches, or encoded from
+    their images when E_cond is fine-tuned. (DEMIST before training: the backbone's own, all streams at 0.)"""
     device = module_device(net)
     z_y = torch.cat([b["z_y"] for b in batches]).to(device)
     if cond_encoder is None:
