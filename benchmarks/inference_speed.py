@@ -160,7 +160,9 @@ def part_call(synth, part: str, spatial: tuple[int, ...], generator: torch.Gener
     latent = torch.randn((1, channels, *spatial), generator=generator)
     if part == "decode":
         return lambda t: synth.decode(latent)
-    model = synth.denoiser(torch.randn((1, channels, *spatial), generator=generator))
+    factor = 2 ** (len(synth.config.autoencoder.channels) - 1)
+    image = torch.rand((1, 2, *(factor * s for s in spatial)), generator=generator)
+    model = synth.denoiser(torch.randn((1, channels, *spatial), generator=generator), synth.image_hint(image))
     return lambda t: model(latent, torch.tensor([t]))
 
 

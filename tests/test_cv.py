@@ -59,3 +59,25 @@ def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):
     timings = json.loads((out / "fold-2" / "timings.json").read_text())
     assert {"train ridge", "train constant", "synthesize ridge", "synthesize constant"} <= set(timings)
     assert all(minutes >= 0 for minutes in timings.values())
+
+
+def test_cv_table_has_the_lesion_auc_and_never_tests_against_a_reference_row(tmp_path):
+    import csv
+
+    from demist.cv import write_cv_tables
+
+    rows = []
+    for fold in range(2):
+        for i in range(3):
+            for method, psnr in (("demist", 24.0 + i), ("ridge", 23.0 + i), ("ae-ceiling", 29.0 + i)):
+                rows.append({"method": method, "subject": f"s{fold}{i}", "session": "a", "group": "MS",
+                             "fold": fold, "psnr": psnr + 0.1 * fold, "ssim": 0.8, "mse": 0.01, "l1": 0.05,
+                             "ncc": 0.9})
+    lesion_auc = {0: {"oracle": 0.96, "demist": 0.80, "ridge": 0.97}, 1: {"oracle": 0.94, "demist": 0.84}}
+    text = write_cv_tables(tmp_path, rows, lesion_auc).read_text()
+    assert "| demist | 0.820 ± 0.028 | 2 |" in text and "| ridge | 0.970 | 1 |" in text
+    with open(tmp_path / "table.csv", newline="") as fh:
+        tests = {(r["method"], r["metric"]): r for r in csv.DictReader(fh)}
+    assert tests[("demist", "psnr")]["vs"] == "ridge" and tests[("ridge", "psnr")]["vs"] == "demist"
+    assert tests[("ae-ceiling", "psnr")]["vs"] == ""  # scored and shown, but not a method to test
+    assert "| ae-ceiling |" in text

@@ -30,7 +30,9 @@ def random_backbone(seed: int = 0, use_flash_attention: bool = False) -> torch.n
 
 
 def make_net(backbone=None, **flags) -> DemistNet:
-    demist = dataclasses.replace(CFG.demist, **flags)
+    """A DemistNet whose ControlNet sees z_c only unless `controlnet_hint` says otherwise (tests of the image hint
+    pass it explicitly)."""
+    demist = dataclasses.replace(CFG.demist, **{"controlnet_hint": "latent", **flags})
     return DemistNet(copy.deepcopy(backbone or random_backbone()), demist, CFG.unet, 8)
 
 
@@ -39,7 +41,8 @@ def wake_zero_inits(net: DemistNet, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in net.named_parameters():
-            zero_init = ("cross_attention.out_proj" in name or "controlnet_" in name or ".lora_B." in name)
+            zero_init = ("cross_attention.out_proj" in name or "controlnet_" in name or ".lora_B." in name
+                         or "image_hint.conv_out" in name)
             if zero_init:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
@@ -101,11 +104,13 @@ def test_lora_merge_gives_the_unmerged_output():
         torch.testing.assert_close(net(x_t, t, z_c), unmerged, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_targets_are_exactly_the_self_attention_qkv():
-    net = make_net(crossattn=False, controlnet=False)
+@pytest.mark.parametrize("output_projection", [True, False])
+def test_lora_targets_are_exactly_the_self_attention_projections(output_projection):
+    net = make_net(crossattn=False, controlnet=False, lora_output_projection=output_projection)
     blocks = attention_block_names(build_unet(CFG.unet, 8))
     assert len(blocks) == 7  # levels 2-3 down (1 each), middle, levels 2-3 up (2 each)
-    expected = sorted(f"{b}.attn.{p}" for b in blocks for p in ("to_q", "to_k", "to_v"))
+    projections = ("to_q", "to_k", "to_v", "out_proj") if output_projection else ("to_q", "to_k", "to_v")
+    expected = sorted(f"{b}.attn.{p}" for b in blocks for p in projections)
     assert sorted(lora_layers(net.backbone)) == expected == sorted(net.lora_targets)
     linear_total = sum(isinstance(m, torch.nn.Linear) for m in build_unet(CFG.unet, 8).modules())
     assert linear_total > len(expected)  # time-embedding MLP and time_emb_proj layers exist and got none
@@ -116,7 +121,7 @@ def test_lora_targets_are_exactly_the_self_attention_qkv():
 
 def test_new_modules_get_no_lora_and_the_controlnet_no_cross_attention():
     net = make_net()
-    assert len(net.lora_targets) == 21
+    assert len(net.lora_targets) == 28  # q, k, v and W_O of 7 blocks
     assert all(".block.attn." in name for name in lora_layers(net.backbone))  # none in the cross-attention
     assert not lora_layers(net.controlnet)
     assert not any(isinstance(m, (CrossAttentionWrapper, CrossAttentionBlock)) for m in net.controlnet.modules())
@@ -132,7 +137,7 @@ def test_each_ablation_flag_removes_exactly_its_stream(off):
     present = {
         "crossattn": net.token_encoder is not None and len(wrappers) == 7 and any("cross_" in k for k in keys),
         "controlnet": isinstance(net.controlnet, ControlNet) and any(k.startswith("controlnet.") for k in keys),
-        "lora": len(lora_layers(net)) == 21 and any(".lora_" in k for k in keys),
+        "lora": len(lora_layers(net)) == 28 and any(".lora_" in k for k in keys),
     }
     absent = {
         "crossattn": net.token_encoder is None and not wrappers
@@ -155,11 +160,14 @@ def test_parameter_counts_split_frozen_backbone_from_trainable_streams():
     backbone = random_backbone()
     net = make_net(backbone)
     counts = net.parameter_counts()
-    assert counts["backbone"] == {"trainable": 0, "frozen": sum(p.numel() for p in backbone.parameters())}
+    # frozen: the backbone's own weights, plus the identity W_O layers that carry LoRA (C×C + C per block)
+    identity = sum(c * c + c for c in (m.block.norm.num_channels for m in net.modules()
+                                       if isinstance(m, CrossAttentionWrapper)))
+    assert counts["backbone"] == {"trainable": 0, "frozen": sum(p.numel() for p in backbone.parameters()) + identity}
     assert counts["spatial"]["trainable"] == sum(p.numel() for p in net.controlnet.parameters())
-    # per attention block with C channels: rank-r factors A (r×C) and B (C×r) for each of q, k and v
+    # per attention block with C channels: rank-r factors A (r×C) and B (C×r) for each of q, k, v and W_O
     rank = CFG.demist.lora_rank
-    lora = sum(3 * 2 * rank * m.block.norm.num_channels for m in net.modules() if isinstance(m, CrossAttentionWrapper))
+    lora = sum(4 * 2 * rank * m.block.norm.num_channels for m in net.modules() if isinstance(m, CrossAttentionWrapper))
     assert counts["adaptive"] == {"trainable": lora, "frozen": 0}
     assert counts["total"]["trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert counts["total"]["frozen"] == sum(p.numel() for p in net.parameters() if not p.requires_grad)
@@ -169,7 +177,7 @@ def test_parameter_counts_split_frozen_backbone_from_trainable_streams():
 
 def test_controlnet_starts_from_the_backbone_with_zero_gates():
     backbone = random_backbone()
-    net = make_net(backbone)
+    net = make_net(backbone, controlnet_gate_init="zero")
     reference = backbone.state_dict()
     copied = {k: v for k, v in net.controlnet.state_dict().items() if not k.startswith("controlnet_")}
     assert copied and all(torch.equal(v, reference[k]) for k, v in copied.items())
@@ -260,3 +268,57 @@ def test_cross_attention_without_lora_trains_on_cpu():
     with slot.holding(torch.randn(1, 5, 8)):
         wrapper(x).square().mean().backward()
     assert wrapper.cross_norm.weight.grad is not None
+
+
+GATE_AND_HINT = [(g, h) for g in ("zero", "default") for h in ("latent", "latent+image")]
+
+
+def image_for(x_t: torch.Tensor, seed: int = 3) -> torch.Tensor:
+    """T1w + FLAIR at image resolution under the latent x_t (4× per axis for the tiny autoencoder)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((x_t.shape[0], 2, *(4 * s for s in x_t.shape[2:])), generator=generator)
+
+
+@pytest.mark.parametrize("gate_init,hint", GATE_AND_HINT)
+def test_network_equals_backbone_at_init_for_every_gate_init_and_hint(gate_init, hint):
+    backbone = random_backbone()
+    net = make_net(backbone, controlnet_gate_init=gate_init, controlnet_hint=hint)
+    x_t, t, z_c = inputs()
+    image_hint = net.embed_image(image_for(x_t)) if hint == "latent+image" else None
+    assert net.uses_image == (hint == "latent+image")
+    with torch.no_grad():
+        reference = backbone(x_t, t)
+        assert torch.equal(net(x_t, t, z_c, image_hint), reference)
+        zero = net.zero_initialised_parameters()
+        assert zero and all(not p.any() for p in zero)
+        gate = net.controlnet.controlnet_cond_embedding.conv.weight
+        assert (any(p is gate for p in zero), bool(gate.any())) == ((True, False) if gate_init == "zero"
+                                                                    else (False, True))
+        wake_zero_inits(net)
+        assert not torch.allclose(net(x_t, t, z_c, image_hint), reference, atol=1e-3)
+
+
+def test_image_hint_trains_and_is_checked():
+    net = make_net(controlnet_gate_init="default", controlnet_hint="latent+image")
+    wake_zero_inits(net)
+    x_t, t, z_c = inputs()
+    image = image_for(x_t)
+    hint = net.embed_image(image)
+    assert hint.shape == (x_t.shape[0], CFG.unet.channels[0], *x_t.shape[2:])
+    net(x_t, t, z_c, hint).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.image_hint.parameters())
+    assert "spatial" in net.parameter_counts() and any(k.startswith("image_hint.") for k in net.trainable_state_dict())
+    with pytest.raises(DemistError, match="image_hint: missing"):
+        net(x_t, t, z_c)
+    with pytest.raises(DemistError, match="image_hint: shape"):
+        net(x_t, t, z_c, hint[..., :4])
+    with pytest.raises(DemistError, match="image_hint: given"):
+        make_net()(x_t, t, z_c, hint)
+
+
+def test_identity_output_projection_is_frozen_and_not_saved():
+    net = make_net(crossattn=False, controlnet=False)
+    layer = net.backbone.get_submodule("middle_block.attention.attn.out_proj")
+    assert torch.equal(layer.base_layer.weight, torch.eye(64)) and not layer.base_layer.weight.requires_grad
+    assert not any("out_proj.base_layer" in k for k in net.trainable_state_dict())
+    assert any("out_proj.lora_B" in k for k in net.trainable_state_dict())

@@ -31,9 +31,15 @@ def minutes_cells(report: str) -> list[str]:
     return [cell.strip() for cell in lines[header + 2].strip("|").split("|")]
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path, smoke_config, caplog):
-    plan = DemoPlan(out=tmp_path / "demo", subjects=3, held_out=1, seed=3, max_steps=2)
-    report = run_demo(plan, smoke_config, device="cpu")
+@pytest.fixture(scope="module")
+def smoke_demo(tmp_path_factory, smoke_config):
+    """One smoke-size demo run (every stage 2 steps), shared by the tests of this module."""
+    plan = DemoPlan(out=tmp_path_factory.mktemp("demo") / "demo", subjects=3, held_out=1, seed=3, max_steps=2)
+    return plan, run_demo(plan, smoke_config, device="cpu")
+
+
+def test_demo_runs_end_to_end_and_resumes(smoke_demo, smoke_config, caplog):
+    plan, report = smoke_demo
     text = report.read_text()
     assert "## Verdict" in text and "ridge" in text and "demist" in text
     assert "| backbone |" in text  # parameter counts per stream
@@ -50,6 +56,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, smoke_config, caplog):
     assert out.shape == t1w.shape and np.allclose(out.affine, t1w.affine)
     assert np.isfinite(out.get_fdata()).all()
 
+    # the reference rows and the K-sample mean are synthesized, on the T1w's grid, and scored like methods
+    for row in ("ae-ceiling", "aligned-condition", "demist-mean3"):
+        path = plan.out / "predictions" / row / subject / session / "psr.nii.gz"
+        assert np.allclose(nib.load(path).affine, t1w.affine), row
+        assert f"| {row} |" in text, row
+    assert "What the diffusion stage adds" in text and "**Ceiling**" in text and "Mean of 3 samples" in text
+
     timings = json.loads((plan.out / "timings.json").read_text())
     assert set(timings) == {"cohort", "stage1", "backbone", "demist", "ridge", "synthesis", "evaluation"}
 
@@ -61,3 +74,32 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, smoke_config, caplog):
     assert minutes_cells(again)[:5] == minutes_cells(text)[:5] == [f"{timings[k]:.1f}" for k in
                                                                     ("cohort", "stage1", "backbone", "demist", "ridge")]
     assert "stage1 already done" in caplog.text and "demist already done" in caplog.text
+
+
+def test_reference_rows_decode_the_true_and_the_condition_latent(smoke_demo, smoke_config):
+    """ae-ceiling is D_PSR(E_PSR(y)) and aligned-condition D_PSR(z_c), through DEMIST's own encode/decode path; the
+    ceiling refuses a session without a true PSR."""
+    import torch
+
+    from demist.data.manifest import load_manifest
+    from demist.data.preprocess import prepare_session
+    from demist.errors import DemistError
+    from demist.inference.pipeline import load_synthesizer
+    from demist.inference.references import ReferenceSynthesizer
+
+    plan, _ = smoke_demo
+    demist = load_synthesizer(plan.run("demist"), device="cpu")
+    record = load_manifest(plan.manifest)[0]
+    session = prepare_session(record, smoke_config.data, need_target=True)
+    ceiling, _ = ReferenceSynthesizer.from_synthesizer(demist, "ae-ceiling").predict(session)
+    expected = demist.decode(demist.encode_target(torch.from_numpy(session.psr)[None, None]))[0, 0].numpy()
+    np.testing.assert_array_equal(ceiling, expected)
+    aligned, _ = ReferenceSynthesizer.from_synthesizer(demist, "aligned-condition").predict(session)
+    expected = demist.decode(demist.encode_condition(torch.from_numpy(session.condition)[None]))[0, 0].numpy()
+    np.testing.assert_array_equal(aligned, expected)
+    assert ceiling.shape == session.brain.shape and not np.array_equal(ceiling, aligned)
+    with pytest.raises(DemistError, match="needs its true PSR"):
+        ReferenceSynthesizer.from_synthesizer(demist, "ae-ceiling").predict(
+            dataclasses.replace(session, psr=None))
+    with pytest.raises(DemistError, match="unknown"):
+        ReferenceSynthesizer.from_synthesizer(demist, "oracle")

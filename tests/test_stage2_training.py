@@ -31,8 +31,8 @@ OVERRIDES = {
     "unet": {"channels": [16, 32, 32], "num_head_channels": [0, 16, 16], "norm_num_groups": 8},
     "train": {"checkpoint_every": 2, "log_every": 1},
     "backbone": {"steps": 2, "batch_size": 1},
-    "demist": {"steps": 3, "batch_size": 1, "edge_every": 2, "token_grid": [2, 2, 2], "token_dim": 12,
-               "lora_rank": 2},
+    "demist": {"steps": 3, "batch_size": 1, "edge_weight": 0.1, "edge_every": 2, "token_grid": [2, 2, 2],
+               "token_dim": 12, "lora_rank": 2, "hint_channels": [4, 8, 8]},
 }
 CFG = load_config("tiny", overrides=OVERRIDES)
 
@@ -131,8 +131,13 @@ def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(setup,
     assert any(".cross_attention." in k for k in saved) and any(k.startswith("token_encoder.") for k in saved)
     # the optimizer knows only the trained tensors
     state = torch.load(latest_checkpoint(run.path) / "training_state.pt", weights_only=True)
-    assert len(state["optimizers"]["streams"]["param_groups"][0]["params"]) == len(
-        [p for p in net.parameters() if p.requires_grad])
+    groups = state["optimizers"]["streams"]["param_groups"]
+    assert sum(len(g["params"]) for g in groups) == len([p for p in net.parameters() if p.requires_grad])
+    # the zero-initialised tensors train at their own learning rate (after the same schedule factor)
+    assert [g["name"] for g in groups] == ["streams", "zero-initialised"]
+    assert len(groups[1]["params"]) == len(net.zero_initialised_parameters())
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * CFG.demist.zero_init_lr_scale)
+    assert any(k.startswith("image_hint.") for k in saved)  # the tiny preset's ControlNet also sees the image
     # the zero-initialised gates have moved: the streams trained
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
 
@@ -159,8 +164,10 @@ def test_inference_networks_rebuild_the_trained_net(demist_run):
     generator = torch.Generator().manual_seed(0)
     x_t, z_c = torch.randn(1, 8, 4, 4, 4, generator=generator), torch.randn(1, 8, 4, 4, 4, generator=generator)
     t = torch.tensor([300])
+    image = torch.randn(1, 2, 16, 16, 16, generator=generator)
     with torch.no_grad():
-        torch.testing.assert_close(nets.net(x_t, t, z_c), net.eval()(x_t, t, z_c), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(nets.net(x_t, t, z_c, nets.net.embed_image(image)),
+                                   net.eval()(x_t, t, z_c, net.embed_image(image)), rtol=1e-5, atol=1e-6)
     assert not any(p.requires_grad for p in nets.net.parameters())
 
 
@@ -259,3 +266,30 @@ def test_commands_train_through_the_command_line(setup, tmp_path):
     run = read_run(tmp_path / "d")
     assert run.method == "demist-no-crossattn-no-lora" and run.config.preset == "tiny+small.toml"
     assert not any(".lora_" in k or "cross_attention" in k for k in run.weights("streams"))
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_zero_initialised_tensors_get_their_own_learning_rate(scale):
+    from demist.models.demist_net import DemistNet
+
+    torch.manual_seed(0)
+    net = DemistNet(build_unet(CFG.unet, 8), CFG.demist, CFG.unet, 8)
+    groups = stage2.stage2_parameter_groups(net, [net], 1e-3, scale)
+    by_name = {g["name"]: g for g in groups}
+    zero = {id(p) for p in net.zero_initialised_parameters()}
+    assert {id(p) for p in by_name["zero-initialised"]["params"]} == zero
+    assert not zero & {id(p) for p in by_name["streams"]["params"]}
+    assert by_name["zero-initialised"]["lr"] == pytest.approx(1e-3 * scale) and by_name["streams"]["lr"] == 1e-3
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    # what starts at zero: every ControlNet output gate, each cross-attention output projection and every LoRA-B
+    names = {n for n, p in net.named_parameters() if id(p) in zero}
+    assert any(n.startswith("controlnet.controlnet_down_blocks") for n in names)
+    assert any(".cross_attention.out_proj." in n for n in names) and any(".lora_B." in n for n in names)
+    assert all(not p.any() for p in net.zero_initialised_parameters())
+
+
+def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
+    bad = CFG.replace(demist=dataclasses.replace(CFG.demist, hint_channels=(4, 8)))
+    with pytest.raises(DemistError, match="demist.hint_channels"):
+        stage2.stage2_config(bad, None, None, None, None)

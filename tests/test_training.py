@@ -245,6 +245,13 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
     assert all(torch.equal(psr_run.weights("autoencoder")[k], v) for k, v in again.weights("psr_autoencoder").items())
     records = [json.loads(x) for x in (tmp_path / "s1" / "psr_ae" / "metrics.jsonl").read_text().splitlines()]
     assert {"recon", "kl", "edge", "adv", "discriminator"} <= set(records[-1])  # the GAN switched on at step 1
+    # align.recon_weight = 0 (tiny): only E_cond trains; the condition decoder is exactly the autoencoder run's
+    before = read_run(tmp_path / "s1" / "cond_ae", stages="autoencoder-cond").weights("autoencoder")
+    after = again.weights("cond_autoencoder")
+    decoder = [k for k in after if k.startswith(("decoder.", "post_quant_conv."))]
+    assert cfg.align.recon_weight == 0 and decoder
+    assert all(torch.equal(after[k], before[k]) for k in decoder)
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("encoder."))
 
 
 @pytest.mark.parametrize("args, message", [

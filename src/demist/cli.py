@@ -57,13 +57,15 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of the split."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
+    mean_samples: int = typer.Option(3, "--mean-samples", min=0,
+                                     help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
     from demist.demo import DemoPlan, run_demo
 
-    report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps),
-                      device=device)
+    report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
+                               mean_samples=mean_samples), device=device)
     typer.echo(f"report: {report}")
 
 

@@ -22,6 +22,8 @@ PRESETS = ("tiny", "paper")
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+GATE_INITS = ("zero", "default")  # demist.controlnet_gate_init
+CONTROLNET_HINTS = ("latent", "latent+image")  # demist.controlnet_hint
 
 
 def check_precision(key: str, value: str) -> None:
@@ -152,6 +154,33 @@ class DemistConfig:
     edge_every: int  # the decoded-edge term runs on every n-th step only (it decodes through D_PSR)
     align_weight: float  # acts only when finetune_cond_encoder is true
     finetune_cond_encoder: bool
+    # Departures from the paper's recipe, each one setting away from it (the paper's value in brackets):
+    # "zero" [paper] or "default": the ControlNet's input gate. Zero at both ends of the ControlNet means no gradient
+    # reaches its body at step 1; a default-initialised input gate keeps the network equal to the backbone at init
+    # (the output gates are still zero) and lets the copy learn from the first step.
+    controlnet_gate_init: str
+    # Learning-rate multiplier of the zero-initialised tensors (ControlNet output gates, a zero input gate,
+    # cross-attention output projections, LoRA-B) [paper: 1.0].
+    zero_init_lr_scale: float
+    # "latent" [paper]: the ControlNet sees z_c only. "latent+image": it also sees T1w + FLAIR at image resolution
+    # through MONAI's ControlNet conditioning embedding, i.e. what E_cond compresses away.
+    controlnet_hint: str
+    hint_channels: tuple[int, ...]  # the image hint's embedding channels: one 2× downsampling per entry after the first
+    lora_output_projection: bool  # LoRA on W_O as well as W_Q, W_K, W_V [paper: true]
+
+    def __post_init__(self) -> None:
+        if self.controlnet_gate_init not in GATE_INITS:
+            raise DemistError(f"config key demist.controlnet_gate_init: got {self.controlnet_gate_init!r}; "
+                              f"expected one of {', '.join(GATE_INITS)}")
+        if self.controlnet_hint not in CONTROLNET_HINTS:
+            raise DemistError(f"config key demist.controlnet_hint: got {self.controlnet_hint!r}; "
+                              f"expected one of {', '.join(CONTROLNET_HINTS)}")
+        if not self.zero_init_lr_scale > 0:
+            raise DemistError(f"config key demist.zero_init_lr_scale: got {self.zero_init_lr_scale}; "
+                              "expected a positive number")
+        if not self.hint_channels or min(self.hint_channels) < 1:
+            raise DemistError(f"config key demist.hint_channels: got {list(self.hint_channels)}; "
+                              "expected a non-empty list of positive channel counts")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 Layout of DIR: `splits.json` (seeded, reused on rerun); per fold `fold-K/stage1/`, `fold-K/backbone/` (trained once
 per fold and shared by every method that needs them), `fold-K/runs/<method>/`, `fold-K/predictions/<method>/`,
-`fold-K/evaluation/`, `fold-K/timings.json` (minutes of each step that ran); then `per_session.csv`, `table.md`, `table.csv` and `summary.json` over all folds. Each step
+`fold-K/evaluation/`, `fold-K/timings.json` (minutes of each step that ran); then `per_session.csv`, `table.md`
+(with the per-lesion AUC of each method, mean ± SD over folds) and `table.csv` over all folds. When DEMIST is among the
+methods, the reference rows `ae-ceiling` and `aligned-condition` of its run are scored beside it (never tested
+against). Each step
 is skipped when its output is finished and resumed from its last checkpoint when it is not, so an interrupted
 cross-validation continues where it stopped.
 """
@@ -130,6 +133,7 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
         strata = None
     splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
     rows: list[dict] = []
+    lesion_auc: dict[int, dict[str, float]] = {}
     for k, test_subjects in enumerate(splits):
         fold = out / f"fold-{k}"
         train_subjects = [s for s in subjects if s not in set(test_subjects)]
@@ -164,11 +168,24 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
                                               predictions[method.name], sessions=test_keys)
             if summary.failed:
                 raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
-        evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
-                             ring_mm=config.evaluation.ring_mm, bootstrap=config.evaluation.bootstrap,
-                             sessions=test_keys)
+        demist_runs = [m.name for m in methods if m.name.startswith("demist")]
+        if demist_runs:  # the reference rows of the (first) DEMIST run
+            from demist.inference.base import REFERENCES
+            from demist.inference.references import synthesize_references
+
+            references = {name: fold / "predictions" / name for name in REFERENCES}
+            for name, summary in synthesize_references(load_synthesizer(fold / "runs" / demist_runs[0], device=device),
+                                                       manifest, references, sessions=test_keys).items():
+                if summary.failed:
+                    raise DemistError(f"fold {k}: reference row {name} failed on {', '.join(summary.failed)}")
+            predictions.update(references)
+        result = evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
+                                      ring_mm=config.evaluation.ring_mm, bootstrap=config.evaluation.bootstrap,
+                                      sessions=test_keys)
         rows += [{**row, "fold": k} for row in read_per_session(fold / "evaluation" / "per_session.csv")]
-    return write_cv_tables(out, rows)
+        auc = (result.get("lesion_contrast") or {}).get("auc", {})
+        lesion_auc[k] = {source: float(entry["combined"]["auc"]) for source, entry in auc.items()}
+    return write_cv_tables(out, rows, lesion_auc)
 
 
 @contextmanager
@@ -196,17 +213,36 @@ def read_per_session(path: Path) -> list[dict]:
         return [{k: (float(v) if k in METRICS else v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def write_cv_tables(out: Path, rows: list[dict]) -> Path:
-    """Mean ± SD across folds, paired t-tests against the best other method; markdown, CSV and per-session CSV."""
-    from demist.atomic import atomic_path
-    from demist.evaluation.stats import paired_tests, summarise_folds, write_summary_csv, write_summary_markdown
+def write_cv_tables(out: Path, rows: list[dict], lesion_auc: dict[int, dict[str, float]] | None = None) -> Path:
+    """Mean ± SD across folds, paired t-tests against the best other method (reference rows take no part); markdown
+    (with the per-lesion AUC per method over folds, when given), CSV and per-session CSV."""
+    from demist.atomic import atomic_path, atomic_write
+    from demist.evaluation.stats import paired_tests, summarise_folds, summary_markdown, write_summary_csv
+    from demist.inference.base import REFERENCES
 
     summary = summarise_folds(rows)
-    tests = paired_tests(rows)
+    tests = paired_tests([row for row in rows if row["method"] not in REFERENCES])
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(out / "per_session.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     write_summary_csv(out / "table.csv", summary, tests)
-    return write_summary_markdown(out / "table.md", summary, tests)
+    return atomic_write(out / "table.md", summary_markdown(summary, tests) + lesion_auc_markdown(lesion_auc or {}))
+
+
+def lesion_auc_markdown(lesion_auc: dict[int, dict[str, float]]) -> str:
+    """Per-lesion lesion-vs-NAWM AUC (pNAWM and dNAWM pairs together) per source, mean ± SD over the folds that had
+    lesions; empty without any."""
+    import numpy as np
+
+    sources = list(dict.fromkeys(s for fold in lesion_auc.values() for s in fold))
+    if not sources:
+        return ""
+    lines = ["", "Per-lesion lesion-vs-NAWM ROC AUC (mean ± SD over folds with lesions; 1 = PSR always lower in the "
+             "lesion than in its NAWM):", "", "| source | AUC | folds |", "|---|---:|---:|"]
+    for source in sources:
+        values = np.array([fold[source] for fold in lesion_auc.values() if source in fold])
+        sd = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
+        lines.append(f"| {source} | {values.mean():.3f}{sd} | {len(values)} |")
+    return "\n".join(lines) + "\n"

@@ -22,8 +22,10 @@ from demist.errors import DemistError
 log = logging.getLogger(__name__)
 
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
-EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 7, "backbone": 7, "demist": 11, "ridge": 0.5, "synthesis": 2,
-                    "evaluation": 0.5}
+EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 10, "backbone": 7, "demist": 15, "ridge": 0.5, "synthesis": 6,
+                    "evaluation": 1}
+#: Samples averaged in the demo's "demist-meanK" row (beside the single sample) unless the plan says otherwise.
+MEAN_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class DemoPlan:
     held_out: int
     seed: int
     max_steps: int | None  # None: the preset's budgets
+    mean_samples: int = MEAN_SAMPLES  # the "demist-meanK" row averages this many samples; 0 leaves the row out
 
     @property
     def manifest(self) -> Path:
@@ -101,6 +104,8 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.evaluation.evaluate import evaluate_predictions
     from demist.inference.batch import synthesize_manifest
     from demist.inference.pipeline import load_synthesizer
+    from demist.inference.base import REFERENCES
+    from demist.inference.references import synthesize_references
     from demist.training.backbone import train_backbone
     from demist.training.stage1 import train_stage1
     from demist.training.stage2 import train_demist
@@ -133,18 +138,28 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     minutes["ridge"] = _step(plan.out, "ridge", ridge / "run.json", lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
     start, written = time.perf_counter(), 0
-    for method, run in (("demist", demist), ("ridge", ridge)):
-        summary = synthesize_manifest(load_synthesizer(run, device=device), plan.manifest, plan.predictions(method),
+    demist_synthesizer = load_synthesizer(demist, device=device)
+    mean_rows = [(f"demist-mean{plan.mean_samples}", demist_synthesizer, plan.mean_samples)
+                 ] if plan.mean_samples > 1 else []
+    for method, synthesizer, samples in (("demist", demist_synthesizer, 1), *mean_rows,
+                                         ("ridge", load_synthesizer(ridge, device=device), 1)):
+        summary = synthesize_manifest(synthesizer, plan.manifest, plan.predictions(method), samples=samples,
                                       sessions=test_keys)
         if summary.failed:
             raise DemistError(f"demo: synthesis with {method} failed for {', '.join(summary.failed)}")
+        written += len(summary.written)
+    for name, summary in synthesize_references(demist_synthesizer, plan.manifest,
+                                               {ref: plan.predictions(ref) for ref in REFERENCES},
+                                               sessions=test_keys).items():
+        if summary.failed:
+            raise DemistError(f"demo: reference row {name} failed for {', '.join(summary.failed)}")
         written += len(summary.written)
     minutes["synthesis"] = (_record(plan.out, "synthesis", (time.perf_counter() - start) / 60) if written
                             else _recorded(plan.out, "synthesis"))
     evaluation = plan.out / "evaluation"
     start = time.perf_counter()
-    results = evaluate_predictions(plan.manifest, {"demist": plan.predictions("demist"),
-                                                   "ridge": plan.predictions("ridge")},
+    rows = ("demist", *(row for row, _, _ in mean_rows), "ridge", *REFERENCES)
+    results = evaluate_predictions(plan.manifest, {row: plan.predictions(row) for row in rows},
                                    evaluation, psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm,
                                    bootstrap=cfg.evaluation.bootstrap, sessions=test_keys)
     minutes["evaluation"] = _record(plan.out, "evaluation", (time.perf_counter() - start) / 60)

@@ -13,39 +13,49 @@ RUN_LOSSES = {"stage1/psr_ae": "autoencoder", "stage1/cond_ae": "autoencoder", "
               "backbone": "denoise", "demist": "streams"}
 
 
-def _why_below(plan: Any) -> str:
-    """Where the shortfall comes from, in numbers from the runs: the autoencoder's ceiling and the diffusion budgets."""
-    try:
-        psr_ae = json.loads((plan.run("stage1") / "psr_ae" / "run.json").read_text())
-        seen = {}
-        for name in ("backbone", "demist"):
-            run = json.loads((plan.run(name) / "run.json").read_text())
-            seen[name] = int(run["training"]["steps"]) * int(run["config"][name]["batch_size"])
-        ceiling = float(psr_ae["metrics"]["train_patch_psnr"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return "At the tiny CPU budget the diffusion stages are far from converged."
-    return (f"The PSR autoencoder alone reconstructs its training patches at {ceiling:.1f} dB, so the shortfall lies "
-            f"in the diffusion stages: at the tiny CPU budget the backbone has seen {seen['backbone']:,} latent "
-            f"patches and the streams {seen['demist']:,}, far from convergence.")
+#: What the demo asks of DEMIST (issue-level acceptance figures, stated in the verdict with the measured values).
+TARGET_LESION_AUC = 0.85
+TARGET_GAIN_OVER_CONDITION_DB = 1.0
 
 
-def _verdict(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], why_below: str) -> list[str]:
-    """Plain sentences: where DEMIST is below the ridge floor, metric by metric."""
-    from demist.evaluation.metrics import HIGHER_IS_BETTER
+def _lesion_auc(results: Mapping[str, Any], source: str) -> float | None:
+    lesion = results.get("lesion_contrast") or {}
+    entry = lesion.get("auc", {}).get(source)
+    return None if entry is None else float(entry["combined"]["auc"])
 
-    below, above = [], []
-    for metric, higher in HIGHER_IS_BETTER.items():
-        if metric not in metrics.get("demist", {}) or metric not in metrics.get("ridge", {}):
-            continue
-        d, r = metrics["demist"][metric]["mean"], metrics["ridge"][metric]["mean"]
-        better = d > r if higher else d < r
-        (above if better else below).append(f"{metric} {d:.4g} vs {r:.4g}")
+
+def _verdict(results: Mapping[str, Any]) -> list[str]:
+    """Plain sentences with numbers: DEMIST against the ridge floor, against decoding the aligned condition, and
+    against the autoencoder's ceiling (the reference rows), each with the demo's target."""
+    metrics = results["metrics"]
+    mean = lambda row, metric: metrics[row][metric]["mean"]  # noqa: E731
+    if "demist" not in metrics or "ridge" not in metrics:
+        return []
     lines = []
-    if below:
-        lines.append(f"**DEMIST falls below the ridge floor** on: {'; '.join(below)} (DEMIST vs ridge). {why_below} "
-                     "The paper-size model on a GPU is what the method is for.")
-    if above:
-        lines.append(f"DEMIST is above the ridge floor on: {'; '.join(above)}.")
+    versus = []
+    for metric in ("psnr", "ssim"):
+        d, r = mean("demist", metric), mean("ridge", metric)
+        versus.append(f"{metric.upper()} {d:.4g} vs {r:.4g} ({'at or above' if d >= r else 'below'} the floor)")
+    lines.append(f"- **DEMIST vs the ridge floor** (target: at least ridge): {'; '.join(versus)}.")
+    auc = _lesion_auc(results, "demist")
+    if auc is not None:
+        lines.append(f"- **Per-lesion lesion-vs-NAWM AUC** (target ≥ {TARGET_LESION_AUC}): DEMIST {auc:.3f}"
+                     + "".join(f", {row} {a:.3f}" for row in ("ridge", "ae-ceiling", "oracle")
+                               if (a := _lesion_auc(results, row)) is not None) + ".")
+    if "aligned-condition" in metrics:
+        gain = mean("demist", "psnr") - mean("aligned-condition", "psnr")
+        lines.append(f"- **What the diffusion stage adds** over decoding the aligned condition latent D_PSR(z_c) "
+                     f"(target ≥ +{TARGET_GAIN_OVER_CONDITION_DB:g} dB): {gain:+.2f} dB PSNR "
+                     f"({mean('demist', 'psnr'):.2f} vs {mean('aligned-condition', 'psnr'):.2f}).")
+    if "ae-ceiling" in metrics:
+        lines.append(f"- **Ceiling**: the true PSR through the PSR autoencoder, D_PSR(E_PSR(y)), scores "
+                     f"{mean('ae-ceiling', 'psnr'):.2f} dB / SSIM {mean('ae-ceiling', 'ssim'):.3f}; no method that "
+                     "decodes with D_PSR can do better.")
+    means = [row for row in metrics if row.startswith("demist-mean")]
+    for row in means:
+        lines.append(f"- **Mean of {row[len('demist-mean'):]} samples**: {mean(row, 'psnr'):.2f} dB / SSIM "
+                     f"{mean(row, 'ssim'):.3f} (one sample: {mean('demist', 'psnr'):.2f} / "
+                     f"{mean('demist', 'ssim'):.3f}).")
     return lines
 
 
@@ -94,7 +104,10 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         "",
         "## Verdict",
         "",
-        *(_verdict(results["metrics"], _why_below(plan)) or ["No comparison available."]),
+        "Reference rows are diagnostics scored like methods, not outputs of DEMIST: `ae-ceiling` decodes the true "
+        "PSR's latent, `aligned-condition` decodes z_c without the diffusion model.",
+        "",
+        *(_verdict(results) or ["No comparison available."]),
         "",
         "## Time per step (minutes, this machine)",
         "",

@@ -14,6 +14,11 @@ from demist.config import Config
 from demist.data.preprocess import PreparedSession
 
 
+#: Diagnostic rows scored beside the methods (`inference.references`): the PSR autoencoder's ceiling and the aligned
+#: condition latent decoded without diffusion. They are never a method, nor the best method a test compares with.
+REFERENCES = ("ae-ceiling", "aligned-condition")
+
+
 class Synthesizer(Protocol):
     """A trained method that turns a prepared T1w + FLAIR session into PSR."""
 

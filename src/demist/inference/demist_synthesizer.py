@@ -129,6 +129,14 @@ class DemistSynthesizer:
 
         return tiled(encode, condition, self._image_tile, AUTOENCODER_OVERLAP) * self.latent_scale_factor
 
+    def encode_target(self, psr: torch.Tensor) -> torch.Tensor:
+        """z_y: the PSR encoder's mean of (B, 1, …) PSR / psr_range, times the latent scale factor (reference rows)."""
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.psr_autoencoder.encode(x)[0].float()
+
+        return tiled(encode, psr, self._image_tile, AUTOENCODER_OVERLAP) * self.latent_scale_factor
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """PSR / psr_range from a (scaled) PSR latent."""
         def decode(x: torch.Tensor) -> torch.Tensor:
@@ -137,16 +145,33 @@ class DemistSynthesizer:
 
         return tiled(decode, z, self._decoder_tile, AUTOENCODER_OVERLAP)
 
-    def denoiser(self, z_c: torch.Tensor):
-        """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c, tiled."""
+    def image_hint(self, condition: torch.Tensor) -> torch.Tensor | None:
+        """The ControlNet's image hint at latent resolution (computed once per volume), or None if the net has none."""
+        if not getattr(self.net, "uses_image", False):
+            return None
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.net.embed_image(x).float()
+
+        # Plain strided convolutions, no normalisation: large tiles (those of the UNet, at image resolution) give the
+        # untiled result away from tile borders, at a fraction of the cost of the autoencoders' small windows.
+        factor = 2 ** (len(self.config.autoencoder.channels) - 1)
+        tile = tuple(factor * t for t in self._latent_tile)
+        return tiled(embed, condition, tile, self.config.sampling.tile_overlap)
+
+    def denoiser(self, z_c: torch.Tensor, image_hint: torch.Tensor | None = None):
+        """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c (and the image hint),
+        tiled: x_t, z_c and the hint are stacked along the channels so that every tile sees the same region."""
         channels = z_c.shape[1]
 
         def tile_fn(stacked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            extra = (stacked[:, 2 * channels:],) if image_hint is not None else ()
             with self._autocast():
-                return self.net(stacked[:, :channels], t, stacked[:, channels:]).float()
+                return self.net(stacked[:, :channels], t, stacked[:, channels:2 * channels], *extra).float()
 
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            stacked = torch.cat([x_t, z_c], dim=1)
+            stacked = torch.cat([x_t, z_c, *([image_hint] if image_hint is not None else [])], dim=1)
             return tiled(tile_fn, stacked, self._latent_tile, self.config.sampling.tile_overlap, t=t)
 
         return model
@@ -157,7 +182,7 @@ class DemistSynthesizer:
         """Mean and SD over `samples` PSR / psr_range maps on the session's model grid."""
         condition = torch.from_numpy(session.condition)[None].to(self.device)
         z_c = self.encode_condition(condition)
-        model = self.denoiser(z_c)
+        model = self.denoiser(z_c, self.image_hint(condition))
         sample_fn = SAMPLERS[self.sampler]
         outputs = []
         for k in range(samples):

@@ -1,26 +1,45 @@
-"""Spatial stream: a trainable copy of the backbone's encoder (MONAI `ControlNet`) fed z_c through a zero gate.
+"""Spatial stream: a trainable copy of the backbone's encoder (MONAI `ControlNet`) fed z_c through an input gate.
 
-The copy starts from the backbone's weights. z_c enters through a zero-initialised 1×1×1 conv (replacing MONAI's
-image-resolution `controlnet_cond_embedding`), and the copy's outputs leave through MONAI's zero-initialised 1×1×1
-convs, to be added to the frozen UNet's skip connections and middle block. Both gates start at zero, so at
-initialisation the ControlNet adds nothing.
+The copy starts from the backbone's weights. z_c enters through a 1×1×1 conv (replacing MONAI's image-resolution
+`controlnet_cond_embedding`), and the copy's outputs leave through MONAI's zero-initialised 1×1×1 convs, to be added
+to the frozen UNet's skip connections and middle block, so at initialisation the ControlNet adds nothing whatever
+the input gate holds. The paper zero-initialises the input gate too (`gate_init="zero"`); then no gradient reaches
+the copy's body until the output gates have grown, and `gate_init="default"` starts the gate at PyTorch's default.
+
+Optionally (`demist.controlnet_hint = "latent+image"`) the hint also carries T1w + FLAIR at image resolution through
+MONAI's `ControlNetConditioningEmbedding` (`build_image_hint`), computed by the caller and added after the gate.
 """
 
 from __future__ import annotations
 
+import torch
 from monai.networks.blocks import Convolution
 from monai.networks.nets import ControlNet, DiffusionModelUNet
+from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
+from torch import nn
 
 from demist.config import UNetConfig
 from demist.models.backbone import unet_kwargs
 
 _CONTROLNET_ONLY = "controlnet_"  # MONAI's prefix for the ControlNet's own modules (gates, embedding)
 _DECODER_ONLY = ("up_blocks.", "out.")  # parts of the UNet the ControlNet does not have
+IMAGE_CHANNELS = 2  # T1w, FLAIR
+
+
+class LatentGate(Convolution):
+    """The 1×1×1 input gate on z_c. Its input is z_c, or z_c with an already embedded image hint stacked behind it
+    along the channels (MONAI's ControlNet hands its `controlnet_cond` to this module unchanged); the hint is added
+    after the gate."""
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        latent = self.conv.in_channels
+        gated = super().forward(cond[:, :latent])
+        return gated if cond.shape[1] == latent else gated + cond[:, latent:]
 
 
 def build_gated_controlnet(backbone: DiffusionModelUNet, unet_cfg: UNetConfig, latent_channels: int,
-                           use_flash_attention: bool = False) -> ControlNet:
-    """A ControlNet with the backbone's encoder weights and a zero 1×1×1 input gate for a latent condition.
+                           use_flash_attention: bool = False, gate_init: str = "zero") -> ControlNet:
+    """A ControlNet with the backbone's encoder weights and a 1×1×1 input gate for a latent condition.
 
     Call it before LoRA or cross-attention change the backbone's module names.
     """
@@ -29,10 +48,10 @@ def build_gated_controlnet(backbone: DiffusionModelUNet, unet_cfg: UNetConfig, l
     first = unet_cfg.channels[0]
     controlnet = ControlNet(**kwargs, conditioning_embedding_in_channels=latent_channels,
                             conditioning_embedding_num_channels=(first,))
-    gate = Convolution(spatial_dims=3, in_channels=latent_channels, out_channels=first, kernel_size=1,
-                       conv_only=True)
-    gate.conv.weight.data.zero_()
-    gate.conv.bias.data.zero_()
+    gate = LatentGate(spatial_dims=3, in_channels=latent_channels, out_channels=first, kernel_size=1, conv_only=True)
+    if gate_init == "zero":
+        gate.conv.weight.data.zero_()
+        gate.conv.bias.data.zero_()
     controlnet.controlnet_cond_embedding = gate
 
     result = controlnet.load_state_dict(backbone.state_dict(), strict=False)
@@ -42,3 +61,19 @@ def build_gated_controlnet(backbone: DiffusionModelUNet, unet_cfg: UNetConfig, l
         raise RuntimeError(f"ControlNet copy does not match the backbone: missing {wrong_missing[:5]}, "
                            f"unexpected {wrong_unexpected[:5]}")
     return controlnet
+
+
+def build_image_hint(out_channels: int, channels: tuple[int, ...], gate_init: str = "zero") -> nn.Module:
+    """MONAI's ControlNet conditioning embedding: T1w + FLAIR → `out_channels` features, downsampled 2× per entry of
+    `channels` after the first. MONAI zero-initialises its output conv; `gate_init="default"` re-initialises it."""
+    embedding = ControlNetConditioningEmbedding(spatial_dims=3, in_channels=IMAGE_CHANNELS,
+                                                out_channels=out_channels, channels=tuple(channels))
+    if gate_init == "default":
+        embedding.conv_out.conv.reset_parameters()
+    return embedding
+
+
+def zero_initialised_modules(controlnet: ControlNet, gate_init: str) -> list[nn.Module]:
+    """The ControlNet's modules that start at zero: its output gates, and its input gate when `gate_init="zero"`."""
+    modules: list[nn.Module] = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    return modules + ([controlnet.controlnet_cond_embedding] if gate_init == "zero" else [])

@@ -1,9 +1,11 @@
 """DEMIST's Stage-2 network: a frozen unconditional latent UNet conditioned on z_c by three switchable streams.
 
 - semantic: z_c → tokens (`tokens.TokenEncoder`) → new cross-attention around every self-attention block;
-- spatial: a gated ControlNet copy of the encoder, whose outputs are added to the frozen skip connections;
-- adaptive: LoRA on the q/k/v projections of every self-attention block.
-Every new path starts at zero, so an untrained DemistNet predicts exactly what its backbone predicts. Only the new
+- spatial: a gated ControlNet copy of the encoder, whose outputs are added to the frozen skip connections (its hint
+  is z_c, and with `controlnet_hint = "latent+image"` also T1w + FLAIR at image resolution, `embed_image`);
+- adaptive: LoRA on the q/k/v (and output) projections of every self-attention block.
+Every new path ends in a zero-initialised layer, so an untrained DemistNet predicts exactly what its backbone
+predicts. Only the new
 parts train and only they are saved (`trainable_state_dict`); the backbone's weights are stored once, in its own run.
 """
 
@@ -19,9 +21,10 @@ from torch import nn
 from demist.config import DemistConfig, UNetConfig
 from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention
-from demist.models.controlnet import build_gated_controlnet
+from demist.models.controlnet import build_gated_controlnet, build_image_hint, zero_initialised_modules
 from demist.models.crossattn import TokenSlot, add_cross_attention, cross_attention_wrappers
-from demist.models.lora import inject_lora, lora_is_merged, lora_layers, merge_lora, unmerge_lora
+from demist.models.lora import (add_identity_output_projections, inject_lora, lora_is_merged, lora_layers, merge_lora,
+                                unmerge_lora)
 from demist.models.tokens import TokenEncoder
 
 logger = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ STREAMS = ("semantic", "spatial", "adaptive")
 
 
 class DemistNet(nn.Module):
-    """`forward(x_t, t, z_c)` → the backbone's prediction target (ε, v or x0), conditioned on z_c.
+    """`forward(x_t, t, z_c, image_hint)` → the backbone's prediction target (ε, v or x0), conditioned on z_c (and,
+    with an image hint, on `embed_image(T1w + FLAIR)`).
 
     Takes ownership of `backbone` and changes it in place (LoRA layers, cross-attention wrappers); its pretrained
     weights stay frozen and unchanged (unless LoRA is merged, see `merge_lora`).
@@ -53,9 +57,15 @@ class DemistNet(nn.Module):
 
         # Order matters: the ControlNet copies the backbone's weights under their original names, peft then
         # renames the q/k/v weights, and the cross-attention wrappers go around the (LoRA-carrying) blocks last.
-        self.controlnet = (build_gated_controlnet(backbone, unet_cfg, latent_channels, flash)
+        self.gate_init = demist_cfg.controlnet_gate_init
+        self.controlnet = (build_gated_controlnet(backbone, unet_cfg, latent_channels, flash, self.gate_init)
                            if demist_cfg.controlnet else None)
+        self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init)
+                           if demist_cfg.controlnet and demist_cfg.controlnet_hint == "latent+image" else None)
         if demist_cfg.lora:
+            if demist_cfg.lora_output_projection:  # identity W_O layers are part of the frozen backbone
+                pretrained |= {id(p) for layer in add_identity_output_projections(backbone)
+                               for p in layer.parameters()}
             inject_lora(backbone, demist_cfg.lora_rank, demist_cfg.lora_alpha)
         self._tokens = TokenSlot()
         if demist_cfg.crossattn:
@@ -72,15 +82,31 @@ class DemistNet(nn.Module):
         logger.info("DemistNet streams %s; parameters %s", self.streams, self.parameter_counts())
 
     # ----------------------------------------------------------------------------------------------- forward
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        """x_t, z_c: (B, latent_channels, X, Y, Z) with X, Y, Z multiples of the UNet's downsampling; t: (B,)."""
-        self._check_inputs(x_t, t, z_c)
-        down, mid = (self.controlnet(x_t, t, controlnet_cond=z_c) if self.controlnet is not None else (None, None))
+    @property
+    def uses_image(self) -> bool:
+        """Whether the ControlNet's hint includes T1w + FLAIR at image resolution (pass `image_hint` to forward)."""
+        return self.image_hint is not None
+
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        """T1w + FLAIR (B, 2, 4X, 4Y, 4Z) → the image hint at latent resolution. It does not depend on x_t or t, so
+        a sampler computes it once per volume."""
+        if self.image_hint is None:
+            raise RuntimeError("embed_image: this DemistNet has no image hint (demist.controlnet_hint = 'latent')")
+        return self.image_hint(image)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
+                image_hint: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t, z_c: (B, latent_channels, X, Y, Z) with X, Y, Z multiples of the UNet's downsampling; t: (B,);
+        image_hint: `embed_image(...)` of the same region, required exactly when the net uses the image."""
+        self._check_inputs(x_t, t, z_c, image_hint)
+        hint = z_c if image_hint is None else torch.cat([z_c, image_hint.to(z_c.dtype)], dim=1)
+        down, mid = (self.controlnet(x_t, t, controlnet_cond=hint) if self.controlnet is not None else (None, None))
         tokens = self.token_encoder(z_c) if self.token_encoder is not None else None
         with self._tokens.holding(tokens):
             return self.backbone(x_t, t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
-    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> None:
+    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
+                      image_hint: torch.Tensor | None) -> None:
         if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
             raise DemistError(f"x_t: shape {tuple(x_t.shape)}; expected (B, {self.latent_channels}, X, Y, Z)")
         if z_c.shape != x_t.shape:
@@ -89,6 +115,12 @@ class DemistNet(nn.Module):
             raise DemistError(f"x_t: spatial size {tuple(x_t.shape[2:])}; expected multiples of {self.downsampling}")
         if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
             raise DemistError(f"t: shape {tuple(t.shape)}; expected ({x_t.shape[0]},), one timestep per sample")
+        if (image_hint is None) == self.uses_image:
+            raise DemistError("image_hint: " + ("missing; this net's ControlNet also sees the image (embed_image)"
+                                                if self.uses_image else "given to a net whose hint is z_c only"))
+        if image_hint is not None and (image_hint.shape[0] != x_t.shape[0] or image_hint.shape[2:] != x_t.shape[2:]):
+            raise DemistError(f"image_hint: shape {tuple(image_hint.shape)}; expected batch and spatial size of x_t, "
+                              f"{tuple(x_t.shape)}")
 
     # ------------------------------------------------------------------------------------------------- LoRA
     @property
@@ -145,11 +177,27 @@ class DemistNet(nn.Module):
             groups["semantic"] += [p for m in wrapper.new_modules() for p in m.parameters()]
         if self.controlnet is not None:
             groups["spatial"] += list(self.controlnet.parameters())
+        if self.image_hint is not None:
+            groups["spatial"] += list(self.image_hint.parameters())
         for layer in lora_layers(self.backbone).values():
             groups["adaptive"] += list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
         claimed = {id(p) for params in groups.values() for p in params}
         groups["backbone"] = [p for p in self.backbone.parameters() if id(p) not in claimed]
         return groups
+
+    def zero_initialised_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors that start at zero, whose growth lets the conditioning in: the ControlNet's output
+        gates (and input gate or image-hint output when they start at zero), the cross-attention output projections
+        and LoRA-B. Training may give them their own learning rate (`demist.zero_init_lr_scale`)."""
+        modules: list[nn.Module] = []
+        if self.controlnet is not None:
+            modules += zero_initialised_modules(self.controlnet, self.gate_init)
+        if self.image_hint is not None and self.gate_init == "zero":
+            modules.append(self.image_hint.conv_out)
+        modules += [w.cross_attention.out_proj for w in cross_attention_wrappers(self.backbone)]
+        modules += [layer.lora_B for layer in lora_layers(self.backbone).values()]
+        params = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+        return list(params.values())
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """Trainable and frozen parameter counts of the backbone, each stream, and in total (JSON-ready)."""

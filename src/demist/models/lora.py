@@ -1,8 +1,10 @@
-"""Adaptive stream: LoRA on the q/k/v projections of every self-attention block of the frozen backbone (peft).
+"""Adaptive stream: LoRA on the attention projections of every self-attention block of the frozen backbone (peft).
 
 Targets are chosen by name under the attention blocks, never by layer type: the UNet's other Linear layers (the
-time-embedding MLP, each ResNet block's `time_emb_proj`) are not attention projections. With `include_fc=False`
-the output projection is an `nn.Identity`, so q/k/v are all there is. peft is imported lazily (it takes seconds).
+time-embedding MLP, each ResNet block's `time_emb_proj`) are not attention projections. With `include_fc=False` (the
+bundle) a block has no output projection, i.e. W_O = I. The paper puts LoRA on W_O too, so
+`add_identity_output_projections` gives each block a frozen identity `nn.Linear` there (which changes nothing) for
+LoRA to adapt. peft is imported lazily (it takes seconds).
 """
 
 from __future__ import annotations
@@ -12,16 +14,35 @@ import re
 import torch
 from torch import nn
 
-from demist.models.backbone import ATTENTION_BLOCK_NAME
+from demist.models.backbone import ATTENTION_BLOCK_NAME, attention_block_names
 
 # `.block` appears once the block has been wrapped with cross-attention (crossattn.CrossAttentionWrapper).
-_TARGET_NAME = re.compile(rf"{ATTENTION_BLOCK_NAME.pattern}(\.block)?\.attn\.to_[qkv]")
+_TARGET_NAME = re.compile(rf"{ATTENTION_BLOCK_NAME.pattern}(\.block)?\.attn\.(to_[qkv]|out_proj)")
 LORA_KEY_MARK = ".lora_"
 
 
+def add_identity_output_projections(unet: nn.Module) -> list[nn.Linear]:
+    """Give every self-attention block without an output projection a frozen identity one, in place (its output is
+    unchanged: x·I + 0 is exact in floating point); returns the new layers."""
+    added = []
+    for name in attention_block_names(unet):
+        attn = unet.get_submodule(name).attn
+        if attn.include_fc:
+            continue
+        layer = nn.Linear(attn.inner_dim, attn.hidden_input_size)
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(attn.hidden_input_size, attn.inner_dim))
+            layer.bias.zero_()
+        layer.requires_grad_(False)
+        attn.out_proj, attn.include_fc = layer, True
+        added.append(layer)
+    return added
+
+
 def lora_target_names(unet: nn.Module) -> list[str]:
-    """Names of the q/k/v Linear layers of the UNet's self-attention blocks."""
-    names = [name for name, module in unet.named_modules() if _TARGET_NAME.fullmatch(name)]
+    """Names of the q/k/v (and, where it is a Linear, output) projections of the UNet's self-attention blocks."""
+    names = [name for name, module in unet.named_modules()
+             if _TARGET_NAME.fullmatch(name) and not isinstance(module, nn.Identity)]
     for name in names:
         if not isinstance(unet.get_submodule(name), nn.Linear):
             raise TypeError(f"{name} is {type(unet.get_submodule(name)).__name__}; expected a plain nn.Linear")
@@ -36,7 +57,7 @@ def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def inject_lora(unet: nn.Module, rank: int, alpha: float) -> list[str]:
-    """Add LoRA (W + alpha/rank · B·A, B = 0 at first) to every self-attention q/k/v of `unet`, in place.
+    """Add LoRA (W + alpha/rank · B·A, B = 0 at first) to every self-attention projection of `unet`, in place.
 
     Load pretrained weights before calling this: peft renames the wrapped weights (`to_q.weight` becomes
     `to_q.base_layer.weight`). peft also switches off gradients for all non-LoRA parameters of `unet`.

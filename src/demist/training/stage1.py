@@ -108,22 +108,29 @@ def autoencoder_stage(cfg: Config, modality: str, autoencoder: nn.Module, discri
 
 def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: nn.Module,
                     sampler: PatchSampler) -> Stage:
-    """E_PSR frozen; the condition autoencoder learns μ_c ≈ μ_y while keeping its reconstruction (and KL)."""
+    """E_PSR frozen; the condition autoencoder learns μ_c ≈ μ_y, keeping its reconstruction if `align.recon_weight`
+    is positive (and its KL)."""
     freeze(psr_autoencoder)
     a, s1 = cfg.align, cfg.stage1
 
     def align_loss(m, batch, step, ctx):
         with torch.no_grad():
             mu_psr = m["psr_autoencoder"].encode(batch["target"])[0]
-        weights = voxel_weights(batch["brain"], s1.background_weight)
-        recon, mu_cond, sigma = m["cond_autoencoder"](batch["cond"])
-        terms = {"align": alignment_loss(mu_cond, mu_psr),
-                 "recon": reconstruction_loss(recon, batch["cond"], weights, s1.l1_weight, s1.l2_weight),
-                 "kl": kl_divergence(mu_cond, sigma)}
+        if a.recon_weight > 0:
+            weights = voxel_weights(batch["brain"], s1.background_weight)
+            recon, mu_cond, sigma = m["cond_autoencoder"](batch["cond"])
+            terms = {"recon": reconstruction_loss(recon, batch["cond"], weights, s1.l1_weight, s1.l2_weight)}
+        else:  # nothing needs the condition decoder: encode only (about half the cost of a step)
+            mu_cond, sigma = m["cond_autoencoder"].encode(batch["cond"])
+            terms = {"recon": torch.zeros((), device=mu_cond.device)}
+        terms |= {"align": alignment_loss(mu_cond, mu_psr), "kl": kl_divergence(mu_cond, sigma)}
         total = terms["align"] + a.recon_weight * terms["recon"] + s1.kl_weight * terms["kl"]
         return {"loss": total, **terms}
 
-    optimizer = torch.optim.Adam(cond_autoencoder.parameters(), lr=a.learning_rate)
+    if a.recon_weight == 0:  # the decoder gets no gradient: freeze it (DDP would otherwise wait for its gradients)
+        for part in (cond_autoencoder.decoder, cond_autoencoder.post_quant_conv):
+            part.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in cond_autoencoder.parameters() if p.requires_grad], lr=a.learning_rate)
     return Stage(name="align", modules={"psr_autoencoder": psr_autoencoder, "cond_autoencoder": cond_autoencoder},
                  phases=[Phase("align", optimizer, align_loss, warmup_cosine(optimizer, a.steps))],
                  batch=sampler.batch, steps=a.steps)

@@ -5,7 +5,8 @@ factor), cropped from whole sessions encoded once (`latent_patches`); both encod
 `demist.finetune_cond_encoder`, which encodes z_c from each image patch instead (so that E_cond gets gradients; its
 latents then differ slightly from the whole-volume ones at inference); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
 
-    loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type)
+    loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type; with
+                                                 `controlnet_hint = "latent+image"` the net also sees the image patch)
          + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁   on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
          + λ_align·‖z_c − z_y‖²             only when E_cond is fine-tuned.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
         z_y = batch["z_y"].float()
         z_c = batch["z_c"].float() if cond_encoder is None else m["cond_encoder"](batch["cond"]).float()
         x_t, t, target = sample_noising(z_y, schedule)
-        prediction = m["streams"](x_t, t, z_c)
+        prediction = m["streams"](x_t, t, z_c, batch.get("cond"))
         terms = {"diffusion": ((prediction.float() - target) ** 2).mean()}
         total = terms["diffusion"]
         if d.edge_weight > 0 and step % d.edge_every == 0:
@@ -75,11 +76,24 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
     modules: dict[str, nn.Module] = {"streams": streams, "psr_autoencoder": psr_autoencoder}
     if cond_encoder is not None:
         modules["cond_encoder"] = cond_encoder
-    params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=d.learning_rate)
+    optimizer = torch.optim.AdamW(stage2_parameter_groups(streams.net, modules.values(), d.learning_rate,
+                                                          d.zero_init_lr_scale))
     return Stage(name=STAGE, modules=modules,
                  phases=[Phase("streams", optimizer, streams_loss, warmup_cosine(optimizer, d.steps))],
                  batch=sampler.batch, steps=d.steps)
+
+
+def stage2_parameter_groups(net: DemistNet, modules: Iterable[nn.Module], learning_rate: float,
+                            zero_init_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups of everything that trains: the zero-initialised tensors of `net` at `learning_rate` ×
+    `zero_init_lr_scale`, the rest at `learning_rate`. (Zero tensors must grow before the conditioning reaches the
+    output; a larger step there shortens the phase in which the streams change nothing.)"""
+    zero = {id(p) for p in net.zero_initialised_parameters()}
+    params = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
+    groups = [{"params": [p for i, p in params.items() if i not in zero], "lr": learning_rate, "name": "streams"},
+              {"params": [p for i, p in params.items() if i in zero], "lr": learning_rate * zero_init_lr_scale,
+               "name": "zero-initialised"}]
+    return [g for g in groups if g["params"]]
 
 
 def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, controlnet: bool | None,
@@ -90,6 +104,11 @@ def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, co
     if not (demist.crossattn or demist.controlnet or demist.lora):
         raise DemistError("--no-crossattn --no-controlnet --no-lora: all streams are off, so nothing conditions the "
                           "backbone; expected at least one of crossattn, controlnet, lora")
+    factor = 2 ** (len(cfg.autoencoder.channels) - 1)
+    if demist.controlnet and demist.controlnet_hint == "latent+image" and 2 ** (len(demist.hint_channels) - 1) != factor:
+        raise DemistError(f"config key demist.hint_channels: {list(demist.hint_channels)} downsamples the image "
+                          f"{2 ** (len(demist.hint_channels) - 1)}×; expected {factor}× like the autoencoder, i.e. "
+                          f"{len(cfg.autoencoder.channels)} entries")
     if demist.edge_every < 1:
         raise DemistError(f"config key demist.edge_every: got {demist.edge_every}; expected an integer >= 1")
     return cfg.replace(demist=demist)
@@ -119,7 +138,8 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     if not finetune:  # a frozen E_cond gives fixed latents: encode them once too
         encoders["z_c"] = (stage1.cond_autoencoder, "cond")
     factor = downsampling_factor(cfg.autoencoder)
-    image_keys = ("target", "brain", "cond") if finetune else ("target", "brain")
+    uses_image = cfg.demist.controlnet and cfg.demist.controlnet_hint == "latent+image"
+    image_keys = ("target", "brain", "cond") if finetune or uses_image else ("target", "brain")
     latents = encode_sessions(sessions, encoders, stage1.scale_factor, cfg.autoencoder.patch_size, factor,
                               cfg.data.patch_size, encoding_device(device), keep=image_keys)
     sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
@@ -179,4 +199,7 @@ def conditioned_denoising_error(net: nn.Module, batches: Sequence[dict[str, torc
     else:
         cond_encoder.to(device)
         z_c = torch.cat([cond_encoder(b["cond"].to(device)).float() for b in batches])
+    if getattr(net, "uses_image", False):  # a DemistNet whose ControlNet also sees the image patches
+        hint = torch.cat([net.embed_image(b["cond"].to(device)) for b in batches])
+        return denoising_error(lambda x_t, t: net(x_t, t, z_c, hint), z_y, schedule)
     return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)

@@ -40,8 +40,10 @@ class TrainableStreams(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t, z_c)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        """`image`: the T1w + FLAIR patch under the latent patch, for a net whose ControlNet also sees the image."""
+        return self.net(x_t, t, z_c, self.net.embed_image(image) if self.net.uses_image else None)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return self.net.trainable_state_dict()

@@ -1,0 +1,102 @@
+"""Does each departure from the paper's Stage-2 recipe pay? DEMIST variants on a finished demo's Stage 1 and backbone.
+
+Every variant is the `tiny` preset with some [demist] keys set back to the paper's value (or another setting); each
+trains for the same steps on the demo's training subjects (same Stage 1, frozen backbone and seed), synthesizes the
+demo's held-out sessions through `demist synthesize`'s path, and is scored by `demist evaluate` (PSNR, SSIM, MSE
+inside the brain; per-lesion lesion-vs-NAWM AUC) beside the reference rows: the ridge floor, the autoencoder's
+ceiling D_PSR(E_PSR(y)) and the aligned condition decoded, D_PSR(z_c). Finished runs are reused when rerun.
+
+    python benchmarks/stage2_recipe.py --demo demo --out /tmp/recipe                   # every variant
+    python benchmarks/stage2_recipe.py --demo demo --out /tmp/recipe --variants recipe,paper-init --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+from demist.config import load_config
+from demist.data.manifest import load_manifest, select_subjects
+from demist.demo import split_subjects
+from demist.evaluation.evaluate import evaluate_predictions
+from demist.inference.batch import synthesize_manifest
+from demist.inference.pipeline import load_synthesizer
+from demist.inference.base import REFERENCES
+from demist.inference.references import synthesize_references
+from demist.training.stage2 import train_demist
+
+#: [demist] keys of each variant, on top of the tiny preset (which is "recipe").
+VARIANTS = {
+    "recipe": {},
+    "no-image-hint": {"controlnet_hint": "latent"},
+    "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0, "controlnet_hint": "latent"},
+    "no-lora-wo": {"lora_output_projection": False},
+    "edge-term": {"edge_weight": 0.1},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, required=True, help="A finished (or at least backbone-trained) demo.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps per variant (default: the preset's).")
+    parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
+    parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
+    parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+
+    base = load_config("tiny")
+    manifest = args.demo / "cohort" / "manifest.csv"
+    train_subjects, test_subjects = split_subjects(manifest, args.held_out, args.seed)
+    test_keys = [r.key for r in select_subjects(load_manifest(manifest), test_subjects)]
+    stage1, backbone = args.demo / "runs" / "stage1" / "stage1", args.demo / "runs" / "backbone"
+    predictions = {"ridge": args.demo / "predictions" / "ridge"}
+    cpu_minutes: dict[str, float] = {}
+    demo_demist = args.demo / "runs" / "demist"
+    for name in names:
+        cfg = base.replace(demist=dataclasses.replace(base.demist, **VARIANTS[name]))
+        run = args.out / "runs" / name
+        if name == "recipe" and args.steps is None and (demo_demist / "run.json").exists():
+            run = demo_demist  # the demo's own DEMIST is the recipe at the preset's steps
+            print(f"recipe: the demo's run {run}")
+        elif not (run / "run.json").exists():
+            start, cpu = time.perf_counter(), time.process_time()
+            train_demist(manifest, stage1, backbone, cfg, run, max_steps=args.steps, device="cpu", resume=True,
+                         subjects=train_subjects)
+            cpu_minutes[name] = (time.process_time() - cpu) / 60
+            print(f"{name}: trained in {(time.perf_counter() - start) / 60:.1f} min wall, {cpu_minutes[name]:.1f} "
+                  f"CPU-min; load average {os.getloadavg()[0]:.2f}", flush=True)
+        synthesizer = load_synthesizer(run, device="cpu")
+        synthesize_manifest(synthesizer, manifest, args.out / "predictions" / name, sessions=test_keys,
+                            progress=False)
+        predictions[name] = args.out / "predictions" / name
+        if name == names[0]:  # the reference rows depend on Stage 1 only
+            references = {r: args.out / "predictions" / r for r in REFERENCES}
+            synthesize_references(synthesizer, manifest, references, sessions=test_keys)
+            predictions.update(references)
+
+    results = evaluate_predictions(manifest, predictions, args.out / "evaluation", psr_range=base.data.psr_range,
+                                   ring_mm=base.evaluation.ring_mm, bootstrap=200, sessions=test_keys,
+                                   progress=False)
+    lesion = (results.get("lesion_contrast") or {}).get("auc", {})
+    print(f"\n{len(test_keys)} held-out sessions; inside the brain, PSR/{base.data.psr_range} (data range 1); "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'row':18s} {'PSNR dB':>8s} {'SSIM':>7s} {'MSE':>9s} {'lesion AUC':>10s} {'train CPU-min':>13s}")
+    for row, values in results["metrics"].items():
+        auc = lesion.get(row, {}).get("combined", {}).get("auc", float("nan"))
+        print(f"{row:18s} {values['psnr']['mean']:8.2f} {values['ssim']['mean']:7.3f} {values['mse']['mean']:9.5f} "
+              f"{auc:10.3f} {cpu_minutes.get(row, float('nan')):13.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Reference rows (`base.REFERENCES`): what a DEMIST run's autoencoders give without diffusion, scored like methods.
+
+- `ae-ceiling`: D_PSR(E_PSR(y)), the true PSR through the PSR autoencoder: no method that decodes with D_PSR can do
+  better (it needs the true PSR, so it exists only where the manifest has one);
+- `aligned-condition`: D_PSR(z_c), the aligned condition latent decoded directly: what the streams must improve on.
+
+Both run through the same encoders, windows, tiling and way back to the native grid as DEMIST's own synthesis, so the
+gap between them and DEMIST is the diffusion stage's doing. They are diagnostics, never a method's output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from demist.config import Config
+from demist.data.manifest import load_manifest
+from demist.data.nifti import load_image, load_mask, save_image
+from demist.data.preprocess import PreparedSession, prepare_session, psr_to_native
+from demist.errors import DemistError
+from demist.inference.base import REFERENCES
+from demist.inference.batch import BatchSummary, output_path
+from demist.inference.demist_synthesizer import DemistSynthesizer
+from demist.inference.pipeline import native_brain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceSynthesizer:
+    """A reference row of a DEMIST run (see the module docstring); deterministic."""
+
+    method: str
+    config: Config
+    demist: DemistSynthesizer
+
+    @classmethod
+    def from_synthesizer(cls, demist: DemistSynthesizer, method: str) -> "ReferenceSynthesizer":
+        if method not in REFERENCES:
+            raise DemistError(f"reference {method!r}: unknown; expected one of {', '.join(REFERENCES)}")
+        return cls(method=method, config=demist.config, demist=demist)
+
+    @property
+    def needs_target(self) -> bool:
+        return self.method == "ae-ceiling"
+
+    @torch.no_grad()
+    def predict(self, session: PreparedSession, samples: int = 1, seed: int = 0,
+                progress: bool = False) -> tuple[np.ndarray, None]:
+        """PSR / psr_range on the session's model grid."""
+        if self.needs_target:
+            if session.psr is None:
+                raise DemistError(f"session {session.key}: ae-ceiling needs its true PSR; expected a manifest row "
+                                  "with a psr image")
+            z = self.demist.encode_target(torch.from_numpy(session.psr)[None, None].to(self.demist.device))
+        else:
+            z = self.demist.encode_condition(torch.from_numpy(session.condition)[None].to(self.demist.device))
+        return self.demist.decode(z)[0, 0].cpu().numpy().astype(np.float32), None
+
+
+def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: dict[str, Path],
+                          sessions: Sequence[str] | None = None) -> dict[str, BatchSummary]:
+    """Write each reference row (name → output folder) for the manifest's sessions, as `synthesize_manifest` lays
+    them out; resumable, and a failing session is recorded and skipped."""
+    records = load_manifest(manifest)
+    if sessions is not None:
+        records = [r for r in records if r.key in set(sessions)]
+    psr_range = np.float32(demist.config.data.psr_range)
+    summaries = {}
+    for name, out_dir in out_dirs.items():
+        reference, summary = ReferenceSynthesizer.from_synthesizer(demist, name), BatchSummary()
+        for record in records:
+            out = output_path(Path(out_dir), record.subject, record.session)
+            if out.exists():
+                summary.skipped.append(record.key)
+                continue
+            try:
+                session = prepare_session(record, demist.config.data, need_target=reference.needs_target)
+                mean, _ = reference.predict(session)
+                t1w = load_image(record.t1w, f"t1w of {record.key}")
+                mask = load_mask(record.brain_mask, f"brain_mask of {record.key}") if record.brain_mask else None
+                psr = psr_to_native(mean * session.brain, session.grid, float(psr_range))
+                data = psr.get_fdata(dtype=np.float32) * native_brain(t1w, mask, None)
+                save_image(nib.Nifti1Image(data.astype(np.float32), psr.affine, psr.header), out)
+            except DemistError as exc:
+                log.error("%s, session %s: %s", name, record.key, exc)
+                summary.failed[record.key] = str(exc)
+                continue
+            summary.written.append(record.key)
+        summaries[name] = summary
+    return summaries
