@@ -168,6 +168,11 @@ class DemistConfig:
     hint_channels: tuple[int, ...]  # the image hint's embedding channels: one 2× downsampling per entry after the first
     lora_output_projection: bool  # LoRA on W_O as well as W_Q, W_K, W_V [paper: true]
 
+    @property
+    def uses_image_hint(self) -> bool:
+        """Whether the ControlNet's hint includes T1w + FLAIR at image resolution."""
+        return self.controlnet and self.controlnet_hint == "latent+image"
+
     def __post_init__(self) -> None:
         if self.controlnet_gate_init not in GATE_INITS:
             raise DemistError(f"config key demist.controlnet_gate_init: got {self.controlnet_gate_init!r}; "

@@ -70,8 +70,9 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
     them out; resumable, and a failing session is recorded and skipped."""
     records = load_manifest(manifest)
     if sessions is not None:
-        records = [r for r in records if r.key in set(sessions)]
-    psr_range = np.float32(demist.config.data.psr_range)
+        wanted = set(sessions)
+        records = [r for r in records if r.key in wanted]
+    psr_range = demist.config.data.psr_range
     summaries = {}
     for name, out_dir in out_dirs.items():
         reference, summary = ReferenceSynthesizer.from_synthesizer(demist, name), BatchSummary()
@@ -85,7 +86,7 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
                 mean, _ = reference.predict(session)
                 t1w = load_image(record.t1w, f"t1w of {record.key}")
                 mask = load_mask(record.brain_mask, f"brain_mask of {record.key}") if record.brain_mask else None
-                psr = psr_to_native(mean * session.brain, session.grid, float(psr_range))
+                psr = psr_to_native(mean * session.brain, session.grid, psr_range)
                 data = psr.get_fdata(dtype=np.float32) * native_brain(t1w, mask, None)
                 save_image(nib.Nifti1Image(data.astype(np.float32), psr.affine, psr.header), out)
             except DemistError as exc:

@@ -61,7 +61,7 @@ class DemistNet(nn.Module):
         self.controlnet = (build_gated_controlnet(backbone, unet_cfg, latent_channels, flash, self.gate_init)
                            if demist_cfg.controlnet else None)
         self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init)
-                           if demist_cfg.controlnet and demist_cfg.controlnet_hint == "latent+image" else None)
+                           if demist_cfg.uses_image_hint else None)
         if demist_cfg.lora:
             if demist_cfg.lora_output_projection:  # identity W_O layers are part of the frozen backbone
                 pretrained |= {id(p) for layer in add_identity_output_projections(backbone)

@@ -105,7 +105,7 @@ def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, co
         raise DemistError("--no-crossattn --no-controlnet --no-lora: all streams are off, so nothing conditions the "
                           "backbone; expected at least one of crossattn, controlnet, lora")
     factor = 2 ** (len(cfg.autoencoder.channels) - 1)
-    if demist.controlnet and demist.controlnet_hint == "latent+image" and 2 ** (len(demist.hint_channels) - 1) != factor:
+    if demist.uses_image_hint and 2 ** (len(demist.hint_channels) - 1) != factor:
         raise DemistError(f"config key demist.hint_channels: {list(demist.hint_channels)} downsamples the image "
                           f"{2 ** (len(demist.hint_channels) - 1)}×; expected {factor}× like the autoencoder, i.e. "
                           f"{len(cfg.autoencoder.channels)} entries")
@@ -138,8 +138,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     if not finetune:  # a frozen E_cond gives fixed latents: encode them once too
         encoders["z_c"] = (stage1.cond_autoencoder, "cond")
     factor = downsampling_factor(cfg.autoencoder)
-    uses_image = cfg.demist.controlnet and cfg.demist.controlnet_hint == "latent+image"
-    image_keys = ("target", "brain", "cond") if finetune or uses_image else ("target", "brain")
+    image_keys = ("target", "brain", "cond") if finetune or cfg.demist.uses_image_hint else ("target", "brain")
     latents = encode_sessions(sessions, encoders, stage1.scale_factor, cfg.autoencoder.patch_size, factor,
                               cfg.data.patch_size, encoding_device(device), keep=image_keys)
     sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
