@@ -27,13 +27,14 @@ from demist.inference.batch import synthesize_manifest
 from demist.inference.pipeline import load_synthesizer
 from demist.inference.base import REFERENCES
 from demist.inference.references import synthesize_references
+from demist.runs import read_run
 from demist.training.stage2 import train_demist
 
 #: [demist] keys of each variant, on top of the tiny preset (which is "recipe").
 VARIANTS = {
     "recipe": {},
-    "no-image-hint": {"controlnet_hint": "latent"},
-    "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0, "controlnet_hint": "latent"},
+    "image-hint": {"controlnet_hint": "latent+image"},
+    "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0},
     "no-lora-wo": {"lora_output_projection": False},
     "edge-term": {"edge_weight": 0.1},
 }
@@ -59,7 +60,11 @@ def main() -> None:
     manifest = args.demo / "cohort" / "manifest.csv"
     train_subjects, test_subjects = split_subjects(manifest, args.held_out, args.seed)
     test_keys = [r.key for r in select_subjects(load_manifest(manifest), test_subjects)]
-    stage1, backbone = args.demo / "runs" / "stage1" / "stage1", args.demo / "runs" / "backbone"
+    stage1 = args.demo / "runs" / "stage1" / "stage1"
+    # the demo's backbone: its own run, or the prior's (named by the demo's DEMIST run)
+    demo_demist = args.demo / "runs" / "demist" / "run.json"
+    backbone = (Path(read_run(demo_demist.parent).parents["backbone"]["path"]) if demo_demist.is_file()
+                else args.demo / "runs" / "backbone")
     predictions = {"ridge": args.demo / "predictions" / "ridge"}
     cpu_minutes: dict[str, float] = {}
     demo_demist = args.demo / "runs" / "demist"

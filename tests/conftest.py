@@ -41,6 +41,15 @@ def write_session(folder: Path, images: dict[str, nib.Nifti1Image]) -> dict[str,
     return row
 
 
+def two_subject_manifest(root: Path, shape=(28, 30, 26)) -> Path:
+    """Two MS subjects with one session each (ellipsoid phantoms of seeds 0 and 1), written under `root`."""
+    rows = []
+    for i, subject in enumerate(["s1", "s2"]):
+        row = write_session(root / subject / "a", ellipsoid_session(shape=shape, seed=i))
+        rows.append({"subject": subject, "session": "a", "group": "MS", **row})
+    return write_manifest(root / "manifest.csv", rows)
+
+
 @pytest.fixture
 def small_manifest(tmp_path: Path) -> Path:
     """A manifest of two subjects, three sessions, written as real NIfTI files."""

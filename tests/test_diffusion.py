@@ -121,6 +121,30 @@ def test_timestep_lists_start_at_999_decrease_strictly_and_match_monai():
         assert monai.timesteps.tolist() == listed
 
 
+def test_sampling_can_start_below_T_from_a_noised_latent():
+    schedule = NoiseSchedule.create(prediction_type="sample")
+    assert timesteps_for("ddim", schedule, 4, start=300) == timesteps_for("dpm++", schedule, 4, start=300) == [
+        300, 200, 100, 0]
+    assert timesteps_for("ddpm", schedule, 10, start=9) == list(range(9, -1, -1))
+    for steps, start, message in [(5, 3, "expected an integer from 1 to 4"), (1, 1000, "start timestep: 1000"),
+                                  (1, -1, "start timestep: -1")]:
+        with pytest.raises(DemistError, match=message):
+            timesteps_for("ddim", schedule, steps, start=start)
+    x0 = _latent(8, scale=3.0)
+    for name, steps in (("ddim", 3), ("dpm++", 3), ("ddpm", 51)):
+        calls = []
+        model = oracle(schedule, x0)
+
+        def recording(x_t, t, model=model, calls=calls):
+            calls.append(int(t[0]))
+            return model(x_t, t)
+
+        x_start = schedule.add_noise(x0 + 0.5, _latent(9), _batch_t(50))
+        out = SAMPLERS[name](recording, x_start, schedule, steps, generator=torch.Generator().manual_seed(0), start=50)
+        assert calls[0] == 50 and calls[-1] == 0 and len(calls) == steps, name
+        torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
 def test_ddim_steps_to_the_listed_previous_timestep_where_monai_ddim_does_not():
     schedule = NoiseSchedule.create(prediction_type="epsilon")
     x0, noise = _latent(0), _latent(1)

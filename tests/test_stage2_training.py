@@ -11,10 +11,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conftest import ellipsoid_session, write_session
+from conftest import ellipsoid_session, two_subject_manifest
 from demist.cli_stage2 import backbone_command, demist_command
 from demist.config import load_config
-from demist.data.manifest import write_manifest
 from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder
 from demist.models.backbone import build_unet
@@ -32,7 +31,7 @@ OVERRIDES = {
     "train": {"checkpoint_every": 2, "log_every": 1},
     "backbone": {"steps": 2, "batch_size": 1},
     "demist": {"steps": 3, "batch_size": 1, "edge_weight": 0.1, "edge_every": 2, "token_grid": [2, 2, 2],
-               "token_dim": 12, "lora_rank": 2, "hint_channels": [4, 8, 8]},
+               "token_dim": 12, "lora_rank": 2, "controlnet_hint": "latent+image", "hint_channels": [4, 8, 8]},
 }
 CFG = load_config("tiny", overrides=OVERRIDES)
 
@@ -47,9 +46,9 @@ def toml_config(path: Path) -> Path:
     return path
 
 
-def stage1_run(folder: Path, init_bundle: str | None = None):
+def stage1_run(folder: Path, init_bundle: str | None = None, seed: int = 0):
     """A Stage-1 run with random (untrained) autoencoders; with `init_bundle`, its PSR parent records the bundle."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     psr, cond = build_autoencoder(CFG.autoencoder, 1), build_autoencoder(CFG.autoencoder, 2)
     psr_run = write_run(folder / "psr_ae", method="demist", stage="autoencoder-psr", config=CFG,
                         components={"autoencoder": psr.state_dict()}, training={"init_bundle": init_bundle})
@@ -61,11 +60,7 @@ def stage1_run(folder: Path, init_bundle: str | None = None):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
-    rows = []
-    for i, subject in enumerate(["s1", "s2"]):
-        row = write_session(root / subject / "a", ellipsoid_session(shape=(28, 30, 26), seed=i))
-        rows.append({"subject": subject, "session": "a", "group": "MS", **row})
-    manifest = write_manifest(root / "manifest.csv", rows)
+    manifest = two_subject_manifest(root)
     stage1 = stage1_run(root / "s1run")
     backbone = train_backbone(manifest, stage1.path, CFG, root / "backbone", device="cpu")
     return {"root": root, "manifest": manifest, "stage1": stage1, "backbone": backbone}
@@ -137,7 +132,7 @@ def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(setup,
     assert [g["name"] for g in groups] == ["streams", "zero-initialised"]
     assert len(groups[1]["params"]) == len(net.zero_initialised_parameters())
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * CFG.demist.zero_init_lr_scale)
-    assert any(k.startswith("image_hint.") for k in saved)  # the tiny preset's ControlNet also sees the image
+    assert any(k.startswith("image_hint.") for k in saved)  # this config's ControlNet also sees the image
     # the zero-initialised gates have moved: the streams trained
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
 
@@ -169,6 +164,36 @@ def test_inference_networks_rebuild_the_trained_net(demist_run):
         torch.testing.assert_close(nets.net(x_t, t, z_c, nets.net.embed_image(image)),
                                    net.eval()(x_t, t, z_c, net.embed_image(image)), rtol=1e-5, atol=1e-6)
     assert not any(p.requires_grad for p in nets.net.parameters())
+
+
+def test_start_strength_samples_from_the_noised_condition_latent(demist_run, monkeypatch):
+    """SDEdit: with strength s the sampler starts at round(s·(T−1)) from z_c noised there, with the seed's noise."""
+    from demist.data.preprocess import prepare_images
+    from demist.inference import demist_synthesizer as module
+    from demist.inference.pipeline import load_synthesizer, synthesize_images
+
+    seen = {}
+
+    def fake_sampler(model, x_T, schedule, steps, generator=None, progress=False, start=None):
+        seen.update(x_T=x_T.clone(), steps=steps, start=start)
+        return x_T
+
+    images = ellipsoid_session(shape=(28, 30, 26), seed=7)
+    synthesizer = load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.3)
+    assert (synthesizer.start, synthesizer.steps) == (300, CFG.sampling.steps)
+    monkeypatch.setitem(module.SAMPLERS, synthesizer.sampler, fake_sampler)
+    synthesize_images(synthesizer, images["t1w"], images["flair"], images["brain_mask"], seed=0)
+    assert seen["start"] == 300
+    prepared = prepare_images(images["t1w"], images["flair"], synthesizer.config.data, brain=images["brain_mask"],
+                              key="input")  # as synthesize_images prepares them
+    z_c = synthesizer.encode_condition(torch.from_numpy(prepared.condition)[None])
+    noise = torch.randn(z_c.shape, generator=torch.Generator().manual_seed(0))
+    expected = synthesizer.schedule.add_noise(z_c, noise, torch.tensor([300]))
+    torch.testing.assert_close(seen["x_T"], expected)
+    with pytest.raises(DemistError, match="--start-strength 1.5"):
+        load_synthesizer(demist_run[0].path, device="cpu", start_strength=1.5)
+    with pytest.raises(DemistError, match="expected an integer from 1 to 2"):
+        load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.001, steps=5)
 
 
 def test_ablation_flag_and_subjects_are_recorded(setup, tmp_path):
@@ -213,7 +238,7 @@ def test_bundle_backbone_refused_with_a_stage1_not_initialised_from_the_bundle(s
 
 
 def test_bundle_backbone_trains_with_epsilon_and_records_the_file(setup, tmp_path):
-    stage1 = stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt")
+    stage1 = stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt", seed=1)  # another PSR latent
     bundle = bundle_file(tmp_path)
     run = train_demist(setup["manifest"], stage1.path, bundle, CFG, tmp_path / "run", max_steps=1, device="cpu",
                        crossattn=False)
@@ -221,7 +246,7 @@ def test_bundle_backbone_trains_with_epsilon_and_records_the_file(setup, tmp_pat
     assert "backbone" not in run.parents
     assert run.training["backbone_bundle"]["sha256"] == sha256_file(bundle)
     assert build_inference_networks(run).prediction_type == "epsilon"
-    with pytest.raises(DemistError, match="was pretrained in the latent of another Stage-1 run"):
+    with pytest.raises(DemistError, match="was pretrained in the latent of another PSR autoencoder"):
         train_demist(setup["manifest"], stage1.path, setup["backbone"].path, CFG, tmp_path / "y", device="cpu")
 
 

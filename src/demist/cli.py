@@ -59,13 +59,15 @@ def demo(
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
     mean_samples: int = typer.Option(3, "--mean-samples", min=0,
                                      help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
+    prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "
+                              "shipped with demist), none (train them on the cohort) or a prior directory."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
     from demist.demo import DemoPlan, run_demo
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
-                               mean_samples=mean_samples), device=device)
+                               mean_samples=mean_samples, prior=prior), device=device)
     typer.echo(f"report: {report}")
 
 
@@ -80,6 +82,9 @@ def cv(
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (saved in splits.json)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap every training stage."),
+    prior: str = typer.Option("none", "--prior", help="none (each fold trains Stage 1 and the backbone), embedded "
+                              "or a prior directory (each fold aligns E_cond on the prior's autoencoders and "
+                              "freezes the prior's backbone)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
@@ -87,7 +92,7 @@ def cv(
     from demist.cv import parse_methods, run_cv
 
     table = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
-                   max_steps=max_steps, device=device)
+                   max_steps=max_steps, device=device, prior=prior)
     typer.echo(table.read_text())
 
 

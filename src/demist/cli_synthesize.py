@@ -25,6 +25,9 @@ def synthesize_command(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Batch form: writes OUT/<subject>/<session>/psr.nii.gz."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, dpm++ or ddpm. " + DEFAULT_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (ddpm always uses all of them)."),
+    start_strength: Optional[float] = typer.Option(
+        None, "--start-strength", help="DEMIST/FT-LDM: 1 starts sampling from pure noise (the paper); s < 1 from the "
+        "aligned condition latent noised to s·T (SDEdit). Default: the model's config (1)."),
     samples: int = typer.Option(1, "--samples", help="Samples to average; >1 also writes <name>_std.nii.gz."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same map."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -46,7 +49,7 @@ def synthesize_command(
 
     if output is not None:
         check_output_path(output, overwrite)  # before the model is loaded: fail fast
-    synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device)
+    synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength)
     if manifest is not None:
         from demist.inference.batch import synthesize_manifest
 

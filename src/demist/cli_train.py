@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from demist.errors import DemistError
+
 train_app = typer.Typer(
     help=(
         "Train demist's networks. Stage 1 in one go: `demist train stage1 --manifest M --config tiny --out DIR` "
@@ -94,6 +96,8 @@ def stage1(
     config: str = CONFIG,
     out: Path = typer.Option(..., "--out", help="Folder for psr_ae/, cond_ae/ and stage1/ (the Stage-1 run)."),
     init_bundle: Optional[Path] = INIT_BUNDLE,
+    prior: str = typer.Option("none", "--prior", help="none (train both autoencoders here), embedded (the prior "
+                              "shipped for the preset) or a prior directory: then only the alignment is trained."),
     max_steps: Optional[int] = MAX_STEPS,
     device: str = DEVICE,
     resume: bool = RESUME,
@@ -102,16 +106,55 @@ def stage1(
     """All of Stage 1: PSR autoencoder, condition autoencoder, alignment (OUT/psr_ae, OUT/cond_ae, OUT/stage1).
 
     OUT/stage1 holds both autoencoders and the latent scale factor; later stages take it as --stage1.
+    With --prior, the autoencoders and the latent scale are the prior's and only the alignment is trained (OUT/stage1);
+    take the prior's backbone (PRIOR/backbone) as --backbone.
 
     --resume keeps the finished parts and continues an interrupted one; --max-steps applies to all three.
     """
     records, cfg = _inputs(manifest, config)
+    from demist.prior import NO_PRIOR, align_to_prior, resolve_prior
+
+    if prior != NO_PRIOR and init_bundle is not None:
+        raise DemistError(f"--init-bundle and --prior {prior}: both provide the autoencoders; expected one of them")
+    chosen = resolve_prior(prior, cfg)
+    if chosen is not None:
+        run = align_to_prior(records, chosen, cfg, out / "stage1", max_steps=max_steps, device=device, resume=resume,
+                             tensorboard=tensorboard)
+        if run is not None:
+            _echo_stage1(run)
+            typer.echo(f"backbone of the prior (pass it as --backbone): {chosen.backbone}")
+        return
     from demist.training.stage1 import train_stage1
 
     run = train_stage1(records, cfg, out, init_bundle=init_bundle, max_steps=max_steps, device=device, resume=resume,
                        tensorboard=tensorboard)
     if run is not None:
         _echo_stage1(run)
+
+
+@train_app.command("prior")
+def prior_command(
+    out: Path = typer.Option(..., "--out", help="Folder for the prior's cohort, its runs and the prior (OUT/prior)."),
+    config: str = CONFIG,
+    subjects: Optional[int] = typer.Option(None, "--subjects", min=2,
+                                           help="Synthetic subjects to pretrain on (default: the shipped prior's, 40)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prior's synthetic cohort, apart from the "
+                                       "seeds of the cohorts you evaluate on (default: the shipped prior's, 1000)."),
+    max_steps: Optional[int] = MAX_STEPS,
+    device: str = DEVICE,
+) -> None:
+    """Pretrain a prior (PSR and condition autoencoders and the backbone) on a synthetic cohort of its own.
+
+    Rerun with the same --out to continue after an interruption. `scripts/train_prior.sh` reproduces the prior
+    shipped with demist.
+    """
+    from demist.config import load_config
+    from demist.prior import PRIOR_SEED, PRIOR_SUBJECTS, train_prior
+
+    cfg = load_config(config)
+    result = train_prior(out, cfg, subjects=PRIOR_SUBJECTS if subjects is None else subjects,
+                         seed=PRIOR_SEED if seed is None else seed, max_steps=max_steps, device=device)
+    typer.echo(f"prior: {result.path} (latent scale factor {result.scale_factor:.4g})")
 
 
 def _echo_stage1(run) -> None:

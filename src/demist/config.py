@@ -197,6 +197,14 @@ class SamplingConfig:
     samples: int
     tile_size: tuple[int, int, int]  # latent voxels per UNet tile
     tile_overlap: float  # fraction of a tile shared with its neighbour
+    # 1.0: sampling starts from pure noise at T (the paper). s < 1: from z_c noised to timestep round(s·(T−1)), so the
+    # diffusion refines the aligned condition instead of re-sampling around it (SDEdit).
+    start_strength: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.start_strength <= 1.0:
+            raise DemistError(f"config key sampling.start_strength: got {self.start_strength}; expected a number in "
+                              "(0, 1] (1: start from pure noise, as the paper)")
 
 
 @dataclass(frozen=True)

@@ -116,8 +116,11 @@ def parse_methods(text: str) -> list[Method]:
 
 
 def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
-           max_steps: int | None = None, device: str = "auto") -> Path:
-    """Cross-validate `methods`; returns the path of the Table-1-like markdown table."""
+           max_steps: int | None = None, device: str = "auto", prior: str = "none") -> Path:
+    """Cross-validate `methods`; returns the path of the Table-1-like markdown table.
+
+    With a `prior` ("embedded" or a prior directory), each fold's Stage 1 is the alignment on the prior's
+    autoencoders and the backbone is the prior's (see demist.prior)."""
     from demist.data.manifest import load_manifest, select_subjects, subjects_of
     from demist.evaluation.crossval import load_or_create_splits
     from demist.evaluation.evaluate import evaluate_predictions
@@ -125,7 +128,11 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     from demist.inference.pipeline import load_synthesizer
     from demist.training.stage1 import train_stage1
 
+    from demist.prior import align_to_prior, check_cohort_apart, resolve_prior
+
     records = load_manifest(manifest, require=("t1w", "flair", "psr"))
+    chosen = resolve_prior(prior, config)
+    check_cohort_apart(manifest, chosen)
     subjects = subjects_of(records)
     groups = {r.subject: r.group for r in records}
     strata = [groups[s] for s in subjects]
@@ -140,13 +147,17 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
         test_keys = [r.key for r in select_subjects(records, test_subjects)]
         log.info("fold %d/%d: %d training subjects, %d held-out sessions", k + 1, len(splits), len(train_subjects),
                  len(test_keys))
-        ctx = FoldContext(manifest, config, train_subjects, fold / "stage1" / "stage1", fold / "backbone",
-                          max_steps, device)
+        ctx = FoldContext(manifest, config, train_subjects, fold / "stage1" / "stage1",
+                          fold / "backbone" if chosen is None else chosen.backbone, max_steps, device)
         needs = {n for m in methods for n in m.needs}
         if "stage1" in needs and not (ctx.stage1 / "run.json").exists():
             with timed(fold, "stage1"):
-                train_stage1(select_subjects(records, train_subjects), config, fold / "stage1", max_steps=max_steps,
-                             device=device, resume=True)
+                if chosen is None:
+                    train_stage1(select_subjects(records, train_subjects), config, fold / "stage1",
+                                 max_steps=max_steps, device=device, resume=True)
+                else:
+                    align_to_prior(select_subjects(records, train_subjects), chosen, config, ctx.stage1,
+                                   max_steps=max_steps, device=device, resume=True)
         if "backbone" in needs and not (ctx.backbone / "run.json").exists():
             from demist.training.backbone import train_backbone
 

@@ -1,8 +1,10 @@
 """`demist demo`: the whole story on the embedded synthetic cohort, in one command.
 
-Generate a 2 mm cohort, hold out some subjects, train `tiny` Stage 1, the backbone and DEMIST on the others, fit the
-ridge floor, synthesize the held-out sessions with both, evaluate them with the paper's protocol and write
-`report.md`. Every step leaves a finished directory behind and is skipped when rerun, so an interrupted demo
+Generate a 2 mm cohort, hold out some subjects, train `tiny` Stage 1 and DEMIST on the others, fit the ridge floor,
+synthesize the held-out sessions with both, evaluate them with the paper's protocol and write `report.md`. By default
+the autoencoders and the frozen backbone come from the prior shipped with demist (pretrained on a synthetic cohort of
+its own, as the paper's backbone is pretrained elsewhere), so Stage 1 is the alignment; `--prior none` trains them on
+the cohort instead. Every step leaves a finished directory behind and is skipped when rerun, so an interrupted demo
 continues where it stopped.
 """
 
@@ -22,8 +24,10 @@ from demist.errors import DemistError
 log = logging.getLogger(__name__)
 
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
-EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 10, "backbone": 7, "demist": 15, "ridge": 0.5, "synthesis": 6,
+EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "ridge": 0.5, "synthesis": 6,
                     "evaluation": 1}
+#: With a prior, Stage 1 is the alignment alone and the backbone is the prior's.
+EXPECTED_MINUTES_WITH_PRIOR = {**EXPECTED_MINUTES, "stage1": 3, "backbone": 0}
 #: Samples averaged in the demo's "demist-meanK" row (beside the single sample) unless the plan says otherwise.
 MEAN_SAMPLES = 3
 
@@ -38,6 +42,7 @@ class DemoPlan:
     seed: int
     max_steps: int | None  # None: the preset's budgets
     mean_samples: int = MEAN_SAMPLES  # the "demist-meanK" row averages this many samples; 0 leaves the row out
+    prior: str = "embedded"  # "embedded", "none" or a prior directory (see demist.prior)
 
     @property
     def manifest(self) -> Path:
@@ -83,12 +88,12 @@ def _recorded(out: Path, name: str) -> float:
     return float(json.loads(file.read_text()).get(name, 0.0)) if file.exists() else 0.0
 
 
-def _step(out: Path, name: str, done: Path, action: Callable[[], object]) -> float:
+def _step(out: Path, name: str, done: Path, action: Callable[[], object], expected: float) -> float:
     """Run a step unless its output exists; returns the minutes it took (when it ran before: as recorded then)."""
     if done.exists():
         log.info("demo: %s already done (%s)", name, done)
         return _recorded(out, name)
-    log.info("demo: %s (about %.0f min) ...", name, EXPECTED_MINUTES.get(name, 1))
+    log.info("demo: %s (about %.0f min) ...", name, expected)
     start = time.perf_counter()
     action()
     minutes = (time.perf_counter() - start) / 60
@@ -106,17 +111,28 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.inference.pipeline import load_synthesizer
     from demist.inference.base import REFERENCES
     from demist.inference.references import synthesize_references
+    from demist.prior import align_to_prior, resolve_prior
     from demist.training.backbone import train_backbone
     from demist.training.stage1 import train_stage1
     from demist.training.stage2 import train_demist
 
     cfg = config or load_config("tiny")
-    total = sum(EXPECTED_MINUTES.values()) if plan.max_steps is None else 3
-    log.info("demo: %d synthetic subjects at %.0f mm, %d held out; train Stage 1, backbone, DEMIST and ridge; "
-             "synthesize and evaluate. Expect about %.0f minutes on 2 CPU cores. Output: %s",
-             plan.subjects, cfg.data.spacing, plan.held_out, total, plan.out)
+    prior = resolve_prior(plan.prior, cfg)
+    if prior is not None and plan.seed == prior.cohort_seed:
+        raise DemistError(f"--seed {plan.seed}: the prior {prior.path} was pretrained on the cohort of this seed; "
+                          "expected another seed (or --prior none)")
+    expected = EXPECTED_MINUTES if prior is None else EXPECTED_MINUTES_WITH_PRIOR
+    total = sum(expected.values()) if plan.max_steps is None else 3
+    log.info("demo: %d synthetic subjects at %.0f mm, %d held out; %s; train DEMIST and ridge; synthesize and "
+             "evaluate. Expect about %.0f minutes on 2 CPU cores. Output: %s", plan.subjects, cfg.data.spacing,
+             plan.held_out, "train Stage 1 and the backbone" if prior is None else
+             f"autoencoders and backbone from the prior {prior.path}, align E_cond", total, plan.out)
+
+    def step(name: str, done: Path, action: Callable[[], object]) -> float:
+        return _step(plan.out, name, done, action, expected.get(name, 1))
+
     minutes: dict[str, float] = {}
-    minutes["cohort"] = _step(plan.out, "cohort", plan.manifest, lambda: generate_cohort(
+    minutes["cohort"] = step("cohort", plan.manifest, lambda: generate_cohort(
         plan.out / "cohort", plan.subjects, spacing=cfg.data.spacing, seed=plan.seed))
     train_subjects, test_subjects = split_subjects(plan.manifest, plan.held_out, plan.seed)
     records = load_manifest(plan.manifest)
@@ -124,18 +140,23 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     test_keys = [r.key for r in select_subjects(records, test_subjects)]
     steps = plan.max_steps
     stage1 = plan.run("stage1")
-    minutes["stage1"] = _step(plan.out, "stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
-        train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
-    backbone = plan.run("backbone")
-    minutes["backbone"] = _step(plan.out, "backbone", backbone / "run.json", lambda: train_backbone(
-        plan.manifest, stage1 / "stage1", cfg, backbone, max_steps=steps, device=device, resume=True,
-        subjects=train_subjects))
+    if prior is None:
+        minutes["stage1"] = step("stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
+            train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
+        backbone = plan.run("backbone")
+        minutes["backbone"] = step("backbone", backbone / "run.json", lambda: train_backbone(
+            plan.manifest, stage1 / "stage1", cfg, backbone, max_steps=steps, device=device, resume=True,
+            subjects=train_subjects))
+    else:
+        minutes["stage1"] = step("stage1", stage1 / "stage1" / "run.json", lambda: align_to_prior(
+            train_records, prior, cfg, stage1 / "stage1", max_steps=steps, device=device, resume=True))
+        backbone, minutes["backbone"] = prior.backbone, _record(plan.out, "backbone", 0.0)  # the prior's
     demist = plan.run("demist")
-    minutes["demist"] = _step(plan.out, "demist", demist / "run.json", lambda: train_demist(
+    minutes["demist"] = step("demist", demist / "run.json", lambda: train_demist(
         plan.manifest, stage1 / "stage1", backbone, cfg, demist, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
     ridge = plan.run("ridge")
-    minutes["ridge"] = _step(plan.out, "ridge", ridge / "run.json", lambda: train_ridge(
+    minutes["ridge"] = step("ridge", ridge / "run.json", lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
     start, written = time.perf_counter(), 0
     demist_synthesizer = load_synthesizer(demist, device=device)
@@ -165,4 +186,4 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     minutes["evaluation"] = _record(plan.out, "evaluation", (time.perf_counter() - start) / 60)
     from demist.demo_report import write_demo_report
 
-    return write_demo_report(plan, results, minutes, train_subjects, test_subjects)
+    return write_demo_report(plan, results, minutes, train_subjects, test_subjects, prior)

@@ -16,6 +16,7 @@ RUN_LOSSES = {"stage1/psr_ae": "autoencoder", "stage1/cond_ae": "autoencoder", "
 #: What the demo asks of DEMIST (issue-level acceptance figures, stated in the verdict with the measured values).
 TARGET_LESION_AUC = 0.85
 TARGET_GAIN_OVER_CONDITION_DB = 1.0
+TARGET_DEMO_MINUTES = 30.0
 
 
 def _lesion_auc(results: Mapping[str, Any], source: str) -> float | None:
@@ -83,8 +84,16 @@ def _minutes_table(minutes: Mapping[str, float]) -> list[str]:
             "| " + " | ".join(f"{m:.1f}" for m in minutes.values()) + f" | {sum(minutes.values()):.1f} |"]
 
 
+def _prior_sentence(prior: Any) -> str:
+    if prior is None:
+        return "Stage 1 (both autoencoders, the alignment) and the backbone were trained on the training subjects."
+    return (f"The PSR and condition autoencoders and the frozen backbone are the prior `{prior.path}`, pretrained "
+            "once on a synthetic cohort of its own (no subject in common with this one; docs/prior.md says how and "
+            "at what CPU cost); Stage 1 here is the alignment of E_cond on the training subjects.")
+
+
 def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[str, float],
-                      train_subjects: Sequence[str], test_subjects: Sequence[str]) -> Path:
+                      train_subjects: Sequence[str], test_subjects: Sequence[str], prior: Any = None) -> Path:
     """Write `plan.out/report.md` from the evaluation summary and the runs; returns its path."""
     from demist.evaluation.report import report_markdown
 
@@ -100,7 +109,7 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         f"Synthetic cohort: {plan.subjects} subjects (`{plan.manifest}`); trained on {len(train_subjects)} "
         f"subjects, evaluated on the held-out {', '.join(test_subjects)}. Preset `tiny`"
         + (f", every stage capped at {plan.max_steps} steps (a smoke run: numbers are meaningless)"
-           if plan.max_steps else "") + ".",
+           if plan.max_steps else "") + ". " + _prior_sentence(prior),
         "",
         "## Verdict",
         "",
@@ -112,6 +121,9 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         "## Time per step (minutes, this machine)",
         "",
         *_minutes_table(minutes),
+        "",
+        f"Target: the whole demo within {TARGET_DEMO_MINUTES:g} minutes on 2 CPU cores "
+        f"({'met' if sum(minutes.values()) <= TARGET_DEMO_MINUTES else 'not met'}).",
         "",
         "## Parameters of the DEMIST network",
         "",

@@ -44,6 +44,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict's names, dtypes, shapes and values: the same weights give the same digest whatever
+    file (and file metadata) they were saved in."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_weights(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """Write a state dict as safetensors (atomically) with string `metadata`; returns the file's sha256."""
     path = Path(path)

@@ -1,7 +1,9 @@
-"""Samplers as pure functions with one signature: `sample_<name>(model, x_T, schedule, steps, generator, progress)`.
+"""Samplers as pure functions with one signature:
+`sample_<name>(model, x_T, schedule, steps, generator, progress, start)`.
 
 `model(x_t, t)` returns the schedule's prediction type (ε, v or x0) for a batch x_t and a LongTensor t of shape (B,);
-the caller closes over any conditioning. Each call builds its own scheduler state, so samplers share nothing.
+the caller closes over any conditioning. `x_T` is the latent at timestep `start` (default T−1: pure noise). Each call
+builds its own scheduler state, so samplers share nothing.
 Model outputs are cast to float32 before every update; the result is float32.
 """
 
@@ -21,25 +23,29 @@ logger = logging.getLogger(__name__)
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def timesteps_for(name: str, schedule: NoiseSchedule, steps: int) -> list[int]:
+def timesteps_for(name: str, schedule: NoiseSchedule, steps: int, start: int | None = None) -> list[int]:
     """The exact, strictly decreasing integer timesteps at which sampler `name` calls the model.
 
-    "ddpm" visits every training timestep T−1, …, 0. "ddim" and "dpm++" use `steps` timesteps evenly spaced from
-    T−1 down to 0 (round(linspace(T−1, 0, N)), MONAI's list: N=10 gives 999, 888, …, 111, 0); after the last one
-    they step to ᾱ = 1, i.e. to x0.
+    `start` is the first timestep (default T−1, where x_T is pure noise; lower: x_T is a noised latent, SDEdit).
+    "ddpm" visits every training timestep start, …, 0. "ddim" and "dpm++" use `steps` timesteps evenly spaced from
+    start down to 0 (round(linspace(start, 0, N)), MONAI's list: T=1000, N=10 gives 999, 888, …, 111, 0); after the
+    last one they step to ᾱ = 1, i.e. to x0.
     """
     total = schedule.num_train_timesteps
     if name not in SAMPLERS:
         raise DemistError(f"sampler: {name!r} is unknown; expected one of {sorted(SAMPLERS)}")
+    start = total - 1 if start is None else start
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < total:
+        raise DemistError(f"start timestep: {start!r}; expected an integer from 0 to {total - 1}")
     if name == "ddpm":
-        if steps != total:
-            raise DemistError(
-                f"steps: ddpm runs every training timestep, got {steps}; expected {total} (or use 'ddim' / 'dpm++')"
-            )
-        return list(range(total - 1, -1, -1))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
-        raise DemistError(f"steps: {steps!r}; expected an integer from 1 to num_train_timesteps={total}")
-    return torch.linspace(total - 1, 0, steps, dtype=torch.float32).round().long().tolist()
+        if steps != start + 1:
+            raise DemistError(f"steps: ddpm runs every training timestep from {start}, got {steps}; expected "
+                              f"{start + 1} (or use 'ddim' / 'dpm++')")
+        return list(range(start, -1, -1))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= start + 1:
+        raise DemistError(f"steps: {steps!r}; expected an integer from 1 to {start + 1} (the timesteps from "
+                          f"{start} down to 0)")
+    return torch.linspace(start, 0, steps, dtype=torch.float32).round().long().tolist()
 
 
 def _call_model(model: Model, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -63,12 +69,13 @@ def sample_ddpm(
     steps: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    start: int | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling over all T training timesteps (`steps` must equal T); MONAI's DDPM step.
 
     `generator` (on x_T's device) draws the per-step noise.
     """
-    timesteps = timesteps_for("ddpm", schedule, steps)
+    timesteps = timesteps_for("ddpm", schedule, steps, start)
     scheduler = schedule.to_monai()  # fresh state; clip_sample=False
     x = x_T.float()
     for t in _progress(timesteps, "ddpm", progress):
@@ -84,6 +91,7 @@ def sample_ddim(
     steps: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    start: int | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0) over `timesteps_for("ddim", ...)`, ending at x0. `generator` is unused.
 
@@ -92,7 +100,7 @@ def sample_ddim(
     """
     # Written out because MONAI's and diffusers' DDIMScheduler.step() infer the previous timestep as t − T//N,
     # which disagrees with their own timestep lists whenever N does not divide T (MONAI 1.6.1: off by up to 11 at N=10).
-    timesteps = timesteps_for("ddim", schedule, steps)
+    timesteps = timesteps_for("ddim", schedule, steps, start)
     x = x_T.float()
     for i, t in enumerate(_progress(timesteps, "ddim", progress)):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
@@ -112,6 +120,7 @@ def sample_dpmpp_2m(
     steps: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    start: int | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M): second-order multistep solver of the probability-flow ODE in data-prediction form.
 
@@ -120,7 +129,7 @@ def sample_dpmpp_2m(
     """
     from diffusers import DPMSolverMultistepScheduler  # imported here: costs seconds, needed only for sampling
 
-    timesteps = timesteps_for("dpm++", schedule, steps)
+    timesteps = timesteps_for("dpm++", schedule, steps, start)
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=schedule.num_train_timesteps,
         trained_betas=schedule.betas.numpy(),

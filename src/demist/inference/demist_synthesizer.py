@@ -18,7 +18,7 @@ from torch import nn
 
 from demist.config import Config
 from demist.data.preprocess import PreparedSession
-from demist.diffusion.samplers import SAMPLERS
+from demist.diffusion.samplers import SAMPLERS, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.inference.tiling import tiled
@@ -74,19 +74,29 @@ class DemistSynthesizer:
     steps: int
     device: torch.device
     use_bf16: bool = True
+    start: int | None = None  # first timestep; None: T−1 from pure noise, else from z_c noised to it (SDEdit)
 
     @classmethod
     def from_run(cls, run: RunInfo, sampler: str | None = None, steps: int | None = None,
-                 device: str = "auto") -> "DemistSynthesizer":
-        """Rebuild every network of a Stage-2 run and its parents (Stage 1, backbone) for inference."""
+                 device: str = "auto", start_strength: float | None = None) -> "DemistSynthesizer":
+        """Rebuild every network of a Stage-2 run and its parents (Stage 1, backbone) for inference.
+
+        `start_strength` (default: the config's `sampling.start_strength`) below 1 starts sampling from z_c noised
+        to timestep round(strength·(T−1)) instead of from pure noise."""
         from demist.training.stage2 import build_inference_networks
 
         cfg = run.config
         sampler = sampler or cfg.sampling.sampler
         if sampler not in SAMPLERS:
             raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
-        if steps is None:
-            steps = cfg.diffusion.num_train_timesteps if sampler == "ddpm" else cfg.sampling.steps
+        strength = cfg.sampling.start_strength if start_strength is None else float(start_strength)
+        if not 0.0 < strength <= 1.0:
+            raise DemistError(f"--start-strength {strength}: expected a number in (0, 1] (1: from pure noise)")
+        total = cfg.diffusion.num_train_timesteps
+        start = None if strength == 1.0 else int(round(strength * (total - 1)))
+        if steps is None:  # the config's, but never more than the timesteps from `start` down to 0
+            steps = total if sampler == "ddpm" else cfg.sampling.steps
+            steps = steps if start is None else min(steps, start + 1)
         torch_device = resolve_device(device)
         nets = build_inference_networks(run, use_flash_attention=True)
         for module in (nets.net, nets.psr_autoencoder, nets.cond_autoencoder):
@@ -97,10 +107,11 @@ class DemistSynthesizer:
             beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
             prediction_type=nets.prediction_type,
         )
+        timesteps_for(sampler, schedule, int(steps), start)  # a bad --steps / --start-strength fails here, not later
         return cls(method=run.method, config=cfg, net=nets.net, psr_autoencoder=nets.psr_autoencoder,
                    cond_autoencoder=nets.cond_autoencoder, schedule=schedule,
                    latent_scale_factor=float(nets.latent_scale_factor), sampler=sampler, steps=int(steps),
-                   device=torch_device)
+                   device=torch_device, start=start)
 
     # -- the three networks, each tiled --------------------------------------------------------------------------
 
@@ -188,7 +199,10 @@ class DemistSynthesizer:
         for k in range(samples):
             generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
             x_T = torch.randn(z_c.shape, generator=generator, device=self.device)
-            z0 = sample_fn(model, x_T, self.schedule, self.steps, generator=generator, progress=progress)
+            if self.start is not None:  # SDEdit: the aligned condition, noised to the first timestep
+                x_T = self.schedule.add_noise(z_c, x_T, torch.full((1,), self.start, device=self.device))
+            z0 = sample_fn(model, x_T, self.schedule, self.steps, generator=generator, progress=progress,
+                           start=self.start)
             outputs.append(self.decode(z0)[0, 0].cpu().numpy())
             log.debug("sample %d/%d done", k + 1, samples)
         stack = np.stack(outputs)

@@ -27,13 +27,15 @@ from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.autoencoder import autoencoder_from_state, downsampling_factor, encode_windowed
 from demist.models.backbone import build_unet, freeze, load_backbone_state_dict
-from demist.runs import RunInfo, read_run, write_run
+from demist.runs import RunInfo, read_run, state_digest, write_run
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_STAGE = "backbone"
+#: Key of a backbone run's training record: the digest of the PSR autoencoder whose latent the UNet learned.
+PSR_DIGEST = "psr_autoencoder_digest"
 #: Timesteps (fractions of T) at which the denoising error is measured on fixed evaluation patches.
 EVAL_TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 EVAL_SEED = 12345
@@ -219,10 +221,21 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
                         training={"steps": result.steps, "processes": result.processes,
                                   "mixed_precision": result.mixed_precision, "device": result.device,
                                   "sessions": [s.key for s in sessions], "subjects": list(subjects or []) or None,
-                                  "manifest": str(Path(manifest).resolve()), "latent_encoding": "mu"},
+                                  "manifest": str(Path(manifest).resolve()), "latent_encoding": "mu",
+                                  PSR_DIGEST: state_digest(stage1.psr_autoencoder.state_dict())},
                         metrics={"eval_denoising_mse_before": before, "eval_denoising_mse_after": after})
     barrier()
     return run
+
+
+def lives_in_latent_of(backbone: RunInfo, stage1: Stage1Parts) -> bool:
+    """Whether a backbone was pretrained in Stage 1's latent: trained on that very run, or on one with the same PSR
+    autoencoder weights and latent scale factor (a backbone shipped as a prior, used with a Stage 1 aligned later)."""
+    if backbone.parents.get("stage1", {}).get("sha256") == stage1.run.run_json_sha256:
+        return True
+    digest = backbone.training.get(PSR_DIGEST)
+    return (digest is not None and digest == state_digest(stage1.psr_autoencoder.state_dict())
+            and backbone.latent_scale_factor == stage1.scale_factor)
 
 
 def load_backbone_run(path: str | Path, what: str = "--backbone",

@@ -65,7 +65,7 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
         cfg = cfg.replace(demist=dataclasses.replace(cfg.demist, steps=max_steps))
     stage1 = load_stage1(stage1_run)
     check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
-    frozen = load_frozen_backbone(backbone, cfg, stage1.run)
+    frozen = load_frozen_backbone(backbone, cfg, stage1)
     cfg = frozen.config
     sessions = load_sessions(training_records(manifest, subjects), cfg.data, need_target=True)
     factor = downsampling_factor(cfg.autoencoder)

@@ -263,10 +263,13 @@ def load_autoencoder_run(path: str | Path, modality: str, what: str) -> tuple[Ru
 
 def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Path, out: str | Path, *,
                     cfg: Config | None = None, max_steps: int | None = None, device: str = "auto",
-                    resume: bool = False, tensorboard: bool = False) -> RunInfo | None:
+                    resume: bool = False, tensorboard: bool = False,
+                    scale_factor: float | None = None) -> RunInfo | None:
     """Align the condition latent to the PSR latent and write the Stage-1 run (both autoencoders) into `out`.
 
     `cfg` defaults to the PSR autoencoder run's config; its [autoencoder] and [data] must match both runs.
+    `scale_factor`: the latent scale to keep (that of a prior whose backbone lives in this PSR latent); by default it
+    is measured on these sessions.
     """
     out = Path(out)
     _check_out(out, resume)
@@ -274,7 +277,11 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     cond, cond_ae = load_autoencoder_run(cond_run, "cond", "--cond-ae")
     cfg = cfg or psr.config
     for section in ("autoencoder", "data"):
-        if not getattr(psr.config, section) == getattr(cond.config, section) == getattr(cfg, section):
+        def of(config: Config) -> object:  # the Stage-2 patch size of [data] is free to differ
+            value = getattr(config, section)
+            return dataclasses.replace(value, patch_size=cfg.data.patch_size) if section == "data" else value
+
+        if not of(psr.config) == of(cond.config) == of(cfg):
             raise DemistError(f"--psr-ae {psr.path} and --cond-ae {cond.path}: their [{section}] config sections "
                               "differ (from each other or from --config); expected autoencoders trained alike")
     if max_steps is not None:
@@ -283,7 +290,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     sampler = PatchSampler(sessions, cfg.autoencoder.patch_size, cfg.align.batch_size, cfg.train.seed)
     eval_batches = evaluation_batches(sampler)
     before = alignment_error(psr_ae, cond_ae, eval_batches)
-    scale = latent_scale_factor(psr_ae, eval_batches)
+    scale = latent_scale_factor(psr_ae, eval_batches) if scale_factor is None else float(scale_factor)
     seed_everything(cfg.train.seed)
     stage = alignment_stage(cfg, psr_ae, cond_ae.train(), sampler)
     result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,

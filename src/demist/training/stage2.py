@@ -129,7 +129,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     cfg = stage2_config(resolve_config(config), max_steps, crossattn, controlnet, lora)
     stage1 = load_stage1(stage1_run)
     check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
-    frozen = load_frozen_backbone(backbone, cfg, stage1.run)
+    frozen = load_frozen_backbone(backbone, cfg, stage1)
     cfg = frozen.config
     records = training_records(manifest, subjects)
     sessions = load_sessions(records, cfg.data, need_target=True)

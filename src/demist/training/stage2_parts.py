@@ -19,7 +19,8 @@ from demist.models.autoencoder import autoencoder_from_state
 from demist.models.backbone import freeze, load_backbone_checkpoint
 from demist.models.demist_net import STREAMS, DemistNet
 from demist.runs import RUN_FILE, RunInfo, read_run, sha256_file
-from demist.training.backbone import load_backbone_run, load_stage1, require_same_section
+from demist.training.backbone import (Stage1Parts, lives_in_latent_of, load_backbone_run, load_stage1,
+                                     require_same_section)
 
 logger = logging.getLogger(__name__)
 
@@ -82,23 +83,23 @@ def stage1_bundle_init(stage1: RunInfo) -> str | None:
     return str(init["init_bundle"]) if init.get("init_bundle") else None
 
 
-def load_frozen_backbone(backbone: str | Path, cfg: Config, stage1: RunInfo,
+def load_frozen_backbone(backbone: str | Path, cfg: Config, stage1: Stage1Parts,
                          use_flash_attention: bool = True) -> FrozenBackbone:
     """The backbone of `--backbone` (a backbone run directory or a bundle checkpoint), checked against Stage 1."""
     path = Path(backbone)
     if path.is_dir():
         run, unet = load_backbone_run(path, use_flash_attention=use_flash_attention)
-        parent = run.parents.get("stage1", {})
-        if parent.get("sha256") != stage1.run_json_sha256:
-            raise DemistError(f"--backbone {path}: was pretrained in the latent of another Stage-1 run "
-                              f"({parent.get('path')}); expected a backbone trained on --stage1 {stage1.path}")
+        if not lives_in_latent_of(run, stage1):
+            raise DemistError(f"--backbone {path}: was pretrained in the latent of another PSR autoencoder (Stage-1 "
+                              f"run {run.parents.get('stage1', {}).get('path')}); expected a backbone trained on "
+                              f"--stage1 {stage1.run.path}, or on a Stage 1 with the same PSR autoencoder and scale")
         require_same_section("unet", cfg.unet, run.config.unet, f"--backbone {path}")
         require_same_section("diffusion", cfg.diffusion, run.config.diffusion, f"--backbone {path}")
         return FrozenBackbone(unet=unet, prediction_type=str(run.prediction_type), config=cfg, run=run)
     if path.is_file():
-        if stage1_bundle_init(stage1) is None:
+        if stage1_bundle_init(stage1.run) is None:
             raise DemistError(f"--backbone {path}: is a MONAI bundle checkpoint, but the PSR autoencoder of --stage1 "
-                              f"{stage1.path} was not initialised from the bundle autoencoder (or no record says so); "
+                              f"{stage1.run.path} was not initialised from the bundle autoencoder (or no record says so); "
                               "expected a Stage-1 run trained with --init-bundle, or a `demist train backbone` run")
         unet, report = load_backbone_checkpoint(path, cfg.unet, cfg.autoencoder.latent_channels, use_flash_attention)
         if cfg.diffusion.prediction_type != BUNDLE_PREDICTION_TYPE:
