@@ -24,7 +24,7 @@ from demist.errors import DemistError
 log = logging.getLogger(__name__)
 
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
-EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "ridge": 0.5, "synthesis": 6,
+EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "ridge": 0.5, "synthesis": 10,
                     "evaluation": 1}
 #: With a prior, Stage 1 is the alignment alone and the backbone is the prior's.
 EXPECTED_MINUTES_WITH_PRIOR = {**EXPECTED_MINUTES, "stage1": 3, "backbone": 0}
