@@ -44,11 +44,20 @@ class Prior:
     """A verified prior: its run directories and the latent scale its backbone was trained with."""
 
     path: Path
-    psr_ae: Path
-    cond_ae: Path
-    backbone: Path
     scale_factor: float
     cohort_seed: int | None = None  # seed of the synthetic cohort it was pretrained on (from prior.json), if known
+
+    @property
+    def psr_ae(self) -> Path:
+        return self.path / "psr_ae"
+
+    @property
+    def cond_ae(self) -> Path:
+        return self.path / "cond_ae"
+
+    @property
+    def backbone(self) -> Path:
+        return self.path / "backbone"
 
 
 def embedded_prior_dir(preset: str) -> Path:
@@ -88,8 +97,8 @@ def resolve_prior(spec: str | Path | None, cfg: Config, what: str = "--prior") -
     description = _read_description(path, what)
     logger.info("prior %s: PSR and condition autoencoders and backbone, latent scale %.4g", path,
                 backbone.latent_scale_factor)
-    return Prior(path=path, psr_ae=path / "psr_ae", cond_ae=path / "cond_ae", backbone=path / "backbone",
-                 scale_factor=float(backbone.latent_scale_factor), cohort_seed=description.get("cohort", {}).get("seed"))
+    return Prior(path=path, scale_factor=float(backbone.latent_scale_factor),
+                 cohort_seed=description.get("cohort", {}).get("seed"))
 
 
 def _read_description(path: Path, what: str) -> dict:
