@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,15 @@ def test_a_stored_config_from_before_a_key_existed_takes_the_presets_value(caplo
 def test_an_unknown_mixed_precision_names_its_key(section) -> None:
     with pytest.raises(DemistError, match=f"{section}.mixed_precision: got 'fp8'"):
         load_config("tiny", overrides={section: {"mixed_precision": "fp8"}})
+
+
+def test_runs_agree_on_a_section_whatever_patch_size_each_stage_chose() -> None:
+    cfg = load_config("tiny")
+    other_patch = cfg.replace(data=dataclasses.replace(cfg.data, patch_size=(32, 32, 32)))
+    assert cfg.first_difference(other_patch, ("autoencoder", "data")) is None
+    cfg.require_same(other_patch, ("data",), "--stage1 RUN")
+    other_range = cfg.replace(data=dataclasses.replace(cfg.data, psr_range=0.3))
+    assert cfg.first_difference(other_range, ("autoencoder", "data", "unet")) == "data"
+    other_unet = cfg.replace(unet=dataclasses.replace(cfg.unet, num_res_blocks=2))
+    with pytest.raises(DemistError, match=r"section \[unet\] differs from that of --backbone RUN"):
+        cfg.require_same(other_unet, ("data", "unet"), "--backbone RUN")

@@ -275,3 +275,34 @@ def test_bad_user_input_is_one_line_with_exit_code_2(args, message, tmp_path: Pa
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("demist: error:") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("image_weight", [0.0, 2.0])
+def test_alignment_image_term_reaches_only_the_condition_encoder(image_weight: float) -> None:
+    from types import SimpleNamespace
+
+    from demist.models.autoencoder import COND_CHANNELS, PSR_CHANNELS, build_autoencoder
+    from demist.training.losses import alignment_loss, reconstruction_loss
+    from demist.training.stage1 import alignment_stage
+
+    cfg = load_config("tiny", overrides={"autoencoder": {"channels": [8, 8, 8], "norm_num_groups": 4},
+                                         "align": {"image_weight": image_weight}})
+    torch.manual_seed(0)
+    psr_ae, cond_ae = (build_autoencoder(cfg.autoencoder, c) for c in (PSR_CHANNELS, COND_CHANNELS))
+    batch = {"cond": torch.rand(1, 2, 16, 16, 16), "target": torch.rand(1, 1, 16, 16, 16),
+             "brain": torch.ones(1, 1, 16, 16, 16)}
+    stage = alignment_stage(cfg, psr_ae, cond_ae, SimpleNamespace(batch=lambda step: batch))
+    modules = {"psr_autoencoder": psr_ae, "cond_autoencoder": cond_ae}
+    terms = stage.phases[0].loss(modules, batch, 0, {})
+    terms["loss"].backward()
+    mu_c, mu_y = cond_ae.encode(batch["cond"])[0], psr_ae.encode(batch["target"])[0]
+    expected = alignment_loss(mu_c, mu_y) + cfg.stage1.kl_weight * terms["kl"]
+    if image_weight:  # the decoded-PSR term, through the frozen PSR decoder
+        image = reconstruction_loss(psr_ae.decode(mu_c), batch["target"], batch["brain"])
+        assert torch.allclose(terms["image"], image)
+        expected = expected + image_weight * image
+    else:
+        assert "image" not in terms
+    assert torch.allclose(terms["loss"], expected)
+    assert all(p.grad is None for p in psr_ae.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cond_ae.encoder.parameters())

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from demist.errors import DemistError
 
@@ -103,6 +103,9 @@ class AlignConfig:
     batch_size: int
     learning_rate: float
     recon_weight: float  # keeps the condition autoencoder's reconstruction while it aligns
+    # L1 of D_PSR(μ_c) against the true PSR in the brain, through the frozen PSR decoder: the latent distance weighs
+    # every latent channel alike, the decoded PSR weighs them as the output does (paper: 0, latent distance only)
+    image_weight: float
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,27 @@ class Config:
     def replace(self, **sections: Any) -> "Config":
         """A copy with some sections replaced: `cfg.replace(demist=dataclasses.replace(cfg.demist, lora=False))`."""
         return dataclasses.replace(self, **sections)
+
+    def first_difference(self, other: "Config", sections: Sequence[str]) -> str | None:
+        """The first of `sections` in which two runs' configs disagree (None: they agree), ignoring the keys that each
+        training stage chooses for itself (`STAGE_OWN_KEYS`)."""
+        for section in sections:
+            own = dict.fromkeys(STAGE_OWN_KEYS.get(section, ()), None)
+            ours, theirs = getattr(self, section), getattr(other, section)
+            if dataclasses.replace(ours, **own) != dataclasses.replace(theirs, **own):
+                return section
+        return None
+
+    def require_same(self, parent: "Config", sections: Sequence[str], source: str) -> None:
+        """Refuse a config (--config) whose `sections` differ from those a parent run (`source`) was trained with."""
+        section = self.first_difference(parent, sections)
+        if section is not None:
+            raise DemistError(f"--config: section [{section}] differs from that of {source}; expected the same "
+                              f"[{section}] ({getattr(parent, section)})")
+
+
+#: Keys a stage may set for itself while it builds on runs with other values: the Stage-2 patch size of [data].
+STAGE_OWN_KEYS: dict[str, tuple[str, ...]] = {"data": ("patch_size",)}
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:

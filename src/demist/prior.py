@@ -11,7 +11,6 @@ no subject with a cohort generated with another seed; `scripts/train_prior.sh` r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -87,13 +86,11 @@ def resolve_prior(spec: str | Path | None, cfg: Config, what: str = "--prior") -
         raise DemistError(f"{what} {path}: its backbone was not trained in the latent of its psr_ae (the PSR "
                           "autoencoder digest or the latent scale factor does not match); expected a prior written by "
                           "`demist train prior`")
-    for section in SHARED_SECTIONS:
-        ours, theirs = getattr(cfg, section), getattr(backbone.config, section)
-        if section == "data":
-            ours = dataclasses.replace(ours, patch_size=theirs.patch_size)
-        if ours != theirs:
-            raise DemistError(f"{what} {path}: config section [{section}] differs from the prior's ({theirs}); "
-                              f"expected the same [{section}] as the prior (or {what} none)")
+    section = cfg.first_difference(backbone.config, SHARED_SECTIONS)
+    if section is not None:
+        raise DemistError(f"{what} {path}: config section [{section}] differs from the prior's "
+                          f"({getattr(backbone.config, section)}); expected the same [{section}] as the prior "
+                          f"(or {what} none)")
     description = _read_description(path, what)
     logger.info("prior %s: PSR and condition autoencoders and backbone, latent scale %.4g", path,
                 backbone.latent_scale_factor)

@@ -26,7 +26,7 @@ from demist.config import Config, config_to_dict
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
-from demist.inference.demist_synthesizer import bf16_autocast, resolve_device
+from demist.devices import bf16_autocast, resolve_device
 from demist.inference.tiling import tiled
 from demist.models.autoencoder import pad_to_multiple
 from demist.runs import RunInfo, read_run, write_run

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from demist.config import Config
+from demist.devices import bf16_autocast, resolve_device
 from demist.data.preprocess import PreparedSession
 from demist.diffusion.samplers import SAMPLERS, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
@@ -28,28 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Overlap of the autoencoder windows (as in Stage 1's whole-volume evaluation).
 AUTOENCODER_OVERLAP = 0.5
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is the user's mistake."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DemistError("--device cuda: no CUDA device is available; expected --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise DemistError(f"--device {device}: unknown; expected auto, cpu or cuda")
-    return torch.device(device)
-
-
-def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA with bf16, and on CPUs with native bf16 (AVX-512 BF16 / AMX); otherwise fp32."""
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-    if not supported:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def parent_run(run: RunInfo, role: str, stages: str) -> RunInfo:

@@ -11,7 +11,6 @@ Stage 2 shares with it: the Stage-1 parts, the latent encoder, the noise schedul
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from demist.config import Config, DiffusionConfig, config_to_dict, load_config
+from demist.config import Config, DiffusionConfig, load_config
 from demist.data.manifest import training_records
 from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
@@ -30,6 +29,7 @@ from demist.models.backbone import build_unet, freeze, load_backbone_state_dict
 from demist.runs import RunInfo, read_run, state_digest, write_run
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
+from demist.training.run_output import barrier, check_out, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +87,9 @@ def load_stage1(path: str | Path, what: str = "--stage1") -> Stage1Parts:
                        cond_autoencoder=freeze(autoencoder_from_state(ae_cfg, run.weights("cond_autoencoder"))))
 
 
-def require_same_section(section: str, ours: object, theirs: object, source: str) -> None:
-    """Refuse a config section that differs from the one a parent run was trained with."""
-    if ours != theirs:
-        raise DemistError(f"--config: section [{section}] differs from that of {source}; expected the same "
-                          f"[{section}] ({theirs})")
-
-
 def check_against_stage1(cfg: Config, stage1: RunInfo, unet_levels: int) -> None:
     """[autoencoder] and [data] (except the patch size) must be Stage 1's; patches must fit both networks."""
-    require_same_section("autoencoder", cfg.autoencoder, stage1.config.autoencoder, f"--stage1 {stage1.path}")
-    data = dataclasses.replace(cfg.data, patch_size=stage1.config.data.patch_size)
-    require_same_section("data", data, stage1.config.data, f"--stage1 {stage1.path} (patch_size may differ)")
+    cfg.require_same(stage1.config, ("autoencoder", "data"), f"--stage1 {stage1.path}")
     multiple = downsampling_factor(cfg.autoencoder) * 2 ** (unet_levels - 1)
     if any(p % multiple for p in cfg.data.patch_size):
         raise DemistError(f"config key data.patch_size: {tuple(cfg.data.patch_size)}; expected multiples of "
@@ -142,22 +133,6 @@ def denoising_error(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 @torch.no_grad()
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def weights_metadata(cfg: Config, stage: str) -> dict[str, str]:
-    return {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
-
-
-def check_out(out: Path, resume: bool) -> None:
-    if (out / "run.json").exists() and not resume:
-        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume)")
-
-
-def barrier() -> None:
-    """All processes of a multi-process launch wait here (the main one may still be writing the run)."""
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ from demist.models.autoencoder import downsampling_factor
 from demist.models.backbone import freeze
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (barrier, check_against_stage1, check_out, load_stage1,
-                                      noise_schedule, resolve_config, sample_noising,
-                                      training_records, weights_metadata)
+from demist.training.backbone import (check_against_stage1, load_stage1, noise_schedule, resolve_config,
+                                      sample_noising, training_records)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
+from demist.training.run_output import barrier, check_out, weights_metadata
 from demist.training.stage2 import conditioned_denoising_error
 from demist.training.stage2_parts import InferenceNetworks, load_frozen_backbone, unchanged_parent
 

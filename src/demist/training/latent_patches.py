@@ -50,9 +50,9 @@ def _padded(arrays: dict[str, np.ndarray], factor: int, minimum: np.ndarray) -> 
 
 def encoding_device(device: str) -> torch.device:
     """Where to encode before training: this process's GPU (by LOCAL_RANK in a multi-process launch), else the CPU."""
-    from demist.training.loop import resolve_device
+    from demist.devices import resolve_device
 
-    if resolve_device(device) == "cuda":
+    if resolve_device(device).type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

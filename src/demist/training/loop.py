@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from demist.config import TrainConfig
+from demist.devices import resolve_device, resolve_mixed_precision
 from demist.errors import DemistError
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -109,32 +110,6 @@ def seed_everything(seed: int, *keys: int) -> None:
     set_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DemistError("--device cuda: no CUDA device is available; expected --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise DemistError(f"--device {device}: unknown; expected auto, cpu or cuda")
-    return device
-
-
-def resolve_mixed_precision(requested: str, device: str) -> str:
-    """The accelerate precision for the config value: 'auto' picks bf16 where the hardware has it."""
-    if requested == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return "bf16" if native_bf16 else "no"
-    if requested == "fp16" and device != "cuda":
-        raise DemistError("mixed precision fp16 (config key train.mixed_precision or stage1.mixed_precision) needs a "
-                          "CUDA device; expected bf16, no or auto on CPU")
-    if requested not in ("no", "bf16", "fp16"):
-        raise DemistError(f"mixed precision {requested!r}: expected auto, no, bf16 or fp16")
-    return requested
-
-
 def _accelerator(device: str, mixed_precision: str, find_unused_parameters: bool):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -200,9 +175,9 @@ def train(stage: Stage, run_dir: str | Path, train_cfg: TrainConfig, *, device: 
           tensorboard: bool = False) -> TrainResult:
     """Train `stage` for `stage.steps` steps, checkpointing into `run_dir`; resumes from its last checkpoint."""
     run_dir = Path(run_dir)
-    device = resolve_device(device)
-    precision = resolve_mixed_precision(train_cfg.mixed_precision, device)
-    accelerator = _accelerator(device, precision, stage.find_unused_parameters)
+    torch_device = resolve_device(device)
+    precision = resolve_mixed_precision(train_cfg.mixed_precision, torch_device)
+    accelerator = _accelerator(torch_device.type, precision, stage.find_unused_parameters)
     try:
         return _train(stage, run_dir, train_cfg, accelerator, resume, dict(weights_metadata or {}), tensorboard)
     finally:

@@ -16,7 +16,6 @@ Autoencoder loss: L1 (+ L2) reconstruction weighted by the brain mask + λ_KL·K
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from demist.config import Config, TrainConfig, config_to_dict
+from demist.config import Config, TrainConfig
 from demist.data.manifest import SessionRecord
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
@@ -36,6 +35,7 @@ from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import (alignment_loss, edge_loss, kl_divergence, reconstruction_loss,
                                     voxel_weights)
+from demist.training.run_output import barrier, check_out, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: n
             terms = {"recon": torch.zeros((), device=mu_cond.device)}
         terms |= {"align": alignment_loss(mu_cond, mu_psr), "kl": kl_divergence(mu_cond, sigma)}
         total = terms["align"] + a.recon_weight * terms["recon"] + s1.kl_weight * terms["kl"]
+        if a.image_weight > 0:  # the frozen decoder passes the gradient on to μ_c
+            decoded = m["psr_autoencoder"].decode(mu_cond)
+            weights = voxel_weights(batch["brain"], s1.background_weight)
+            terms["image"] = reconstruction_loss(decoded, batch["target"], weights)
+            total = total + a.image_weight * terms["image"]
         return {"loss": total, **terms}
 
     if a.recon_weight == 0:  # the decoder gets no gradient: freeze it (DDP would otherwise wait for its gradients)
@@ -198,22 +203,6 @@ def _prepared(sessions: Sessions, cfg: Config, need_target: bool) -> list[Prepar
     return load_sessions(sessions, cfg.data, need_target=need_target)
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    if (out / "run.json").exists() and not resume:
-        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume)")
-
-
-def _weights_metadata(cfg: Config, stage: str) -> dict[str, str]:
-    return {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
-
-
-def _barrier() -> None:
-    """All processes of a multi-process launch wait here (the main one may still be writing a run)."""
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
 def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality: str, *,
                       init_bundle: str | Path | None = None, max_steps: int | None = None, device: str = "auto",
                       resume: bool = False, tensorboard: bool = False) -> RunInfo | None:
@@ -224,7 +213,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
     if modality not in MODALITIES:
         raise DemistError(f"--modality {modality}: unknown; expected psr or cond")
     out, (key, channels) = Path(out), MODALITIES[modality]
-    _check_out(out, resume)
+    check_out(out, resume)
     if max_steps is not None:
         field = "steps" if modality == "psr" else "cond_steps"
         cfg = cfg.replace(stage1=dataclasses.replace(cfg.stage1, **{field: max_steps}))
@@ -237,7 +226,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
         load_bundle_autoencoder(autoencoder, init_bundle)
     stage = autoencoder_stage(cfg, modality, autoencoder, build_discriminator(cfg, channels), sampler)
     result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=_weights_metadata(cfg, stage.name))
+                   weights_metadata=weights_metadata(cfg, stage.name))
     run = None
     if result.is_main_process:
         psnr = patch_psnr(autoencoder.eval(), evaluation_batches(sampler), key)
@@ -246,7 +235,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
                         components={"autoencoder": autoencoder.state_dict()},
                         training=_training_record(result, sessions, init_bundle=str(init_bundle or "") or None),
                         metrics={"train_patch_psnr": psnr})
-    _barrier()
+    barrier()
     return run
 
 
@@ -272,18 +261,15 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     is measured on these sessions.
     """
     out = Path(out)
-    _check_out(out, resume)
+    check_out(out, resume)
     psr, psr_ae = load_autoencoder_run(psr_run, "psr", "--psr-ae")
     cond, cond_ae = load_autoencoder_run(cond_run, "cond", "--cond-ae")
     cfg = cfg or psr.config
-    for section in ("autoencoder", "data"):
-        def of(config: Config) -> object:  # the Stage-2 patch size of [data] is free to differ
-            value = getattr(config, section)
-            return dataclasses.replace(value, patch_size=cfg.data.patch_size) if section == "data" else value
-
-        if not of(psr.config) == of(cond.config) == of(cfg):
-            raise DemistError(f"--psr-ae {psr.path} and --cond-ae {cond.path}: their [{section}] config sections "
-                              "differ (from each other or from --config); expected autoencoders trained alike")
+    sections = ("autoencoder", "data")
+    section = psr.config.first_difference(cond.config, sections) or cfg.first_difference(psr.config, sections)
+    if section is not None:
+        raise DemistError(f"--psr-ae {psr.path} and --cond-ae {cond.path}: their [{section}] config sections "
+                          "differ (from each other or from --config); expected autoencoders trained alike")
     if max_steps is not None:
         cfg = cfg.replace(align=dataclasses.replace(cfg.align, steps=max_steps))
     sessions = _prepared(sessions, cfg, need_target=True)
@@ -294,7 +280,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     seed_everything(cfg.train.seed)
     stage = alignment_stage(cfg, psr_ae, cond_ae.train(), sampler)
     result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=_weights_metadata(cfg, "stage1"))
+                   weights_metadata=weights_metadata(cfg, "stage1"))
     run = None
     if result.is_main_process:
         after = alignment_error(psr_ae, cond_ae.eval(), eval_batches)
@@ -308,7 +294,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
                         metrics={"align_mse_before": before["mse"], "align_mse_after": after["mse"],
                                  "align_relative_before": before["relative"], "align_relative_after": after["relative"],
                                  "cond_patch_psnr": patch_psnr(cond_ae, eval_batches, "cond")})
-    _barrier()
+    barrier()
     return run
 
 

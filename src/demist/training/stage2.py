@@ -33,12 +33,13 @@ from demist.errors import DemistError
 from demist.models.demist_net import DemistNet
 from demist.models.autoencoder import downsampling_factor
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (LatentEncoder, barrier, check_against_stage1, check_out,
-                                      denoising_error, load_stage1, module_device, noise_schedule,
-                                      resolve_config, sample_noising, training_records, weights_metadata)
+from demist.training.backbone import (LatentEncoder, check_against_stage1, denoising_error, load_stage1,
+                                      module_device, noise_schedule, resolve_config, sample_noising,
+                                      training_records)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
+from demist.training.run_output import barrier, check_out, weights_metadata
 from demist.training.stage2_parts import (InferenceNetworks, TrainableStreams, build_inference_networks,
                                           load_frozen_backbone, method_name)
 

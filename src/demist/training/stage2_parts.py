@@ -19,8 +19,7 @@ from demist.models.autoencoder import autoencoder_from_state
 from demist.models.backbone import freeze, load_backbone_checkpoint
 from demist.models.demist_net import STREAMS, DemistNet
 from demist.runs import RUN_FILE, RunInfo, read_run, sha256_file
-from demist.training.backbone import (Stage1Parts, lives_in_latent_of, load_backbone_run, load_stage1,
-                                     require_same_section)
+from demist.training.backbone import Stage1Parts, lives_in_latent_of, load_backbone_run, load_stage1
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,7 @@ def load_frozen_backbone(backbone: str | Path, cfg: Config, stage1: Stage1Parts,
             raise DemistError(f"--backbone {path}: was pretrained in the latent of another PSR autoencoder (Stage-1 "
                               f"run {run.parents.get('stage1', {}).get('path')}); expected a backbone trained on "
                               f"--stage1 {stage1.run.path}, or on a Stage 1 with the same PSR autoencoder and scale")
-        require_same_section("unet", cfg.unet, run.config.unet, f"--backbone {path}")
-        require_same_section("diffusion", cfg.diffusion, run.config.diffusion, f"--backbone {path}")
+        cfg.require_same(run.config, ("unet", "diffusion"), f"--backbone {path}")
         return FrozenBackbone(unet=unet, prediction_type=str(run.prediction_type), config=cfg, run=run)
     if path.is_file():
         if stage1_bundle_init(stage1.run) is None:

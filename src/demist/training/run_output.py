@@ -1,0 +1,28 @@
+"""What every training entry point does around its loop: refuse to overwrite a finished run, tag the checkpoint
+weights with the stage and config, and wait for every process of a multi-process launch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from demist.config import Config, config_to_dict
+from demist.errors import DemistError
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """A finished run (its run.json) is never overwritten; `resume` keeps it."""
+    if (out / "run.json").exists() and not resume:
+        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume)")
+
+
+def weights_metadata(cfg: Config, stage: str) -> dict[str, str]:
+    """The metadata stored with checkpoint weights: the stage and its whole config."""
+    return {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
+
+
+def barrier() -> None:
+    """All processes of a multi-process launch wait here (the main one may still be writing the run)."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
