@@ -125,8 +125,7 @@ def build_synthesizer(arch: str, ours: bool):
     psr_ae, cond_ae = build_autoencoder(cfg.autoencoder, 1), build_autoencoder(cfg.autoencoder, 2)
     for module in (net, psr_ae, cond_ae):
         module.eval().requires_grad_(False)
-    d = cfg.diffusion
-    schedule = NoiseSchedule.create(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     return DemistSynthesizer(method="demist", config=cfg, net=net, psr_autoencoder=psr_ae, cond_autoencoder=cond_ae,
                              schedule=schedule, latent_scale_factor=1.0, sampler="ddim", steps=NAIVE_STEPS,
                              device=torch.device("cpu"), use_bf16=ours)

@@ -20,14 +20,12 @@ import time
 from pathlib import Path
 
 from demist.config import load_config
-from demist.data.manifest import load_manifest, select_subjects
-from demist.demo import split_subjects
+from demist.demo import DemoPlan
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.inference.pipeline import load_synthesizer
 from demist.inference.base import REFERENCES
 from demist.inference.references import synthesize_references
-from demist.runs import read_run
 from demist.training.stage2 import train_demist
 
 #: [demist] keys of each variant, on top of the tiny preset (which is "recipe").
@@ -57,14 +55,9 @@ def main() -> None:
         parser.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
 
     base = load_config("tiny")
-    manifest = args.demo / "cohort" / "manifest.csv"
-    train_subjects, test_subjects = split_subjects(manifest, args.held_out, args.seed)
-    test_keys = [r.key for r in select_subjects(load_manifest(manifest), test_subjects)]
-    stage1 = args.demo / "runs" / "stage1" / "stage1"
-    # the demo's backbone: its own run, or the prior's (named by the demo's DEMIST run)
-    demo_demist = args.demo / "runs" / "demist" / "run.json"
-    backbone = (Path(read_run(demo_demist.parent).parents["backbone"]["path"]) if demo_demist.is_file()
-                else args.demo / "runs" / "backbone")
+    demo = DemoPlan(out=args.demo, subjects=args.subjects, held_out=args.held_out, seed=args.seed, max_steps=None)
+    manifest, stage1, backbone = demo.manifest, demo.stage1, demo.backbone()
+    train_subjects, test_keys = demo.split()
     predictions = {"ridge": args.demo / "predictions" / "ridge"}
     cpu_minutes: dict[str, float] = {}
     demo_demist = args.demo / "runs" / "demist"

@@ -18,10 +18,11 @@ from demist.data.manifest import load_manifest
 from demist.demo import DemoPlan, run_demo
 from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder
+from demist.models.from_runs import build_inference_networks
 from demist.prior import PRIOR_SEED, align_to_prior, check_cohort_apart, export_prior, resolve_prior
 from demist.runs import read_run, sha256_file, write_run
 from demist.training.backbone import train_backbone
-from demist.training.stage2 import build_inference_networks, train_demist
+from demist.training.stage2 import train_demist
 
 CFG = load_config("tiny", overrides={
     "data": {"patch_size": [16, 16, 16]},

@@ -18,11 +18,12 @@ from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder
 from demist.models.backbone import build_unet
 from demist.models.demist_net import STREAMS
+from demist.models.from_runs import build_inference_networks, load_backbone_run
 from demist.runs import read_run, sha256_file, write_run
 from demist.training import stage2
-from demist.training.backbone import load_backbone_run, train_backbone
+from demist.training.backbone import train_backbone
 from demist.training.checkpoint import latest_checkpoint
-from demist.training.stage2 import build_inference_networks, train_demist
+from demist.training.stage2 import train_demist
 
 OVERRIDES = {
     "data": {"patch_size": [16, 16, 16]},

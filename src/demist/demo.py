@@ -54,6 +54,26 @@ class DemoPlan:
     def predictions(self, method: str) -> Path:
         return self.out / "predictions" / method
 
+    @property
+    def stage1(self) -> Path:
+        return self.run("stage1") / "stage1"
+
+    def backbone(self) -> Path:
+        """The backbone DEMIST was trained on: the demo's own, or the prior's (named by the DEMIST run)."""
+        from demist.runs import read_run
+
+        demist = self.run("demist")
+        if (demist / "run.json").is_file():
+            return Path(read_run(demist, "demist", what="demo DEMIST run").parents["backbone"]["path"])
+        return self.run("backbone")
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """(training subjects, held-out session keys) of a generated cohort."""
+        from demist.data.manifest import load_manifest, select_subjects
+
+        train, test = split_subjects(self.manifest, self.held_out, self.seed)
+        return train, [r.key for r in select_subjects(load_manifest(self.manifest), test)]
+
 
 def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str], list[str]]:
     """Training and held-out subjects (all sessions of a subject on one side), seeded; the held-out set includes an
@@ -139,21 +159,21 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     train_records = select_subjects(records, train_subjects)
     test_keys = [r.key for r in select_subjects(records, test_subjects)]
     steps = plan.max_steps
-    stage1 = plan.run("stage1")
+    stage1 = plan.run("stage1")  # holds psr_ae, cond_ae and the Stage-1 run itself (plan.stage1)
     if prior is None:
-        minutes["stage1"] = step("stage1", stage1 / "stage1" / "run.json", lambda: train_stage1(
+        minutes["stage1"] = step("stage1", plan.stage1 / "run.json", lambda: train_stage1(
             train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
         backbone = plan.run("backbone")
         minutes["backbone"] = step("backbone", backbone / "run.json", lambda: train_backbone(
-            plan.manifest, stage1 / "stage1", cfg, backbone, max_steps=steps, device=device, resume=True,
+            plan.manifest, plan.stage1, cfg, backbone, max_steps=steps, device=device, resume=True,
             subjects=train_subjects))
     else:
-        minutes["stage1"] = step("stage1", stage1 / "stage1" / "run.json", lambda: align_to_prior(
-            train_records, prior, cfg, stage1 / "stage1", max_steps=steps, device=device, resume=True))
+        minutes["stage1"] = step("stage1", plan.stage1 / "run.json", lambda: align_to_prior(
+            train_records, prior, cfg, plan.stage1, max_steps=steps, device=device, resume=True))
         backbone, minutes["backbone"] = prior.backbone, _record(plan.out, "backbone", 0.0)  # the prior's
     demist = plan.run("demist")
     minutes["demist"] = step("demist", demist / "run.json", lambda: train_demist(
-        plan.manifest, stage1 / "stage1", backbone, cfg, demist, max_steps=steps, device=device, resume=True,
+        plan.manifest, plan.stage1, backbone, cfg, demist, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
     ridge = plan.run("ridge")
     minutes["ridge"] = step("ridge", ridge / "run.json", lambda: train_ridge(

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from demist.config import Config
 from demist.errors import DemistError
 from demist.runs import RunInfo, read_run, state_digest
-from demist.training.backbone import BACKBONE_STAGE, PSR_DIGEST
+from demist.models.from_runs import BACKBONE_STAGE, PSR_DIGEST
 
 logger = logging.getLogger(__name__)
 

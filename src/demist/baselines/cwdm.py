@@ -40,9 +40,7 @@ COND_BANDS = COND_CHANNELS * len(SUBBANDS)
 
 def cwdm_schedule(config: Config) -> NoiseSchedule:
     """The [diffusion] noise schedule with x0 prediction."""
-    d = config.diffusion
-    return NoiseSchedule.create(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                                beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=PREDICTION_TYPE)
+    return NoiseSchedule.from_config(config.diffusion, PREDICTION_TYPE)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
+from demist.config import DiffusionConfig
 from demist.errors import DemistError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -48,6 +49,13 @@ class NoiseSchedule:
     prediction_type: str
     betas: torch.Tensor  # (T,) float32 on CPU, exactly MONAI's
     alphas_cumprod: torch.Tensor  # (T,) float32 on CPU: ᾱ_t = ∏_{s≤t} (1 − β_s)
+
+    @classmethod
+    def from_config(cls, diffusion: DiffusionConfig, prediction_type: str | None = None) -> NoiseSchedule:
+        """The schedule of a config's [diffusion] section, predicting `prediction_type` (default: the config's)."""
+        return cls.create(num_train_timesteps=diffusion.num_train_timesteps, beta_schedule=diffusion.beta_schedule,
+                          beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
+                          prediction_type=prediction_type or diffusion.prediction_type)
 
     @classmethod
     def create(

@@ -23,6 +23,7 @@ from demist.diffusion.samplers import SAMPLERS, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.inference.tiling import tiled
+from demist.models.from_runs import build_inference_networks
 from demist.runs import RunInfo, read_run
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ class DemistSynthesizer:
 
         `start_strength` (default: the config's `sampling.start_strength`) below 1 starts sampling from z_c noised
         to timestep round(strength·(T−1)) instead of from pure noise."""
-        from demist.training.stage2 import build_inference_networks
-
         cfg = run.config
         sampler = sampler or cfg.sampling.sampler
         if sampler not in SAMPLERS:
@@ -81,11 +80,7 @@ class DemistSynthesizer:
         for module in (nets.net, nets.psr_autoencoder, nets.cond_autoencoder):
             module.to(torch_device).eval().requires_grad_(False)
         nets.net.merge_lora()
-        schedule = NoiseSchedule.create(
-            num_train_timesteps=cfg.diffusion.num_train_timesteps, beta_schedule=cfg.diffusion.beta_schedule,
-            beta_start=cfg.diffusion.beta_start, beta_end=cfg.diffusion.beta_end,
-            prediction_type=nets.prediction_type,
-        )
+        schedule = NoiseSchedule.from_config(cfg.diffusion, nets.prediction_type)
         timesteps_for(sampler, schedule, int(steps), start)  # a bad --steps / --start-strength fails here, not later
         return cls(method=run.method, config=cfg, net=nets.net, psr_autoencoder=nets.psr_autoencoder,
                    cond_autoencoder=nets.cond_autoencoder, schedule=schedule,

@@ -16,23 +16,22 @@ from typing import Sequence
 import torch
 
 from demist.config import Config
+from demist.data.manifest import training_records
 from demist.data.patches import load_sessions
-from demist.errors import DemistError
+from demist.diffusion.schedule import NoiseSchedule
 from demist.models.autoencoder import downsampling_factor
-from demist.models.backbone import freeze
+from demist.models.from_runs import FTLDM_STAGE, load_frozen_backbone, load_stage1
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (check_against_stage1, load_stage1, noise_schedule, resolve_config,
-                                      sample_noising, training_records)
+from demist.training.latent_diffusion import (check_against_stage1, conditioned_denoising_error, resolve_config,
+                                              sample_noising)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.run_output import barrier, check_out, weights_metadata
-from demist.training.stage2 import conditioned_denoising_error
-from demist.training.stage2_parts import InferenceNetworks, load_frozen_backbone, unchanged_parent
 
 logger = logging.getLogger(__name__)
 
-STAGE = "ftldm"
+STAGE = FTLDM_STAGE
 
 
 def ftldm_stage(cfg: Config, net: ConcatConditionedUNet, schedule, sampler: LatentPatchSampler) -> Stage:
@@ -75,7 +74,7 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
                               encoding_device(device))
     sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
                                  image_keys=())
-    schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
+    schedule = NoiseSchedule.from_config(cfg.diffusion, frozen.prediction_type)
 
     seed_everything(cfg.train.seed)
     net = ConcatConditionedUNet.from_backbone(frozen.unet, cfg.unet, cfg.autoencoder.latent_channels,
@@ -104,17 +103,3 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
                         metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
     barrier()
     return run
-
-
-def build_ftldm_networks(run: RunInfo, use_flash_attention: bool = True) -> InferenceNetworks:
-    """Rebuild a finished FT-LDM run (its Stage-1 autoencoders and fine-tuned UNet) for inference."""
-    if run.stage != STAGE or run.prediction_type is None or run.latent_scale_factor is None:
-        raise DemistError(f"--model {run.path}: is a {run.stage!r} run without its prediction type or latent scale "
-                          "factor; expected a run of `demist train ftldm`")
-    cfg = run.config
-    stage1 = load_stage1(unchanged_parent(run, "stage1"), what=f"Stage-1 run of {run.path}")
-    net = ConcatConditionedUNet(cfg.unet, cfg.autoencoder.latent_channels, use_flash_attention)
-    net.unet.load_state_dict(run.weights("unet"))
-    return InferenceNetworks(net=freeze(net), psr_autoencoder=stage1.psr_autoencoder,
-                             cond_autoencoder=stage1.cond_autoencoder, prediction_type=str(run.prediction_type),
-                             latent_scale_factor=float(run.latent_scale_factor))

@@ -30,23 +30,22 @@ from demist.config import Config
 from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
-from demist.models.demist_net import DemistNet
+from demist.data.manifest import training_records
 from demist.models.autoencoder import downsampling_factor
+from demist.models.demist_net import DemistNet
+from demist.models.from_runs import DEMIST_STAGE, load_frozen_backbone, load_stage1
 from demist.runs import RunInfo, write_run
-from demist.training.backbone import (LatentEncoder, check_against_stage1, denoising_error, load_stage1,
-                                      module_device, noise_schedule, resolve_config, sample_noising,
-                                      training_records)
+from demist.training.latent_diffusion import (LatentEncoder, check_against_stage1, conditioned_denoising_error,
+                                              resolve_config, sample_noising)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
 from demist.training.run_output import barrier, check_out, weights_metadata
-from demist.training.stage2_parts import (InferenceNetworks, TrainableStreams, build_inference_networks,
-                                          load_frozen_backbone, method_name)
+from demist.training.stage2_parts import TrainableStreams, method_name
 
 logger = logging.getLogger(__name__)
 
-STAGE = "demist"
-__all__ = ["InferenceNetworks", "build_inference_networks", "demist_stage", "stage2_config", "train_demist"]
+STAGE = DEMIST_STAGE
 
 
 def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEncoder | None,
@@ -144,7 +143,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
                               cfg.data.patch_size, encoding_device(device), keep=image_keys)
     sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
                                  image_keys=image_keys)
-    schedule = noise_schedule(cfg.diffusion, frozen.prediction_type)
+    schedule = NoiseSchedule.from_config(cfg.diffusion, frozen.prediction_type)
 
     seed_everything(cfg.train.seed)
     net = DemistNet(frozen.unet, cfg.demist, cfg.unet, cfg.autoencoder.latent_channels)
@@ -185,21 +184,3 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
                         metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
     barrier()
     return run
-
-
-@torch.no_grad()
-def conditioned_denoising_error(net: nn.Module, batches: Sequence[dict[str, torch.Tensor]], schedule: NoiseSchedule,
-                                cond_encoder: LatentEncoder | None = None) -> dict[str, float]:
-    """Denoising MSE of net(x_t, t, z_c) on fixed evaluation latent patches; z_c from the batches, or encoded from
-    their images when E_cond is fine-tuned. (DEMIST before training: the backbone's own, all streams at 0.)"""
-    device = module_device(net)
-    z_y = torch.cat([b["z_y"] for b in batches]).to(device)
-    if cond_encoder is None:
-        z_c = torch.cat([b["z_c"] for b in batches]).to(device)
-    else:
-        cond_encoder.to(device)
-        z_c = torch.cat([cond_encoder(b["cond"].to(device)).float() for b in batches])
-    if getattr(net, "uses_image", False):  # a DemistNet whose ControlNet also sees the image patches
-        hint = torch.cat([net.embed_image(b["cond"].to(device)) for b in batches])
-        return denoising_error(lambda x_t, t: net(x_t, t, z_c, hint), z_y, schedule)
-    return denoising_error(lambda x_t, t: net(x_t, t, z_c), z_y, schedule)

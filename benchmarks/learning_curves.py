@@ -1,0 +1,146 @@
+"""Held-out quality against training CPU-minutes: DEMIST, FT-LDM and cWDM at several step budgets.
+
+On a finished demo (its cohort, split, Stage 1 and backbone), each method trains from scratch at each of its step
+budgets (`BUDGETS`, or `--steps`; the method's own step key: [demist] steps for DEMIST and FT-LDM, [baselines] steps
+for cWDM), synthesizes
+the demo's held-out sessions through `demist synthesize`'s path, and is scored by `demist evaluate`. The CPU-minutes
+are the training process's CPU time (user + system, every thread). Stage 1 and the backbone, which DEMIST and FT-LDM
+share and cWDM does not need, are not in their curves: the demo's `timings.json` gives their cost. Writes
+`learning_curves.csv` and `learning_curves.png` into --out, with the demo's ridge and aligned-condition rows drawn as
+horizontal lines; finished runs are reused when rerun.
+
+    python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 90 min, 2 cores
+    python benchmarks/learning_curves.py --demo demo --out /tmp/curves --methods demist --steps 100,200
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from demist.atomic import atomic_write
+from demist.config import load_config
+from demist.cv import METHODS, FoldContext
+from demist.demo import DemoPlan
+from demist.evaluation.evaluate import evaluate_predictions
+from demist.inference.batch import synthesize_manifest
+from demist.inference.pipeline import load_synthesizer
+
+#: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
+#: DEMIST steps on latents).
+BUDGETS = {"demist": (100, 200, 400, 800), "ftldm": (100, 200, 400, 800), "cwdm": (25, 50, 100, 200)}
+REFERENCE_ROWS = ("ridge", "aligned-condition")  # taken from the demo's predictions when there
+
+
+def _train(method: str, steps: int, ctx: FoldContext, run: Path, budgets: Path) -> float:
+    """Train one (method, budget) unless finished; its CPU-minutes, kept in `budgets` for reruns."""
+    recorded = json.loads(budgets.read_text()) if budgets.exists() else {}
+    if (run / "run.json").exists() and run.name in recorded:
+        return recorded[run.name]
+    start, cpu = time.perf_counter(), time.process_time()
+    METHODS[method].train(ctx, run)
+    recorded[run.name] = round((time.process_time() - cpu) / 60, 2)
+    atomic_write(budgets, json.dumps(recorded, indent=1) + "\n")
+    print(f"{run.name}: {(time.perf_counter() - start) / 60:.1f} min wall, {recorded[run.name]:.1f} CPU-min; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    return recorded[run.name]
+
+
+def _figure(rows: list[dict], references: dict[str, float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
+        ax.plot([r["cpu_minutes"] for r in mine], [r["psnr"] for r in mine], marker="o", label=method)
+    for name, value in references.items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(name, (ax.get_xlim()[0], value), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training CPU-minutes (Stage 1 and backbone not counted)")
+    ax.set_ylabel("held-out PSNR (dB, brain)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, required=True, help="A finished demo (its DEMIST run names the backbone).")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--methods", default=",".join(BUDGETS))
+    parser.add_argument("--steps", default=None,
+                        help="Step budgets for every method, comma-separated (default: each method's BUDGETS).")
+    parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
+    parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
+    parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",") if s}) if args.steps else None
+    except ValueError:
+        parser.error(f"--steps {args.steps}: expected comma-separated integers")
+    plan = {m: steps or list(BUDGETS.get(m, BUDGETS["demist"])) for m in methods}
+
+    cfg = load_config("tiny")
+    demo = DemoPlan(out=args.demo, subjects=args.subjects, held_out=args.held_out, seed=args.seed, max_steps=None)
+    train_subjects, test_keys = demo.split()
+    args.out.mkdir(parents=True, exist_ok=True)
+    predictions: dict[str, Path] = {}
+    cpu_minutes: dict[str, float] = {}
+    # smallest budgets of every method first: an interrupted run already has whole curves to show
+    for rank in range(max(len(b) for b in plan.values())):
+        for method, steps in ((m, b[rank]) for m, b in plan.items() if rank < len(b)):
+            name = f"{method}-{steps}"
+            ctx = FoldContext(manifest=demo.manifest, config=cfg, train_subjects=train_subjects, stage1=demo.stage1,
+                              backbone=demo.backbone(), max_steps=steps, device="cpu")
+            run = args.out / "runs" / name
+            cpu_minutes[name] = _train(method, steps, ctx, run, args.out / "budgets.json")
+            synthesize_manifest(load_synthesizer(run, device="cpu"), demo.manifest, args.out / "predictions" / name,
+                                sessions=test_keys, progress=False)
+            predictions[name] = args.out / "predictions" / name
+    references = {r: demo.predictions(r) for r in REFERENCE_ROWS if demo.predictions(r).is_dir()}
+    results = evaluate_predictions(demo.manifest, {**predictions, **references}, args.out / "evaluation",
+                                   psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm, bootstrap=200,
+                                   sessions=test_keys, progress=False)
+    lesion = (results.get("lesion_contrast") or {}).get("auc", {})
+    rows = []
+    for name in predictions:
+        method, steps = name.rsplit("-", 1)
+        metrics = results["metrics"][name]
+        rows.append({"method": method, "steps": int(steps), "cpu_minutes": cpu_minutes[name],
+                     "psnr": metrics["psnr"]["mean"], "ssim": metrics["ssim"]["mean"], "mse": metrics["mse"]["mean"],
+                     "lesion_auc": lesion.get(name, {}).get("combined", {}).get("auc", float("nan"))})
+    with open(args.out / "learning_curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    reference_psnr = {r: results["metrics"][r]["psnr"]["mean"] for r in references}
+    _figure(rows, reference_psnr, args.out / "learning_curves.png")
+    print(f"\n{len(test_keys)} held-out sessions; inside the brain, PSR/{cfg.data.psr_range}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'method':10s} {'steps':>6s} {'CPU-min':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'lesion AUC':>10s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['steps']:6d} {r['cpu_minutes']:8.1f} {r['psnr']:8.2f} {r['ssim']:6.3f} "
+              f"{r['lesion_auc']:10.3f}")
+    for name, value in reference_psnr.items():
+        print(f"{name:17s} {'':8s} {value:8.2f} {results['metrics'][name]['ssim']['mean']:6.3f} "
+              f"{lesion.get(name, {}).get('combined', {}).get('auc', float('nan')):10.3f}")
+    print(f"figure: {args.out / 'learning_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
