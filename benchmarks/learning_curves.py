@@ -11,6 +11,7 @@ horizontal lines; finished runs are reused when rerun.
 
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 90 min, 2 cores
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves --methods demist --steps 100,200
+    python benchmarks/learning_curves.py --demo demo --out /tmp/curves --finished-only   # score what has finished
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(BUDGETS))
     parser.add_argument("--steps", default=None,
                         help="Step budgets for every method, comma-separated (default: each method's BUDGETS).")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="Train nothing: score the runs that have finished (after an interrupted benchmark).")
     parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
     parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
     parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
@@ -108,6 +111,8 @@ def main() -> None:
             ctx = FoldContext(manifest=demo.manifest, config=cfg, train_subjects=train_subjects, stage1=demo.stage1,
                               backbone=demo.backbone(), max_steps=steps, device="cpu")
             run = args.out / "runs" / name
+            if args.finished_only and not (run / "run.json").exists():
+                continue
             cpu_minutes[name] = _train(method, steps, ctx, run, args.out / "budgets.json")
             synthesize_manifest(load_synthesizer(run, device="cpu"), demo.manifest, args.out / "predictions" / name,
                                 sessions=test_keys, progress=False)

@@ -1,15 +1,22 @@
-"""Shared fixtures: small synthetic NIfTI sessions built in memory (no network, no downloads)."""
+"""Shared fixtures and helpers: small synthetic NIfTI sessions built in memory, prepared sessions, affines, and the
+latent-diffusion cohort (a random Stage 1 and a 2-step backbone). No network, no downloads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from demist.config import load_config
 from demist.data.manifest import write_manifest
 from demist.data.nifti import save_image
+from demist.data.preprocess import PreparedSession
+from demist.models.autoencoder import build_autoencoder
+from demist.runs import write_run
 
 
 def ellipsoid_session(shape=(40, 44, 36), affine=None, seed: int = 0) -> dict[str, nib.Nifti1Image]:
@@ -59,3 +66,75 @@ def small_manifest(tmp_path: Path) -> Path:
         rows.append({"subject": subject, "session": session, "group": "MS",
                      **{k: str(Path(v).relative_to(tmp_path)) for k, v in row.items()}})
     return write_manifest(tmp_path / "manifest.csv", rows)
+
+
+def brain_session(key: str, shape=(20, 18, 16), seed: int = 0) -> PreparedSession:
+    rng = np.random.default_rng(seed)
+    brain = np.zeros(shape, bool)
+    brain[5:15, 4:14, 3:12] = True
+    image = lambda: (rng.random(shape) * brain).astype(np.float32)  # noqa: E731
+    return PreparedSession(key=key, t1w=image(), flair=image(), brain=brain, grid=None, psr=image())
+
+
+def oblique_affine(spacing=(1.7, 1.7, 2.3)) -> np.ndarray:
+    angle = np.deg2rad(17)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = [-30, -40, -35]
+    return affine
+
+
+AFFINES = {
+    "RAS": np.diag([2.0, 2.0, 2.0, 1.0]),
+    "LAS": np.array([[-2.0, 0, 0, 80], [0, 2.0, 0, -40], [0, 0, 2.0, -30], [0, 0, 0, 1]]),
+    "oblique": oblique_affine(),
+}
+
+
+# --- the latent-diffusion stages (backbone, DEMIST, FT-LDM) on two hand-made sessions ----------------------------
+
+LATENT_OVERRIDES = {
+    "data": {"patch_size": [16, 16, 16]},
+    "autoencoder": {"channels": [8, 16, 16], "norm_num_groups": 8},
+    "unet": {"channels": [16, 32, 32], "num_head_channels": [0, 16, 16], "norm_num_groups": 8},
+    "train": {"checkpoint_every": 2, "log_every": 1},
+    "backbone": {"steps": 2, "batch_size": 1},
+    "demist": {"steps": 3, "batch_size": 1, "edge_weight": 0.1, "edge_every": 2, "token_grid": [2, 2, 2],
+               "token_dim": 12, "lora_rank": 2, "controlnet_hint": "latent+image", "hint_channels": [4, 8, 8]},
+}
+LATENT_CFG = load_config("tiny", overrides=LATENT_OVERRIDES)
+
+
+def latent_toml_config(path: Path) -> Path:
+    """The same config as a user TOML file (for the command line)."""
+    lines = ['base = "tiny"']
+    for section, table in LATENT_OVERRIDES.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def random_stage1_run(folder: Path, init_bundle: str | None = None, seed: int = 0):
+    """A Stage-1 run with random (untrained) autoencoders; with `init_bundle`, its PSR parent records the bundle."""
+    torch.manual_seed(seed)
+    psr, cond = build_autoencoder(LATENT_CFG.autoencoder, 1), build_autoencoder(LATENT_CFG.autoencoder, 2)
+    psr_run = write_run(folder / "psr_ae", method="demist", stage="autoencoder-psr", config=LATENT_CFG,
+                        components={"autoencoder": psr.state_dict()}, training={"init_bundle": init_bundle})
+    return write_run(folder / "stage1", method="demist", stage="stage1", config=LATENT_CFG,
+                     components={"psr_autoencoder": psr.state_dict(), "cond_autoencoder": cond.state_dict()},
+                     parents={"psr_ae": psr_run}, latent_scale_factor=2.0)
+
+
+@pytest.fixture(scope="module")
+def latent_cohort(tmp_path_factory):
+    """Two hand-made sessions, a random Stage-1 run and a 2-step backbone: what the latent-diffusion tests train on
+    (one per test module)."""
+    from demist.training.backbone import train_backbone
+
+    root = tmp_path_factory.mktemp("stage2")
+    manifest = two_subject_manifest(root)
+    stage1 = random_stage1_run(root / "s1run")
+    backbone = train_backbone(manifest, stage1.path, LATENT_CFG, root / "backbone", device="cpu")
+    return {"root": root, "manifest": manifest, "stage1": stage1, "backbone": backbone}

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ellipsoid_session
+from conftest import AFFINES, ellipsoid_session
 from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
@@ -139,22 +139,6 @@ def test_manifest_not_found(tmp_path):
 
 
 # --- preprocessing and the way back ----------------------------------------------------------------------------
-
-
-def _oblique(spacing=(1.7, 1.7, 2.3)) -> np.ndarray:
-    angle = np.deg2rad(17)
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rot @ np.diag(spacing)
-    affine[:3, 3] = [-30, -40, -35]
-    return affine
-
-
-AFFINES = {
-    "RAS": np.diag([2.0, 2.0, 2.0, 1.0]),
-    "LAS": np.array([[-2.0, 0, 0, 80], [0, 2.0, 0, -40], [0, 0, 2.0, -30], [0, 0, 0, 1]]),
-    "oblique": _oblique(),
-}
 
 
 @pytest.mark.parametrize("orientation", AFFINES)

@@ -103,3 +103,18 @@ def test_reference_rows_decode_the_true_and_the_condition_latent(smoke_demo, smo
             dataclasses.replace(session, psr=None))
     with pytest.raises(DemistError, match="unknown"):
         ReferenceSynthesizer.from_synthesizer(demist, "oracle")
+
+
+def test_a_finished_demo_names_its_stage1_backbone_and_split(smoke_demo) -> None:
+    """What the benchmarks build on: the Stage-1 run, the backbone DEMIST was trained on (here the shipped prior's)
+    and the held-out sessions the report scored."""
+    from demist.prior import embedded_prior_dir
+    from demist.runs import read_run
+
+    plan, _ = smoke_demo
+    assert read_run(plan.stage1, "stage1").latent_scale_factor > 0
+    assert plan.backbone().resolve() == (embedded_prior_dir("tiny") / "backbone").resolve()
+    train, held_out = plan.split()
+    written = (plan.out / "predictions" / "demist").rglob("psr.nii.gz")
+    scored = {f"{p.parent.parent.name}/{p.parent.name}" for p in written}
+    assert set(held_out) == scored and not {k.split("/")[0] for k in held_out} & set(train)

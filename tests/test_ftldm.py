@@ -8,7 +8,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conftest import ellipsoid_session
+from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config
 from demist.cli_stage2 import ftldm_command
 from demist.cv import parse_methods
 from demist.inference.pipeline import load_synthesizer, synthesize_images
@@ -16,14 +16,13 @@ from demist.models.backbone import build_unet
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import read_run
 from demist.training.ftldm import train_ftldm
-from test_stage2_training import CFG, setup, toml_config  # noqa: F401  (setup: the module's cohort fixture)
 
 
 def test_a_fresh_ftldm_is_exactly_the_backbone_whatever_the_condition():
     torch.manual_seed(0)
-    unet = build_unet(CFG.unet, CFG.autoencoder.latent_channels).eval()
-    net = ConcatConditionedUNet.from_backbone(unet, CFG.unet, CFG.autoencoder.latent_channels).eval()
-    x_t, t = torch.randn(2, CFG.autoencoder.latent_channels, 8, 8, 8), torch.tensor([10, 700])
+    unet = build_unet(LATENT_CFG.unet, LATENT_CFG.autoencoder.latent_channels).eval()
+    net = ConcatConditionedUNet.from_backbone(unet, LATENT_CFG.unet, LATENT_CFG.autoencoder.latent_channels).eval()
+    x_t, t = torch.randn(2, LATENT_CFG.autoencoder.latent_channels, 8, 8, 8), torch.tensor([10, 700])
     with torch.no_grad():
         expected = unet(x_t, t)
         for scale in (0.0, 1.0, 50.0):
@@ -31,19 +30,19 @@ def test_a_fresh_ftldm_is_exactly_the_backbone_whatever_the_condition():
 
 
 @pytest.fixture(scope="module")
-def ftldm_run(setup):  # noqa: F811
-    return train_ftldm(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG,
-                       setup["root"] / "ftldm", device="cpu")
+def ftldm_run(latent_cohort):
+    return train_ftldm(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG,
+                       latent_cohort["root"] / "ftldm", device="cpu")
 
 
-def test_ftldm_fine_tunes_the_whole_unet_and_records_its_parents(setup, ftldm_run):  # noqa: F811
+def test_ftldm_fine_tunes_the_whole_unet_and_records_its_parents(latent_cohort, ftldm_run):
     run = ftldm_run
     assert (run.method, run.stage, run.prediction_type) == ("ftldm", "ftldm", "sample")
-    assert run.parents["backbone"]["sha256"] == setup["backbone"].run_json_sha256
-    assert run.parents["stage1"]["sha256"] == setup["stage1"].run_json_sha256
-    assert run.training["steps"] == CFG.demist.steps
-    tuned, backbone = run.weights("unet"), setup["backbone"].weights("unet")
-    latent = CFG.autoencoder.latent_channels
+    assert run.parents["backbone"]["sha256"] == latent_cohort["backbone"].run_json_sha256
+    assert run.parents["stage1"]["sha256"] == latent_cohort["stage1"].run_json_sha256
+    assert run.training["steps"] == LATENT_CFG.demist.steps
+    tuned, backbone = run.weights("unet"), latent_cohort["backbone"].weights("unet")
+    latent = LATENT_CFG.autoencoder.latent_channels
     assert tuned["conv_in.conv.weight"].shape[1] == 2 * latent
     assert tuned["conv_in.conv.weight"][:, latent:].abs().sum() > 0  # the condition half has learned
     changed = [k for k in backbone if k != "conv_in.conv.weight" and not torch.equal(tuned[k], backbone[k])]
@@ -62,12 +61,12 @@ def test_ftldm_synthesizes_on_the_t1w_grid_through_the_common_interface(ftldm_ru
     np.testing.assert_array_equal(again.psr.get_fdata(), psr)  # deterministic for a seed
 
 
-def test_ftldm_trains_from_the_command_line_and_is_a_cv_method(setup, tmp_path):  # noqa: F811
+def test_ftldm_trains_from_the_command_line_and_is_a_cv_method(latent_cohort, tmp_path):
     app = typer.Typer()
     app.command("ftldm")(ftldm_command)
     app.command("unused")(lambda: None)  # two commands: typer keeps the subcommand name
-    args = ["ftldm", "--manifest", str(setup["manifest"]), "--stage1", str(setup["stage1"].path),
-            "--backbone", str(setup["backbone"].path), "--config", str(toml_config(tmp_path / "small.toml")),
+    args = ["ftldm", "--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path),
+            "--backbone", str(latent_cohort["backbone"].path), "--config", str(latent_toml_config(tmp_path / "small.toml")),
             "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "ft")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -11,66 +11,22 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conftest import ellipsoid_session, two_subject_manifest
+from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config, random_stage1_run
 from demist.cli_stage2 import backbone_command, demist_command
-from demist.config import load_config
 from demist.errors import DemistError
-from demist.models.autoencoder import build_autoencoder
 from demist.models.backbone import build_unet
 from demist.models.demist_net import STREAMS
 from demist.models.from_runs import build_inference_networks, load_backbone_run
-from demist.runs import read_run, sha256_file, write_run
+from demist.runs import read_run, sha256_file
 from demist.training import stage2
 from demist.training.backbone import train_backbone
 from demist.training.checkpoint import latest_checkpoint
 from demist.training.stage2 import train_demist
 
-OVERRIDES = {
-    "data": {"patch_size": [16, 16, 16]},
-    "autoencoder": {"channels": [8, 16, 16], "norm_num_groups": 8},
-    "unet": {"channels": [16, 32, 32], "num_head_channels": [0, 16, 16], "norm_num_groups": 8},
-    "train": {"checkpoint_every": 2, "log_every": 1},
-    "backbone": {"steps": 2, "batch_size": 1},
-    "demist": {"steps": 3, "batch_size": 1, "edge_weight": 0.1, "edge_every": 2, "token_grid": [2, 2, 2],
-               "token_dim": 12, "lora_rank": 2, "controlnet_hint": "latent+image", "hint_channels": [4, 8, 8]},
-}
-CFG = load_config("tiny", overrides=OVERRIDES)
-
-
-def toml_config(path: Path) -> Path:
-    """The same config as a user TOML file (for the command line)."""
-    lines = ['base = "tiny"']
-    for section, table in OVERRIDES.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def stage1_run(folder: Path, init_bundle: str | None = None, seed: int = 0):
-    """A Stage-1 run with random (untrained) autoencoders; with `init_bundle`, its PSR parent records the bundle."""
-    torch.manual_seed(seed)
-    psr, cond = build_autoencoder(CFG.autoencoder, 1), build_autoencoder(CFG.autoencoder, 2)
-    psr_run = write_run(folder / "psr_ae", method="demist", stage="autoencoder-psr", config=CFG,
-                        components={"autoencoder": psr.state_dict()}, training={"init_bundle": init_bundle})
-    return write_run(folder / "stage1", method="demist", stage="stage1", config=CFG,
-                     components={"psr_autoencoder": psr.state_dict(), "cond_autoencoder": cond.state_dict()},
-                     parents={"psr_ae": psr_run}, latent_scale_factor=2.0)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2")
-    manifest = two_subject_manifest(root)
-    stage1 = stage1_run(root / "s1run")
-    backbone = train_backbone(manifest, stage1.path, CFG, root / "backbone", device="cpu")
-    return {"root": root, "manifest": manifest, "stage1": stage1, "backbone": backbone}
-
-
-def test_backbone_trains_and_writes_a_loadable_run(setup):
-    run = setup["backbone"]
+def test_backbone_trains_and_writes_a_loadable_run(latent_cohort):
+    run = latent_cohort["backbone"]
     assert (run.method, run.stage, run.prediction_type) == ("demist", "backbone", "sample")
-    assert run.parents["stage1"]["sha256"] == setup["stage1"].run_json_sha256
+    assert run.parents["stage1"]["sha256"] == latent_cohort["stage1"].run_json_sha256
     assert run.latent_scale_factor == 2.0
     assert run.training["steps"] == 2 and run.training["sessions"] == ["s1/a", "s2/a"]
     curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
@@ -82,9 +38,9 @@ def test_backbone_trains_and_writes_a_loadable_run(setup):
     assert run.metrics["eval_denoising_mse_after"]["mean"] < run.metrics["eval_denoising_mse_before"]["mean"]
 
 
-def test_unknown_training_subjects_are_refused(setup, tmp_path):
+def test_unknown_training_subjects_are_refused(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="subjects s9: not in manifest"):
-        train_backbone(setup["manifest"], setup["stage1"].path, CFG, tmp_path / "bb", subjects=["s9"])
+        train_backbone(latent_cohort["manifest"], latent_cohort["stage1"].path, LATENT_CFG, tmp_path / "bb", subjects=["s9"])
 
 
 class RecordingNet(stage2.DemistNet):
@@ -99,26 +55,26 @@ class RecordingNet(stage2.DemistNet):
 
 
 @pytest.fixture(scope="module")
-def demist_run(setup):
+def demist_run(latent_cohort):
     patch = pytest.MonkeyPatch()
     patch.setattr(stage2, "DemistNet", RecordingNet)
-    file = setup["backbone"].path / "unet.safetensors"
+    file = latent_cohort["backbone"].path / "unet.safetensors"
     before = (sha256_file(file), file.stat().st_mtime_ns)
     try:
-        run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG,
-                           setup["root"] / "demist", device="cpu")
+        run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG,
+                           latent_cohort["root"] / "demist", device="cpu")
     finally:
         patch.undo()
     return run, RecordingNet.last, before
 
 
-def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(setup, demist_run):
+def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(latent_cohort, demist_run):
     run, net, (sha_before, mtime_before) = demist_run
     for key, value in net.state_dict().items():
         if key in net._frozen_keys:
             assert torch.equal(value, net.frozen_at_start[key]), key
     assert not any(p.requires_grad for p in net.stream_parameters()["backbone"])
-    file = setup["backbone"].path / "unet.safetensors"
+    file = latent_cohort["backbone"].path / "unet.safetensors"
     assert (sha256_file(file), file.stat().st_mtime_ns) == (sha_before, mtime_before)
 
     saved = run.weights("streams")
@@ -132,18 +88,18 @@ def test_stage2_trains_only_the_streams_and_leaves_the_backbone_untouched(setup,
     # the zero-initialised tensors train at their own learning rate (after the same schedule factor)
     assert [g["name"] for g in groups] == ["streams", "zero-initialised"]
     assert len(groups[1]["params"]) == len(net.zero_initialised_parameters())
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * CFG.demist.zero_init_lr_scale)
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * LATENT_CFG.demist.zero_init_lr_scale)
     assert any(k.startswith("image_hint.") for k in saved)  # this config's ControlNet also sees the image
     # the zero-initialised gates have moved: the streams trained
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
 
 
-def test_stage2_run_records_method_parents_counts_and_loss_terms(setup, demist_run):
+def test_stage2_run_records_method_parents_counts_and_loss_terms(latent_cohort, demist_run):
     run, net, _ = demist_run
     assert (run.method, run.stage, run.prediction_type) == ("demist", "demist", "sample")
     assert set(run.components) == {"streams"}
-    assert run.parents["stage1"]["sha256"] == setup["stage1"].run_json_sha256
-    assert run.parents["backbone"]["sha256"] == setup["backbone"].run_json_sha256
+    assert run.parents["stage1"]["sha256"] == latent_cohort["stage1"].run_json_sha256
+    assert run.parents["backbone"]["sha256"] == latent_cohort["backbone"].run_json_sha256
     counts = run.training["parameters"]
     assert counts == net.parameter_counts()
     assert counts["backbone"]["trainable"] == 0 and all(counts[s]["trainable"] > 0 for s in STREAMS)
@@ -181,7 +137,7 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
 
     images = ellipsoid_session(shape=(28, 30, 26), seed=7)
     synthesizer = load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.3)
-    assert (synthesizer.start, synthesizer.steps) == (300, CFG.sampling.steps)
+    assert (synthesizer.start, synthesizer.steps) == (300, LATENT_CFG.sampling.steps)
     monkeypatch.setitem(module.SAMPLERS, synthesizer.sampler, fake_sampler)
     synthesize_images(synthesizer, images["t1w"], images["flair"], images["brain_mask"], seed=0)
     assert seen["start"] == 300
@@ -197,8 +153,8 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
         load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.001, steps=5)
 
 
-def test_ablation_flag_and_subjects_are_recorded(setup, tmp_path):
-    run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "abl",
+def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
+    run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "abl",
                        max_steps=1, device="cpu", controlnet=False, subjects=["s2"])
     assert run.method == "demist-no-controlnet"
     assert run.config.demist.controlnet is False and run.config.demist.steps == 1
@@ -207,56 +163,56 @@ def test_ablation_flag_and_subjects_are_recorded(setup, tmp_path):
     assert run.training["sessions"] == ["s2/a"] and run.training["subjects"] == ["s2"]
 
 
-def test_finetuning_the_condition_encoder_adds_the_alignment_term(setup, tmp_path):
-    cfg = CFG.replace(demist=dataclasses.replace(CFG.demist, finetune_cond_encoder=True))
-    run = train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, cfg, tmp_path / "ft",
+def test_finetuning_the_condition_encoder_adds_the_alignment_term(latent_cohort, tmp_path):
+    cfg = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, finetune_cond_encoder=True))
+    run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, cfg, tmp_path / "ft",
                        max_steps=1, device="cpu", controlnet=False)
     curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert curve[0]["align"] > 0
-    tuned, original = run.weights("cond_autoencoder"), setup["stage1"].weights("cond_autoencoder")
+    tuned, original = run.weights("cond_autoencoder"), latent_cohort["stage1"].weights("cond_autoencoder")
     changed = {k for k in tuned if not torch.equal(tuned[k], original[k])}
     assert changed and all(k.startswith(("encoder.", "quant_conv_mu.")) for k in changed)
     assert read_run(run.path).components.keys() == {"streams", "cond_autoencoder"}
 
 
-def test_all_streams_off_is_refused(setup, tmp_path):
+def test_all_streams_off_is_refused(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="all streams are off"):
-        train_demist(setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "x",
+        train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "x",
                      crossattn=False, controlnet=False, lora=False)
 
 
 def bundle_file(folder: Path) -> Path:
     torch.manual_seed(3)
     path = folder / "diffusion_model.pt"
-    torch.save(build_unet(CFG.unet, 8).state_dict(), path)
+    torch.save(build_unet(LATENT_CFG.unet, 8).state_dict(), path)
     return path
 
 
-def test_bundle_backbone_refused_with_a_stage1_not_initialised_from_the_bundle(setup, tmp_path):
+def test_bundle_backbone_refused_with_a_stage1_not_initialised_from_the_bundle(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="was not initialised from the bundle autoencoder"):
-        train_demist(setup["manifest"], setup["stage1"].path, bundle_file(tmp_path), CFG, tmp_path / "x",
+        train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, bundle_file(tmp_path), LATENT_CFG, tmp_path / "x",
                      device="cpu")
 
 
-def test_bundle_backbone_trains_with_epsilon_and_records_the_file(setup, tmp_path):
-    stage1 = stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt", seed=1)  # another PSR latent
+def test_bundle_backbone_trains_with_epsilon_and_records_the_file(latent_cohort, tmp_path):
+    stage1 = random_stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt", seed=1)  # another PSR latent
     bundle = bundle_file(tmp_path)
-    run = train_demist(setup["manifest"], stage1.path, bundle, CFG, tmp_path / "run", max_steps=1, device="cpu",
+    run = train_demist(latent_cohort["manifest"], stage1.path, bundle, LATENT_CFG, tmp_path / "run", max_steps=1, device="cpu",
                        crossattn=False)
     assert run.prediction_type == "epsilon" and run.config.diffusion.prediction_type == "epsilon"
     assert "backbone" not in run.parents
     assert run.training["backbone_bundle"]["sha256"] == sha256_file(bundle)
     assert build_inference_networks(run).prediction_type == "epsilon"
     with pytest.raises(DemistError, match="was pretrained in the latent of another PSR autoencoder"):
-        train_demist(setup["manifest"], stage1.path, setup["backbone"].path, CFG, tmp_path / "y", device="cpu")
+        train_demist(latent_cohort["manifest"], stage1.path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "y", device="cpu")
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_interrupted_training_resumes_to_the_same_weights(setup, demist_run, tmp_path, monkeypatch):
-    args = (setup["manifest"], setup["stage1"].path, setup["backbone"].path, CFG, tmp_path / "resumed")
+def test_interrupted_training_resumes_to_the_same_weights(latent_cohort, demist_run, tmp_path, monkeypatch):
+    args = (latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "resumed")
     original = stage2.LatentPatchSampler.batch
 
     def failing(self, step, shard=0):
@@ -276,17 +232,17 @@ def test_interrupted_training_resumes_to_the_same_weights(setup, demist_run, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_commands_train_through_the_command_line(setup, tmp_path):
+def test_commands_train_through_the_command_line(latent_cohort, tmp_path):
     app = typer.Typer()
     app.command("backbone")(backbone_command)
     app.command("demist")(demist_command)
-    config = toml_config(tmp_path / "small.toml")
-    common = ["--manifest", str(setup["manifest"]), "--stage1", str(setup["stage1"].path), "--config", str(config),
+    config = latent_toml_config(tmp_path / "small.toml")
+    common = ["--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path), "--config", str(config),
               "--max-steps", "1", "--device", "cpu"]
     result = CliRunner().invoke(app, ["backbone", *common, "--out", str(tmp_path / "bb")])
     assert result.exit_code == 0, result.output
     assert "backbone:" in result.output and read_run(tmp_path / "bb").stage == "backbone"
-    result = CliRunner().invoke(app, ["demist", *common, "--backbone", str(setup["backbone"].path),
+    result = CliRunner().invoke(app, ["demist", *common, "--backbone", str(latent_cohort["backbone"].path),
                                       "--no-crossattn", "--no-lora", "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     run = read_run(tmp_path / "d")
@@ -299,7 +255,7 @@ def test_zero_initialised_tensors_get_their_own_learning_rate(scale):
     from demist.models.demist_net import DemistNet
 
     torch.manual_seed(0)
-    net = DemistNet(build_unet(CFG.unet, 8), CFG.demist, CFG.unet, 8)
+    net = DemistNet(build_unet(LATENT_CFG.unet, 8), LATENT_CFG.demist, LATENT_CFG.unet, 8)
     groups = stage2.stage2_parameter_groups(net, [net], 1e-3, scale)
     by_name = {g["name"]: g for g in groups}
     zero = {id(p) for p in net.zero_initialised_parameters()}
@@ -316,6 +272,6 @@ def test_zero_initialised_tensors_get_their_own_learning_rate(scale):
 
 
 def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
-    bad = CFG.replace(demist=dataclasses.replace(CFG.demist, hint_channels=(4, 8)))
+    bad = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, hint_channels=(4, 8)))
     with pytest.raises(DemistError, match="demist.hint_channels"):
         stage2.stage2_config(bad, None, None, None, None)

@@ -19,7 +19,7 @@ from demist.data.nifti import save_image
 from demist.errors import DemistError
 from demist.inference.batch import output_path, synthesize_manifest
 from demist.inference.pipeline import std_path_for, synthesize_files, synthesize_images
-from test_data_layer import AFFINES
+from conftest import AFFINES
 
 
 @dataclass

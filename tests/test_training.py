@@ -12,14 +12,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import brain_session
 from demist.config import TrainConfig, load_config
 from demist.data.manifest import load_manifest
 from demist.data.patches import PatchSampler
-from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.runs import load_weights, read_run
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -198,14 +197,6 @@ def test_two_gloo_processes_through_accelerate_equal_one_process_accumulating(tm
         assert torch.equal(rank0[key], rank1[key]), key  # DDP kept the replicas identical
         torch.testing.assert_close(rank0[key], expected[key], rtol=1e-5, atol=1e-6)  # same global batch
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by rank 0
-
-
-def brain_session(key: str, shape=(20, 18, 16), seed: int = 0) -> PreparedSession:
-    rng = np.random.default_rng(seed)
-    brain = np.zeros(shape, bool)
-    brain[5:15, 4:14, 3:12] = True
-    image = lambda: (rng.random(shape) * brain).astype(np.float32)  # noqa: E731
-    return PreparedSession(key=key, t1w=image(), flair=image(), brain=brain, grid=None, psr=image())
 
 
 def test_patches_are_a_pure_function_of_seed_step_and_shard() -> None:
