@@ -62,10 +62,10 @@ def _figure(rows: list[dict], references: dict[str, float], out: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
         ax.plot([r["cpu_minutes"] for r in mine], [r["psnr"] for r in mine], marker="o", label=method)
+    ax.set_xscale("log")
     for name, value in references.items():
         ax.axhline(value, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(name, (ax.get_xlim()[0], value), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xscale("log")
+        ax.text(0.01, value, name, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="grey")
     ax.set_xlabel("training CPU-minutes (Stage 1 and backbone not counted)")
     ax.set_ylabel("held-out PSNR (dB, brain)")
     ax.legend()
