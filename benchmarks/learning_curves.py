@@ -27,10 +27,10 @@ from pathlib import Path
 from demist.atomic import atomic_write
 from demist.config import load_config
 from demist.cv import METHODS, FoldContext
-from demist.demo import DemoPlan
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.inference.pipeline import load_synthesizer
+from finished_demo import add_demo_arguments, chosen, finished_demo
 
 #: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
 #: DEMIST steps on latents).
@@ -76,22 +76,16 @@ def _figure(rows: list[dict], references: dict[str, float], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, required=True, help="A finished demo (its DEMIST run names the backbone).")
+    add_demo_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--methods", default=",".join(BUDGETS))
     parser.add_argument("--steps", default=None,
                         help="Step budgets for every method, comma-separated (default: each method's BUDGETS).")
     parser.add_argument("--finished-only", action="store_true",
                         help="Train nothing: score the runs that have finished (after an interrupted benchmark).")
-    parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
-    parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
-    parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    methods = chosen(parser, "--methods", args.methods, METHODS)
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s}) if args.steps else None
     except ValueError:
@@ -99,7 +93,7 @@ def main() -> None:
     plan = {m: steps or list(BUDGETS.get(m, BUDGETS["demist"])) for m in methods}
 
     cfg = load_config("tiny")
-    demo = DemoPlan(out=args.demo, subjects=args.subjects, held_out=args.held_out, seed=args.seed, max_steps=None)
+    demo = finished_demo(args)
     train_subjects, test_keys = demo.split()
     args.out.mkdir(parents=True, exist_ok=True)
     predictions: dict[str, Path] = {}

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from demist.config import load_config
-from demist.demo import DemoPlan
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.inference.pipeline import load_synthesizer
 from demist.inference.base import REFERENCES
 from demist.inference.references import synthesize_references
 from demist.training.stage2 import train_demist
+from finished_demo import add_demo_arguments, chosen, finished_demo
 
 #: [demist] keys of each variant, on top of the tiny preset (which is "recipe").
 VARIANTS = {
@@ -40,22 +40,16 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, required=True, help="A finished (or at least backbone-trained) demo.")
+    add_demo_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps per variant (default: the preset's).")
-    parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
-    parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
-    parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    names = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+    names = chosen(parser, "--variants", args.variants, VARIANTS)
 
     base = load_config("tiny")
-    demo = DemoPlan(out=args.demo, subjects=args.subjects, held_out=args.held_out, seed=args.seed, max_steps=None)
+    demo = finished_demo(args)
     manifest, stage1, backbone = demo.manifest, demo.stage1, demo.backbone()
     train_subjects, test_keys = demo.split()
     predictions = {"ridge": args.demo / "predictions" / "ridge"}
