@@ -39,6 +39,8 @@ def test_override_file_changes_only_its_keys(tmp_path: Path):
         ('base = "tiny"\n[data]\npatch_size = [64, 64]\n', "data.patch_size: got 2 values"),
         ('base = "huge"\n', "base = 'huge'"),
         ("not toml [", "not valid TOML"),
+        ('base = "tiny"\n[demist]\ntimestep_power = 0.0\n', "demist.timestep_power: got 0.0"),
+        ('base = "tiny"\n[demist]\nema_decay = 1.0\n', "demist.ema_decay: got 1.0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text, fragment):

@@ -275,3 +275,23 @@ def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
     bad = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, hint_channels=(4, 8)))
     with pytest.raises(DemistError, match="demist.hint_channels"):
         stage2.stage2_config(bad, None, None, None, None)
+
+
+def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_uniform_draw():
+    from demist.diffusion.schedule import NoiseSchedule
+    from demist.training.latent_diffusion import sample_noising
+
+    schedule = NoiseSchedule.from_config(LATENT_CFG.diffusion)
+    z0 = torch.zeros(20000, 1, 1, 1, 1)
+    torch.manual_seed(0)
+    _, uniform, _ = sample_noising(z0, schedule)
+    torch.manual_seed(0)
+    _, paper, _ = sample_noising(z0, schedule, timestep_power=1.0)
+    torch.manual_seed(0)
+    _, biased, _ = sample_noising(z0, schedule, timestep_power=0.5)
+    total = schedule.num_train_timesteps
+    assert torch.equal(paper, uniform)  # p = 1 is the paper's draw, unchanged
+    assert int(biased.min()) >= 0 and int(biased.max()) <= total - 1
+    # P(t < T/2) = (1/2)^(1/p): 0.25 for p = 0.5, against 0.5 for uniform timesteps
+    assert abs(float((biased < total // 2).float().mean()) - 0.25) < 0.02
+    assert abs(float((uniform < total // 2).float().mean()) - 0.5) < 0.02

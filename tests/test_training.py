@@ -161,6 +161,46 @@ def test_gan_phase_gradients_do_not_leak_into_the_other_optimizer(tmp_path: Path
     assert not torch.equal(generator.weight, torch.nn.Linear(3, 3).weight)
 
 
+def ema_toy_stage(tmp_path: Path, ema_decay: float, seen: list[torch.Tensor] | None = None,
+                  fail_at: int = -1) -> Stage:
+    """The toy linear stage; its loss records the weight each step starts from, and can fail at one step."""
+    stage = toy_stage(steps=6)
+
+    def loss(m, b, step, ctx):
+        if step == fail_at:
+            raise RuntimeError("interrupted")
+        if seen is not None:
+            seen.append(m["net"].weight.detach().clone())
+        return {"loss": ((m["net"](b["x"]) - 1.0) ** 2).mean()}
+
+    stage.phases[0].loss, stage.ema_decay = loss, ema_decay
+    return stage
+
+
+def test_the_run_keeps_the_moving_average_and_resumes_it_exactly(tmp_path: Path) -> None:
+    seen: list[torch.Tensor] = []
+    plain = ema_toy_stage(tmp_path, 0.0, seen)
+    train(plain, tmp_path / "plain", TRAIN_CFG, device="cpu")
+    trajectory = seen + [plain.modules["net"].weight.detach()]  # the weight before each step, and the last one
+    average = trajectory[0].clone()
+    for k in range(6):  # the documented warm-up: decay min(0.9, (1 + k) / (10 + k)) after step k
+        average = average.lerp(trajectory[k + 1], 1.0 - min(0.9, (1.0 + k) / (10.0 + k)))
+    averaged = ema_toy_stage(tmp_path, 0.9)
+    train(averaged, tmp_path / "ema", TRAIN_CFG, device="cpu")
+    torch.testing.assert_close(averaged.modules["net"].weight, average)
+    assert not torch.allclose(average, trajectory[-1])  # the average is not simply the last weight
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(ema_toy_stage(tmp_path, 0.9, fail_at=3), tmp_path / "resumed", TRAIN_CFG, device="cpu")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
+    resumed = ema_toy_stage(tmp_path, 0.9)
+    train(resumed, tmp_path / "resumed", TRAIN_CFG, device="cpu", resume=True)
+    for key, value in averaged.modules["net"].state_dict().items():
+        assert torch.equal(resumed.modules["net"].state_dict()[key], value), key
+    with pytest.raises(DemistError, match="no parameter averages"):
+        train(ema_toy_stage(tmp_path, 0.9), tmp_path / "plain", TRAIN_CFG, device="cpu", resume=True)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path, toy_script: Path) -> None:
     run_toy_here(toy_script, tmp_path / "ref", "--steps", "6")
     killed = run_toy(toy_script, tmp_path / "run", "--steps", "6", "--crash-at", "5")

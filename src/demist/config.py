@@ -170,6 +170,11 @@ class DemistConfig:
     controlnet_hint: str
     hint_channels: tuple[int, ...]  # the image hint's embedding channels: one 2× downsampling per entry after the first
     lora_output_projection: bool  # LoRA on W_O as well as W_Q, W_K, W_V [paper: true]
+    # Training timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) [paper: 1, uniform]. p < 1 draws the noisy timesteps, where only
+    # the condition can decide the sample, more often (p = 0.5: density rising linearly in t).
+    timestep_power: float
+    # Decay of an exponential moving average of the trained weights, which the run keeps [paper: 0, none].
+    ema_decay: float
 
     @property
     def uses_image_hint(self) -> bool:
@@ -186,6 +191,12 @@ class DemistConfig:
         if not self.zero_init_lr_scale > 0:
             raise DemistError(f"config key demist.zero_init_lr_scale: got {self.zero_init_lr_scale}; "
                               "expected a positive number")
+        if not self.timestep_power > 0:
+            raise DemistError(f"config key demist.timestep_power: got {self.timestep_power}; "
+                              "expected a positive number (1: uniform timesteps)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DemistError(f"config key demist.ema_decay: got {self.ema_decay}; expected a number in [0, 1) "
+                              "(0: no moving average)")
         if not self.hint_channels or min(self.hint_channels) < 1:
             raise DemistError(f"config key demist.hint_channels: got {list(self.hint_channels)}; "
                               "expected a non-empty list of positive channel counts")

@@ -36,6 +36,7 @@ from demist.config import TrainConfig
 from demist.devices import resolve_device, resolve_mixed_precision
 from demist.errors import DemistError
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from demist.training.ema import ParameterEMA
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Stage:
     batch: Callable[[int, int], Batch]  # (step, shard) -> tensors on the CPU
     steps: int
     grad_clip: float | None = 1.0
+    ema_decay: float = 0.0  # > 0: the run keeps an exponential moving average of its trainable parameters
     find_unused_parameters: bool = False  # for DDP when a trainable parameter may get no gradient in a step
 
 
@@ -213,7 +215,8 @@ def _train(stage: Stage, run_dir: Path, train_cfg: TrainConfig, accelerator, res
     identity = {"stage": stage.name, "total_steps": stage.steps, "seed": train_cfg.seed,
                 "config": metadata.get("config", "")}
     checkpoint = _checkpoint_to_resume(run_dir, resume)
-    start = _restore(checkpoint, stage, optimizers, accelerator, identity) if checkpoint is not None else 0
+    ema = ParameterEMA(stage.modules, stage.ema_decay) if stage.ema_decay > 0 else None
+    start = _restore(checkpoint, stage, optimizers, accelerator, identity, ema) if checkpoint is not None else 0
 
     log = MetricsLog(run_dir, start, accelerator.is_main_process, tensorboard)
     bar = tqdm(total=stage.steps, initial=start, desc=stage.name, disable=not accelerator.is_local_main_process,
@@ -221,6 +224,8 @@ def _train(stage: Stage, run_dir: Path, train_cfg: TrainConfig, accelerator, res
     window: dict[str, Any] = {"time": time.perf_counter(), "samples": 0, "terms": {}}
     for step in range(start, stage.steps):
         terms, samples = _train_step(stage, step, modules, optimizers, accelerator, train_cfg)
+        if ema is not None:
+            ema.update(step)
         window["samples"] += samples
         for key, value in terms.items():  # (sum, count): a phase may be active in only some steps
             total, count = window["terms"].get(key, (0.0, 0))
@@ -235,11 +240,14 @@ def _train(stage: Stage, run_dir: Path, train_cfg: TrainConfig, accelerator, res
                 state = {**identity, "processes": accelerator.num_processes,
                          "optimizers": {p.name: o.state_dict() for p, o in zip(stage.phases, optimizers)},
                          "schedulers": {p.name: p.scheduler.state_dict() for p in stage.phases if p.scheduler},
-                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                         "ema": ema.state_dict() if ema is not None else None}
                 save_checkpoint(run_dir, done, stage.modules, state, metadata)
             accelerator.wait_for_everyone()
     bar.close()
     log.close()
+    if ema is not None:  # the run keeps the averaged weights (the checkpoint keeps both, for an exact resume)
+        ema.copy_to_parameters()
     accelerator.wait_for_everyone()
     return TrainResult(modules=dict(stage.modules), is_main_process=accelerator.is_main_process, steps=stage.steps,
                        processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
@@ -281,8 +289,9 @@ def _train_step(stage: Stage, step: int, modules: dict[str, nn.Module], optimize
     return terms, samples
 
 
-def _restore(checkpoint: Path, stage: Stage, optimizers: list, accelerator, identity: dict[str, Any]) -> int:
-    """Load weights, optimizer, scheduler and scaler states; returns the step to continue from."""
+def _restore(checkpoint: Path, stage: Stage, optimizers: list, accelerator, identity: dict[str, Any],
+             ema: ParameterEMA | None) -> int:
+    """Load weights, optimizer, scheduler, scaler and EMA states; returns the step to continue from."""
     state = load_checkpoint(checkpoint, stage.modules)
     for key, value in identity.items():
         if state.get(key) != value:
@@ -294,6 +303,11 @@ def _restore(checkpoint: Path, stage: Stage, optimizers: list, accelerator, iden
             phase.scheduler.load_state_dict(state["schedulers"][phase.name])
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise DemistError(f"{checkpoint}: holds no parameter averages, but this run keeps an EMA; "
+                              "expected the same config to resume")
+        ema.load_state_dict(state["ema"])
     if state.get("processes") != accelerator.num_processes:
         logger.warning("resuming with %d processes where the checkpoint had %s: same global batch, other rounding",
                        accelerator.num_processes, state.get("processes"))

@@ -58,7 +58,7 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
     def streams_loss(m, batch, step, ctx):
         z_y = batch["z_y"].float()
         z_c = batch["z_c"].float() if cond_encoder is None else m["cond_encoder"](batch["cond"]).float()
-        x_t, t, target = sample_noising(z_y, schedule)
+        x_t, t, target = sample_noising(z_y, schedule, d.timestep_power)
         prediction = m["streams"](x_t, t, z_c, batch.get("cond"))
         terms = {"diffusion": ((prediction.float() - target) ** 2).mean()}
         total = terms["diffusion"]
@@ -80,7 +80,7 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
                                                           d.zero_init_lr_scale))
     return Stage(name=STAGE, modules=modules,
                  phases=[Phase("streams", optimizer, streams_loss, warmup_cosine(optimizer, d.steps))],
-                 batch=sampler.batch, steps=d.steps)
+                 batch=sampler.batch, steps=d.steps, ema_decay=d.ema_decay)
 
 
 def stage2_parameter_groups(net: DemistNet, modules: Iterable[nn.Module], learning_rate: float,
