@@ -26,10 +26,9 @@ from pathlib import Path
 
 from demist.atomic import atomic_write
 from demist.config import load_config
-from demist.cv import METHODS, FoldContext
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
-from demist.inference.pipeline import load_synthesizer
+from demist.methods import METHODS, TrainJob, load_synthesizer
 from finished_demo import add_demo_arguments, chosen, finished_demo
 
 #: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
@@ -38,13 +37,14 @@ BUDGETS = {"demist": (100, 200, 400, 800), "ftldm": (100, 200, 400, 800), "cwdm"
 REFERENCE_ROWS = ("ridge", "aligned-condition")  # taken from the demo's predictions when there
 
 
-def _train(method: str, steps: int, ctx: FoldContext, run: Path, budgets: Path) -> float:
+def _train(method: str, job: TrainJob, budgets: Path) -> float:
     """Train one (method, budget) unless finished; its CPU-minutes, kept in `budgets` for reruns."""
+    run = job.out
     recorded = json.loads(budgets.read_text()) if budgets.exists() else {}
     if (run / "run.json").exists() and run.name in recorded:
         return recorded[run.name]
     start, cpu = time.perf_counter(), time.process_time()
-    METHODS[method].train(ctx, run)
+    METHODS[method].train(job)
     recorded[run.name] = round((time.process_time() - cpu) / 60, 2)
     atomic_write(budgets, json.dumps(recorded, indent=1) + "\n")
     print(f"{run.name}: {(time.perf_counter() - start) / 60:.1f} min wall, {recorded[run.name]:.1f} CPU-min; "
@@ -102,12 +102,12 @@ def main() -> None:
     for rank in range(max(len(b) for b in plan.values())):
         for method, steps in ((m, b[rank]) for m, b in plan.items() if rank < len(b)):
             name = f"{method}-{steps}"
-            ctx = FoldContext(manifest=demo.manifest, config=cfg, train_subjects=train_subjects, stage1=demo.stage1,
-                              backbone=demo.backbone(), max_steps=steps, device="cpu")
             run = args.out / "runs" / name
             if args.finished_only and not (run / "run.json").exists():
                 continue
-            cpu_minutes[name] = _train(method, steps, ctx, run, args.out / "budgets.json")
+            job = TrainJob(demo.manifest, cfg, run, stage1=demo.stage1, backbone=demo.backbone(),
+                           subjects=train_subjects, max_steps=steps, device="cpu", resume=True)
+            cpu_minutes[name] = _train(method, job, args.out / "budgets.json")
             synthesize_manifest(load_synthesizer(run, device="cpu"), demo.manifest, args.out / "predictions" / name,
                                 sessions=test_keys, progress=False)
             predictions[name] = args.out / "predictions" / name

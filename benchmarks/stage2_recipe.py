@@ -22,7 +22,7 @@ from pathlib import Path
 from demist.config import load_config
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
-from demist.inference.pipeline import load_synthesizer
+from demist.methods import load_synthesizer
 from demist.inference.base import REFERENCES
 from demist.inference.references import synthesize_references
 from demist.training.stage2 import train_demist

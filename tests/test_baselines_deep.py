@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from conftest import ellipsoid_session, write_session
-from demist.baselines import load_baseline
 from demist.baselines.cwdm import CWDMSynthesizer, train_cwdm
 from demist.baselines.klgan import KLGANSynthesizer, train_klgan
 from demist.baselines.vqvae import VQVAESynthesizer, train_vqvae
@@ -21,6 +20,7 @@ from demist.config import load_config
 from demist.data.manifest import write_manifest
 from demist.errors import DemistError
 from demist.inference.pipeline import synthesize_images
+from demist.methods import load_synthesizer
 from demist.runs import read_run
 
 CONFIG = load_config("tiny", overrides={
@@ -101,7 +101,7 @@ def test_training_writes_a_baseline_run(trained, manifest):
 
 def test_saved_run_synthesizes_on_the_t1w_grid_like_the_trained_model(trained):
     method, cls, model, out = trained
-    loaded = load_baseline(read_run(out), device="cpu")
+    loaded = load_synthesizer(out, device="cpu")
     assert isinstance(loaded, cls) and loaded.method == method
     images = ellipsoid_session(seed=5)
     result = synthesize_images(loaded, images["t1w"], images["flair"], images["brain_mask"])

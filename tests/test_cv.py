@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 
 from conftest import ellipsoid_session, write_session
 from demist.config import load_config
-from demist.cv import METHODS, Method, run_cv
+from demist.cv import run_cv
 from demist.data.manifest import write_manifest
+from demist.methods import METHODS, Method
 
 CONFIG = load_config("tiny", overrides={"evaluation": {"bootstrap": 10}})
 
@@ -32,13 +34,13 @@ def counting(name: str, calls: list[str], fail_on: int | None = None) -> Method:
     """METHODS[name] that records each training call and raises on call number `fail_on`."""
     original = METHODS[name]
 
-    def train(ctx, out):
-        calls.append(f"{name}:{Path(out).parent.parent.name}")
+    def train(job):
+        calls.append(f"{name}:{Path(job.out).parent.parent.name}")
         if len(calls) == fail_on:
             raise Interrupted
-        original.train(ctx, out)
+        original.train(job)
 
-    return Method(name, original.needs, train)
+    return dataclasses.replace(original, train=train)
 
 
 def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):

@@ -84,7 +84,7 @@ def test_reference_rows_decode_the_true_and_the_condition_latent(smoke_demo, smo
     from demist.data.manifest import load_manifest
     from demist.data.preprocess import prepare_session
     from demist.errors import DemistError
-    from demist.inference.pipeline import load_synthesizer
+    from demist.methods import load_synthesizer
     from demist.inference.references import ReferenceSynthesizer
 
     plan, _ = smoke_demo

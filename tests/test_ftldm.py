@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config
 from demist.cli_stage2 import ftldm_command
-from demist.cv import parse_methods
-from demist.inference.pipeline import load_synthesizer, synthesize_images
+from demist.methods import parse_methods
+from demist.inference.pipeline import synthesize_images
+from demist.methods import load_synthesizer
 from demist.models.backbone import build_unet
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import read_run

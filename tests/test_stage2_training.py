@@ -127,7 +127,8 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
     """SDEdit: with strength s the sampler starts at round(s·(T−1)) from z_c noised there, with the seed's noise."""
     from demist.data.preprocess import prepare_images
     from demist.inference import demist_synthesizer as module
-    from demist.inference.pipeline import load_synthesizer, synthesize_images
+    from demist.inference.pipeline import synthesize_images
+    from demist.methods import load_synthesizer
 
     seen = {}
 

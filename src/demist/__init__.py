@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from demist.version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):
     """`demist.Demist` without importing torch at `import demist`."""
     if name == "Demist":
-        from demist.inference.pipeline import Demist
+        from demist.api import Demist
 
         return Demist
     raise AttributeError(f"module 'demist' has no attribute {name!r}")

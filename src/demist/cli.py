@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from demist.errors import DemistError
+from demist.methods import BASELINES, METHODS
 
 app = typer.Typer(
     help="DEMIST: synthesize quantitative PSR myelin maps from T1w (MPRAGE) + FLAIR MRI.",
@@ -75,9 +76,7 @@ def demo(
 def cv(
     manifest: Path = typer.Option(..., "--manifest", help="Manifest of the cohort (sessions with PSR and masks)."),
     out: Path = typer.Option(..., "--out", help="Folder for splits, per-fold runs, predictions and tables."),
-    methods: str = typer.Option("demist,ridge", "--methods",
-                                help="Comma-separated: demist, demist-no-controlnet, demist-no-lora, "
-                                     "demist-no-crossattn, ftldm, ridge, constant, klgan, vqvae, cwdm."),
+    methods: str = typer.Option("demist,ridge", "--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
     folds: int = typer.Option(5, "--folds", min=2, help="Subject-grouped folds."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (saved in splits.json)."),
@@ -89,7 +88,8 @@ def cv(
 ) -> None:
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
     from demist.config import load_config
-    from demist.cv import parse_methods, run_cv
+    from demist.cv import run_cv
+    from demist.methods import parse_methods
 
     table = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
                    max_steps=max_steps, device=device, prior=prior)
@@ -98,7 +98,7 @@ def cv(
 
 def _mount_subcommands() -> None:
     """Attach the commands that live in their own modules (each imports only typer at module level)."""
-    from demist.cli_baselines import DEEP_BASELINE_COMMANDS, constant_command, deep_baseline_command, ridge_command
+    from demist.cli_baselines import baseline_command
     from demist.cli_evaluate import evaluate_command
     from demist.cli_stage2 import backbone_command, demist_command, ftldm_command
     from demist.cli_synthesize import synthesize_command
@@ -109,10 +109,8 @@ def _mount_subcommands() -> None:
     train_app.command("backbone")(backbone_command)
     train_app.command("demist")(demist_command)
     train_app.command("ftldm")(ftldm_command)
-    train_app.command("ridge")(ridge_command)
-    train_app.command("constant")(constant_command)
-    for method, summary in DEEP_BASELINE_COMMANDS.items():
-        train_app.command(method)(deep_baseline_command(method, summary))
+    for name in BASELINES:
+        train_app.command(name)(baseline_command(name))
     app.add_typer(train_app, name="train", help="Train Stage 1, the backbone, DEMIST or a baseline.")
 
 

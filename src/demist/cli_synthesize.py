@@ -45,7 +45,8 @@ def synthesize_command(
     if steps is not None and steps < 1:
         raise DemistError(f"--steps {steps}: expected 1 or more")
 
-    from demist.inference.pipeline import check_output_path, load_synthesizer, synthesize_files
+    from demist.inference.pipeline import check_output_path, synthesize_files
+    from demist.methods import load_synthesizer
 
     if output is not None:
         check_output_path(output, overwrite)  # before the model is loaded: fail fast

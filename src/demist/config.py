@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 GATE_INITS = ("zero", "default")  # demist.controlnet_gate_init
 CONTROLNET_HINTS = ("latent", "latent+image")  # demist.controlnet_hint
+#: DEMIST's three streams, each by its [demist] switch (also its `demist train demist --no-<switch>` flag and the
+#: "demist-no-<switch>" ablation's name).
+STREAM_SWITCHES = {"semantic": "crossattn", "spatial": "controlnet", "adaptive": "lora"}
 
 
 def check_precision(key: str, value: str) -> None:

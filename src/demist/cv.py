@@ -17,102 +17,14 @@ import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from demist.config import Config
 from demist.errors import DemistError
+from demist.methods import Method, TrainJob, load_synthesizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Method:
-    """How to train one method of the comparison; `needs` lists the shared per-fold runs it builds on."""
-
-    name: str
-    needs: tuple[str, ...]
-    train: Callable[..., object]  # (ctx: FoldContext, out: Path) -> None
-
-
-@dataclass(frozen=True)
-class FoldContext:
-    """What a method's trainer gets: the data, the fold's subjects and shared runs, and the run settings."""
-
-    manifest: Path
-    config: Config
-    train_subjects: list[str]
-    stage1: Path
-    backbone: Path
-    max_steps: int | None
-    device: str
-
-
-def _demist(flags: dict[str, bool]) -> Callable[[FoldContext, Path], None]:
-    def train(ctx: FoldContext, out: Path) -> None:
-        from demist.training.stage2 import train_demist
-
-        train_demist(ctx.manifest, ctx.stage1, ctx.backbone, ctx.config, out, max_steps=ctx.max_steps,
-                     device=ctx.device, resume=True, subjects=ctx.train_subjects, **flags)
-
-    return train
-
-
-def _ftldm(ctx: FoldContext, out: Path) -> None:
-    from demist.training.ftldm import train_ftldm
-
-    train_ftldm(ctx.manifest, ctx.stage1, ctx.backbone, ctx.config, out, max_steps=ctx.max_steps, device=ctx.device,
-                resume=True, subjects=ctx.train_subjects)
-
-
-def _ridge(ctx: FoldContext, out: Path) -> None:
-    from demist.baselines.ridge import train_ridge
-
-    train_ridge(ctx.manifest, ctx.config, out, subjects=ctx.train_subjects)
-
-
-def _constant(ctx: FoldContext, out: Path) -> None:
-    from demist.baselines.constant import train_constant
-
-    train_constant(ctx.manifest, ctx.config, out, subjects=ctx.train_subjects)
-
-
-def _deep_baseline(name: str) -> Callable[[FoldContext, Path], None]:
-    def train(ctx: FoldContext, out: Path) -> None:
-        import importlib
-
-        module = importlib.import_module(f"demist.baselines.{name}")
-        getattr(module, f"train_{name}")(ctx.manifest, ctx.config, out, max_steps=ctx.max_steps, device=ctx.device,
-                                         resume=True, subjects=ctx.train_subjects)
-
-    return train
-
-
-METHODS: dict[str, Method] = {
-    "demist": Method("demist", ("stage1", "backbone"), _demist({})),
-    "demist-no-controlnet": Method("demist-no-controlnet", ("stage1", "backbone"), _demist({"controlnet": False})),
-    "demist-no-lora": Method("demist-no-lora", ("stage1", "backbone"), _demist({"lora": False})),
-    "demist-no-crossattn": Method("demist-no-crossattn", ("stage1", "backbone"), _demist({"crossattn": False})),
-    "ftldm": Method("ftldm", ("stage1", "backbone"), _ftldm),
-    "ridge": Method("ridge", (), _ridge),
-    "constant": Method("constant", (), _constant),
-    "klgan": Method("klgan", (), _deep_baseline("klgan")),
-    "vqvae": Method("vqvae", (), _deep_baseline("vqvae")),
-    "cwdm": Method("cwdm", (), _deep_baseline("cwdm")),
-}
-
-
-def parse_methods(text: str) -> list[Method]:
-    """`demist,ridge,...` → methods, in order, each known; the constant predictor is always added."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise DemistError(f"--methods {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
-                          f"expected a comma-separated list of {', '.join(METHODS)}")
-    if "constant" not in names:
-        names.append("constant")  # the floor under the floor: every method must beat it
-    return [METHODS[n] for n in dict.fromkeys(names)]
 
 
 def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
@@ -125,7 +37,6 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     from demist.evaluation.crossval import load_or_create_splits
     from demist.evaluation.evaluate import evaluate_predictions
     from demist.inference.batch import output_path, synthesize_manifest
-    from demist.inference.pipeline import load_synthesizer
     from demist.training.stage1 import train_stage1
 
     from demist.prior import align_to_prior, check_cohort_apart, resolve_prior
@@ -147,22 +58,22 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
         test_keys = [r.key for r in select_subjects(records, test_subjects)]
         log.info("fold %d/%d: %d training subjects, %d held-out sessions", k + 1, len(splits), len(train_subjects),
                  len(test_keys))
-        ctx = FoldContext(manifest, config, train_subjects, fold / "stage1" / "stage1",
-                          fold / "backbone" if chosen is None else chosen.backbone, max_steps, device)
+        stage1 = fold / "stage1" / "stage1"
+        backbone = fold / "backbone" if chosen is None else chosen.backbone
         needs = {n for m in methods for n in m.needs}
-        if "stage1" in needs and not (ctx.stage1 / "run.json").exists():
+        if "stage1" in needs and not (stage1 / "run.json").exists():
             with timed(fold, "stage1"):
                 if chosen is None:
                     train_stage1(select_subjects(records, train_subjects), config, fold / "stage1",
                                  max_steps=max_steps, device=device, resume=True)
                 else:
-                    align_to_prior(select_subjects(records, train_subjects), chosen, config, ctx.stage1,
+                    align_to_prior(select_subjects(records, train_subjects), chosen, config, stage1,
                                    max_steps=max_steps, device=device, resume=True)
-        if "backbone" in needs and not (ctx.backbone / "run.json").exists():
+        if "backbone" in needs and not (backbone / "run.json").exists():
             from demist.training.backbone import train_backbone
 
             with timed(fold, "backbone"):
-                train_backbone(manifest, ctx.stage1, config, ctx.backbone, max_steps=max_steps, device=device,
+                train_backbone(manifest, stage1, config, backbone, max_steps=max_steps, device=device,
                                resume=True, subjects=train_subjects)
         predictions = {}
         for method in methods:
@@ -170,7 +81,8 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
             if not (run / "run.json").exists():
                 log.info("fold %d: training %s", k, method.name)
                 with timed(fold, f"train {method.name}"):
-                    method.train(ctx, run)
+                    method.train(TrainJob(manifest, config, run, stage1=stage1, backbone=backbone,
+                                          subjects=train_subjects, max_steps=max_steps, device=device, resume=True))
             predictions[method.name] = fold / "predictions" / method.name
             pending = [r for r in select_subjects(records, test_subjects)
                        if not output_path(predictions[method.name], r.subject, r.session).exists()]

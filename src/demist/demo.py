@@ -128,7 +128,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.data.phantom import generate_cohort
     from demist.evaluation.evaluate import evaluate_predictions
     from demist.inference.batch import synthesize_manifest
-    from demist.inference.pipeline import load_synthesizer
+    from demist.methods import load_synthesizer
     from demist.inference.base import REFERENCES
     from demist.inference.references import synthesize_references
     from demist.prior import align_to_prior, resolve_prior

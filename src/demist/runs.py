@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from demist import __version__
+from demist.version import __version__
 from demist.config import Config, config_from_dict, config_to_dict
 from demist.errors import DemistError
 

@@ -51,7 +51,6 @@ class CWDMSynthesizer(TranslationSynthesizer):
     steps: int | None = None
     method = METHOD
     prediction_type = PREDICTION_TYPE
-    load_options = ("sampler", "steps")
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.config.sampling.sampler

@@ -56,8 +56,6 @@ class TranslationSynthesizer:
     use_bf16: bool = True  # bf16 autocast at inference where the hardware has it
     method: ClassVar[str] = ""
     prediction_type: ClassVar[str | None] = None  # what a diffusion network predicts (recorded in run.json)
-    load_options: ClassVar[tuple[str, ...]] = ()  # constructor options `load_baseline` passes on, besides device
-
     # -- what each baseline defines ------------------------------------------------------------------------------
 
     @classmethod

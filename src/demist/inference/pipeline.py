@@ -1,8 +1,8 @@
 """From a trained run and a T1w + FLAIR pair to a PSR map on the T1w's native grid.
 
-`load_synthesizer(run)` reads a run directory and returns the method it holds (DEMIST or a baseline). The functions
-here are shared by all methods: check and prepare the inputs, predict on the model grid, go back to the native grid
-in PSR units, zero outside the brain, and write files atomically.
+The functions here are shared by all methods (`demist.methods.load_synthesizer` loads one from its run): check and
+prepare the inputs, predict on the model grid, go back to the native grid in PSR units, zero outside the brain, and
+write files atomically.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -31,26 +30,6 @@ class SynthesisResult:
 
     psr: nib.Nifti1Image
     std: nib.Nifti1Image | None
-
-
-def load_synthesizer(run_dir: str | Path, **options: Any) -> Synthesizer:
-    """The method a run directory holds, ready to predict. `options` (sampler, steps, device) go to diffusion
-    methods; deterministic methods ignore them."""
-    from demist.runs import read_run
-
-    run = read_run(run_dir, what="--model")
-    if run.stage == "baseline":
-        from demist.baselines import load_baseline
-
-        return load_baseline(run, **options)
-    if (run.method.startswith("demist") and run.stage == "demist") or (run.method, run.stage) == ("ftldm", "ftldm"):
-        from demist.inference.demist_synthesizer import DemistSynthesizer
-
-        return DemistSynthesizer.from_run(run, **options)
-    raise DemistError(
-        f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; expected the run "
-        "directory of `demist train demist`, of `demist train ftldm` or of a baseline"
-    )
 
 
 def synthesize_images(
@@ -136,23 +115,3 @@ def synthesize_files(
     if result.std is not None:
         written.append(save_image(result.std, std_path_for(out)))
     return written
-
-
-class Demist:
-    """The Python API: `Demist.load(run).synthesize(t1w_img, flair_img)` → `SynthesisResult` (nibabel images).
-
-    `run` is any run directory that can synthesize (DEMIST, an ablation or a baseline).
-    """
-
-    def __init__(self, synthesizer: Synthesizer) -> None:
-        self.synthesizer = synthesizer
-
-    @classmethod
-    def load(cls, run_dir: str | Path, sampler: str | None = None, steps: int | None = None,
-             device: str = "auto") -> "Demist":
-        return cls(load_synthesizer(run_dir, sampler=sampler, steps=steps, device=device))
-
-    def synthesize(self, t1w: nib.Nifti1Image, flair: nib.Nifti1Image, mask: nib.Nifti1Image | None = None,
-                   samples: int = 1, seed: int = 0, progress: bool = False) -> SynthesisResult:
-        """PSR on the T1w's grid, in PSR units; with `samples` > 1 also the voxelwise SD across samples."""
-        return synthesize_images(self.synthesizer, t1w, flair, mask, samples=samples, seed=seed, progress=progress)

@@ -18,7 +18,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from demist.config import DemistConfig, UNetConfig
+from demist.config import STREAM_SWITCHES, DemistConfig, UNetConfig
 from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention
 from demist.models.controlnet import build_gated_controlnet, build_image_hint, zero_initialised_modules
@@ -29,7 +29,7 @@ from demist.models.tokens import TokenEncoder
 
 logger = logging.getLogger(__name__)
 
-STREAMS = ("semantic", "spatial", "adaptive")
+STREAMS = tuple(STREAM_SWITCHES)  # semantic, spatial, adaptive
 
 
 class DemistNet(nn.Module):
@@ -48,8 +48,7 @@ class DemistNet(nn.Module):
             raise DemistError(f"config key demist.lora_rank: got {demist_cfg.lora_rank}; expected at least 1")
         self.latent_channels = latent_channels
         self.downsampling = 2 ** (len(unet_cfg.channels) - 1)
-        self.streams = {"semantic": demist_cfg.crossattn, "spatial": demist_cfg.controlnet,
-                        "adaptive": demist_cfg.lora}
+        self.streams = {stream: getattr(demist_cfg, switch) for stream, switch in STREAM_SWITCHES.items()}
         flash = uses_flash_attention(backbone)
         freeze(backbone)
         pretrained = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
@@ -148,8 +147,7 @@ class DemistNet(nn.Module):
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load what `trainable_state_dict` saved; every key is checked, and a mismatch names it."""
         expected = self.trainable_state_dict()
-        on = (f"crossattn={self.streams['semantic']}, controlnet={self.streams['spatial']}, "
-              f"lora={self.streams['adaptive']}")
+        on = ", ".join(f"{switch}={self.streams[stream]}" for stream, switch in STREAM_SWITCHES.items())
         for key in sorted(set(expected) - set(state)):
             raise DemistError(f"{source}: missing key {key}; expected the trained parts of a DemistNet with {on}")
         for key in sorted(set(state) - set(expected)):

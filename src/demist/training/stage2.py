@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from demist.config import Config
+from demist.config import STREAM_SWITCHES, Config
 from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
@@ -99,9 +99,9 @@ def stage2_parameter_groups(net: DemistNet, modules: Iterable[nn.Module], learni
 def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, controlnet: bool | None,
                   lora: bool | None) -> Config:
     """The config with --max-steps and the stream flags applied (None keeps the config's value)."""
-    flags = {k: v for k, v in (("crossattn", crossattn), ("controlnet", controlnet), ("lora", lora)) if v is not None}
+    flags = {k: v for k, v in zip(STREAM_SWITCHES.values(), (crossattn, controlnet, lora)) if v is not None}
     demist = dataclasses.replace(cfg.demist, **flags, **({"steps": max_steps} if max_steps is not None else {}))
-    if not (demist.crossattn or demist.controlnet or demist.lora):
+    if not any(getattr(demist, switch) for switch in STREAM_SWITCHES.values()):
         raise DemistError("--no-crossattn --no-controlnet --no-lora: all streams are off, so nothing conditions the "
                           "backbone; expected at least one of crossattn, controlnet, lora")
     factor = 2 ** (len(cfg.autoencoder.channels) - 1)

@@ -9,14 +9,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from demist.config import STREAM_SWITCHES
 from demist.models.demist_net import STREAMS, DemistNet
-
-STREAM_FLAGS = {"semantic": "crossattn", "spatial": "controlnet", "adaptive": "lora"}  # DemistNet stream -> flag
 
 
 def method_name(streams: Mapping[str, bool]) -> str:
     """"demist" with every stream on; otherwise "demist-no-<flag>" for each stream that is off."""
-    return "demist" + "".join(f"-no-{STREAM_FLAGS[s]}" for s in STREAMS if not streams[s])
+    return "demist" + "".join(f"-no-{STREAM_SWITCHES[s]}" for s in STREAMS if not streams[s])
 
 
 class TrainableStreams(nn.Module):

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 from scipy import ndimage as ndi
 
-import demist
+from demist.version import __version__
 from demist.data.phantom.deformation import midsagittal_plane
 from demist.data.phantom.lesions import Lesion
 from demist.data.phantom.raster import lesion_in_world
@@ -61,7 +61,7 @@ def session_metadata(plan: SubjectPlan, session: int, spacing: float, volumes: S
         "subject_index": plan.index,
         "spacing": float(spacing),
         "shape": list(volumes.grid.shape),
-        "generator": f"demist {demist.__version__} synthetic cohort (MNI ICBM152 2009a symmetric anatomy)",
+        "generator": f"demist {__version__} synthetic cohort (MNI ICBM152 2009a symmetric anatomy)",
         "midsagittal_plane": midsagittal_plane(anatomy, volumes.warp, volumes.pose),
         "disease_burden": round(plan.burden, 3),
         "atrophy": round(volumes.atrophy, 4),

@@ -1,0 +1,77 @@
+"""The method registry: every method named once, the CLI and `cv --methods` derived from it, runs loaded through it,
+and the Python API on a run it loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from conftest import ellipsoid_session
+from demist.config import load_config
+from demist.errors import DemistError
+from demist.methods import BASELINES, METHODS, TrainJob, load_synthesizer, parse_methods
+
+CONFIG = load_config("tiny")
+
+
+def test_every_method_is_one_entry_and_the_ablations_come_from_the_streams():
+    assert list(METHODS) == ["demist", "demist-no-crossattn", "demist-no-controlnet", "demist-no-lora", "ftldm",
+                             "ridge", "constant", "klgan", "vqvae", "cwdm"]
+    assert all(METHODS[name].needs == ("stage1", "backbone") for name in METHODS if name.startswith(("demist", "ft")))
+    assert BASELINES == ("ridge", "constant", "klgan", "vqvae", "cwdm")
+    assert [m.name for m in parse_methods("demist, ridge")] == ["demist", "ridge", "constant"]
+    with pytest.raises(DemistError, match="unknown nope"):
+        parse_methods("demist,nope")
+
+
+def test_baseline_commands_come_from_the_registry_and_train_what_it_names(small_manifest, tmp_path):
+    from demist.cli_baselines import baseline_command
+
+    app = typer.Typer()
+    for name in BASELINES:
+        app.command(name)(baseline_command(name))
+    runner = CliRunner()
+    result = runner.invoke(app, ["constant", "--manifest", str(small_manifest), "--out",
+                                 str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "constant:" in result.output and (tmp_path / "c" / "run.json").exists()
+    help_text = runner.invoke(app, ["klgan", "--help"], env={"COLUMNS": "200"}).output
+    assert "--resume" in help_text and "--device" in help_text and "--max-steps" in help_text
+    closed_form = runner.invoke(app, ["ridge", "--help"], env={"COLUMNS": "200"}).output
+    assert "--manifest" in closed_form and "--resume" not in closed_form  # fitted in seconds: nothing to resume
+
+
+def test_runs_load_through_the_registry_and_the_python_api_keeps_the_t1w_grid(small_manifest, tmp_path):
+    from demist import Demist
+    from demist.baselines.constant import ConstantSynthesizer
+
+    METHODS["constant"].train(TrainJob(small_manifest, CONFIG, tmp_path / "c"))
+    loaded = load_synthesizer(tmp_path / "c", device="cpu", sampler="ddim", steps=3)  # options it ignores
+    assert isinstance(loaded, ConstantSynthesizer)
+    images = ellipsoid_session(seed=4)
+    result = Demist.load(tmp_path / "c", device="cpu").synthesize(images["t1w"], images["flair"],
+                                                                  images["brain_mask"])
+    np.testing.assert_allclose(result.psr.affine, images["t1w"].affine)
+    inside = images["brain_mask"].get_fdata() > 0
+    assert np.allclose(result.psr.get_fdata()[inside], loaded.value * CONFIG.data.psr_range, atol=1e-5)
+    assert np.all(result.psr.get_fdata()[~inside] == 0)
+
+
+def test_a_run_that_cannot_synthesize_is_refused_by_name(tmp_path: Path):
+    from demist.runs import write_run
+
+    write_run(tmp_path / "s1", method="demist", stage="stage1", config=CONFIG, components={}, parents={})
+    with pytest.raises(DemistError, match="'stage1' run of 'demist', which cannot synthesize"):
+        load_synthesizer(tmp_path / "s1")
+
+
+def test_the_readme_methods_table_is_the_registry():
+    from demist.methods import methods_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- methods table: generated -->\n") + len("<!-- methods table: generated -->\n")
+    assert readme[start:readme.index("<!-- end of methods table -->")] == methods_markdown()
