@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 
 from demist.config import load_config
-from demist.cv import parse_methods, run_cv
+from demist.methods import parse_methods
+from demist.workflows.cv import run_cv
 from demist.data.phantom import generate_cohort
 
 METHODS = "ridge,klgan,vqvae,ftldm,cwdm,demist,demist-no-controlnet,demist-no-lora,demist-no-crossattn"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Iterable
 
-from demist.demo import DemoPlan
+from demist.workflows.demo import DemoPlan
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

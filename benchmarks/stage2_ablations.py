@@ -25,7 +25,7 @@ from demist.config import load_config
 from demist.data.manifest import load_manifest, select_subjects
 from demist.data.phantom import generate_cohort
 from demist.data.preprocess import prepare_session
-from demist.demo import split_subjects
+from demist.workflows.demo import split_subjects
 from demist.evaluation.metrics import image_metrics
 from demist.inference.demist_synthesizer import DemistSynthesizer
 from demist.models.autoencoder import reconstruct

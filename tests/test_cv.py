@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ellipsoid_session, write_session
 from demist.config import load_config
-from demist.cv import run_cv
+from demist.workflows.cv import run_cv
 from demist.data.manifest import write_manifest
 from demist.methods import METHODS, Method
 
@@ -66,7 +66,7 @@ def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):
 def test_cv_table_has_the_lesion_auc_and_never_tests_against_a_reference_row(tmp_path):
     import csv
 
-    from demist.cv import write_cv_tables
+    from demist.workflows.cv import write_cv_tables
 
     rows = []
     for fold in range(2):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from demist.config import load_config
-from demist.demo import DemoPlan, run_demo
+from demist.workflows.demo import DemoPlan, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_demo_runs_end_to_end_and_resumes(smoke_demo, smoke_config, caplog):
     assert set(timings) == {"cohort", "stage1", "backbone", "demist", "ridge", "synthesis", "evaluation"}
 
     stamp = first.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="demist.demo"):
+    with caplog.at_level(logging.INFO, logger="demist.workflows.demo"):
         again = run_demo(plan, smoke_config, device="cpu").read_text()
     assert first.stat().st_mtime_ns == stamp  # nothing re-synthesized
     # the rerun reports the minutes recorded when each training step ran

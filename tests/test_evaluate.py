@@ -15,7 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import ellipsoid_session, write_session
-from demist.cli_evaluate import evaluate_command, parse_prediction_dirs
+from demist.cli.evaluate import evaluate_command, parse_prediction_dirs
 from demist.data.manifest import write_manifest
 from demist.data.nifti import save_image
 from demist.errors import DemistError

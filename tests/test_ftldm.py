@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config
-from demist.cli_stage2 import ftldm_command
+from demist.cli.stage2 import ftldm_command
 from demist.methods import parse_methods
 from demist.inference.pipeline import synthesize_images
 from demist.methods import load_synthesizer

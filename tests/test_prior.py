@@ -15,7 +15,7 @@ import torch
 from conftest import two_subject_manifest
 from demist.config import load_config
 from demist.data.manifest import load_manifest
-from demist.demo import DemoPlan, run_demo
+from demist.workflows.demo import DemoPlan, run_demo
 from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder
 from demist.models.from_runs import build_inference_networks

@@ -11,11 +11,8 @@ from typing import Callable, Optional
 
 import typer
 
+from demist.cli.options import CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME
 from demist.methods import METHODS, TrainJob
-
-MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (with psr).")
-CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
-OUT = typer.Option(..., "--out", help="Run directory to write.")
 
 
 def baseline_command(name: str) -> Callable[..., None]:
@@ -31,9 +28,9 @@ def baseline_command(name: str) -> Callable[..., None]:
             manifest: Path = MANIFEST,
             config: str = CONFIG,
             out: Path = OUT,
-            max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Train this many steps."),
-            device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-            resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+            max_steps: Optional[int] = MAX_STEPS,
+            device: str = DEVICE,
+            resume: bool = RESUME,
         ) -> None:
             from demist.config import load_config
 

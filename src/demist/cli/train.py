@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from demist.cli.options import CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME, TENSORBOARD
 from demist.errors import DemistError
 
 train_app = typer.Typer(
@@ -24,12 +25,6 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 
-MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (columns t1w, flair, psr, …).")
-CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
-MAX_STEPS = typer.Option(None, "--max-steps", min=1, help="Train this many steps instead of the config's.")
-DEVICE = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu or cuda.")
-RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory.")
-TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard (needs the tensorboard package).")
 INIT_BUNDLE = typer.Option(None, "--init-bundle",
                            help="Initialise from a MONAI bundle autoencoder file (.pt, old or new key layout).")
 
@@ -42,12 +37,11 @@ def _inputs(manifest: Path, config: str | None):
     return load_manifest(manifest), load_config(config) if config is not None else None
 
 
-@train_app.command()
 def autoencoder(
     manifest: Path = MANIFEST,
     modality: str = typer.Option(..., "--modality", help="psr (the PSR map) or cond (T1w + FLAIR)."),
     config: str = CONFIG,
-    out: Path = typer.Option(..., "--out", help="Run directory to write (new, or an interrupted one with --resume)."),
+    out: Path = OUT,
     init_bundle: Optional[Path] = INIT_BUNDLE,
     max_steps: Optional[int] = MAX_STEPS,
     device: str = DEVICE,
@@ -68,7 +62,6 @@ def autoencoder(
         typer.echo(f"{run.stage}: {run.path} (PSNR on training patches {run.metrics['train_patch_psnr']:.2f} dB)")
 
 
-@train_app.command()
 def align(
     manifest: Path = MANIFEST,
     psr_ae: Path = typer.Option(..., "--psr-ae", help="Run directory of the PSR autoencoder."),
@@ -90,7 +83,6 @@ def align(
         _echo_stage1(run)
 
 
-@train_app.command()
 def stage1(
     manifest: Path = MANIFEST,
     config: str = CONFIG,
@@ -132,7 +124,6 @@ def stage1(
         _echo_stage1(run)
 
 
-@train_app.command("prior")
 def prior_command(
     out: Path = typer.Option(..., "--out", help="Folder for the prior's cohort, its runs and the prior (OUT/prior)."),
     config: str = CONFIG,

@@ -204,6 +204,6 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
                                    evaluation, psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm,
                                    bootstrap=cfg.evaluation.bootstrap, sessions=test_keys)
     minutes["evaluation"] = _record(plan.out, "evaluation", (time.perf_counter() - start) / 60)
-    from demist.demo_report import write_demo_report
+    from demist.workflows.demo_report import write_demo_report
 
     return write_demo_report(plan, results, minutes, train_subjects, test_subjects, prior)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from demist.cli.options import DEVICE
 from demist.errors import DemistError
 
 DEFAULT_HELP = (
@@ -30,7 +31,7 @@ def synthesize_command(
         "aligned condition latent noised to s·T (SDEdit). Default: the model's config (1)."),
     samples: int = typer.Option(1, "--samples", help="Samples to average; >1 also writes <name>_std.nii.gz."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same map."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Synthesize a PSR map (PSR units, the T1w's native grid) from T1w + FLAIR."""
