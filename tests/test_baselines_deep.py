@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ellipsoid_session, write_session
+from helpers import ellipsoid_session, write_session
 from demist.baselines.cwdm import CWDMSynthesizer, train_cwdm
 from demist.baselines.klgan import KLGANSynthesizer, train_klgan
 from demist.baselines.vqvae import VQVAESynthesizer, train_vqvae

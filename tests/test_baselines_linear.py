@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import ellipsoid_session
+from helpers import ellipsoid_session
 from demist.baselines.constant import ConstantSynthesizer, fit_constant, train_constant
 from demist.baselines.features import FeatureSpec, iter_feature_volumes, smooth_in_mask
 from demist.baselines.ridge import RidgeSynthesizer, fit_ridge, train_ridge

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ellipsoid_session, write_session
+from helpers import ellipsoid_session, write_session
 from demist.config import load_config
 from demist.workflows.cv import run_cv
 from demist.data.manifest import write_manifest

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import AFFINES, ellipsoid_session
+from helpers import AFFINES, ellipsoid_session
 from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image

@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import ellipsoid_session, write_session
+from helpers import ellipsoid_session, write_session
 from demist.cli.evaluate import evaluate_command, parse_prediction_dirs
 from demist.data.manifest import write_manifest
 from demist.data.nifti import save_image
@@ -29,12 +29,12 @@ NOISE_PSR = 0.005
 
 
 def patient_session(seed: int) -> dict[str, nib.Nifti1Image]:
-    """conftest's ellipsoid head with three WM lesions of different depth (PSR 40–70 % of WM)."""
+    """helpers' ellipsoid head with three WM lesions of different depth (PSR 40–70 % of WM)."""
     images = ellipsoid_session(SHAPE, seed=seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
     brain = np.asarray(images["brain_mask"].dataobj) > 0
     psr = np.asarray(images["psr"].dataobj).copy()
-    psr[np.asarray(images["lesion_mask"].dataobj) > 0] = 0.11  # drop conftest's lesion; ours replace it
+    psr[np.asarray(images["lesion_mask"].dataobj) > 0] = 0.11  # drop the helpers' lesion; ours replace it
     lesion = np.zeros(SHAPE, dtype=bool)
     for centre, depth in zip(LESIONS, (0.4, 0.55, 0.7)):
         blob = np.sqrt(((grid - np.array(centre)[:, None, None, None]) ** 2).sum(axis=0)) < 0.11

@@ -8,7 +8,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config
+from helpers import LATENT_CFG, ellipsoid_session, latent_toml_config
 from demist.cli.stage2 import ftldm_command
 from demist.methods import parse_methods
 from demist.inference.pipeline import synthesize_images

@@ -10,7 +10,7 @@ from demist.config import load_config
 from demist.errors import DemistError
 from demist.models.autoencoder import build_autoencoder, encode_volume
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions
-from conftest import brain_session
+from helpers import brain_session
 
 CFG = load_config("tiny", overrides={"autoencoder": {"channels": [4, 8], "norm_num_groups": 4,
                                                      "patch_size": [8, 8, 8]}})

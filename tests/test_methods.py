@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import ellipsoid_session
+from helpers import ellipsoid_session
 from demist.config import load_config
 from demist.errors import DemistError
 from demist.methods import BASELINES, METHODS, TrainJob, load_synthesizer, parse_methods

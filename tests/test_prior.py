@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import two_subject_manifest
+from helpers import two_subject_manifest
 from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.workflows.demo import DemoPlan, run_demo

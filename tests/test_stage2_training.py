@@ -11,7 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conftest import LATENT_CFG, ellipsoid_session, latent_toml_config, random_stage1_run
+from helpers import LATENT_CFG, ellipsoid_session, latent_toml_config, random_stage1_run
 from demist.cli.stage2 import backbone_command, demist_command
 from demist.errors import DemistError
 from demist.models.backbone import build_unet

@@ -13,13 +13,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ellipsoid_session
+from helpers import ellipsoid_session
 from demist.config import Config, load_config
 from demist.data.nifti import save_image
 from demist.errors import DemistError
 from demist.inference.batch import output_path, synthesize_manifest
 from demist.inference.pipeline import std_path_for, synthesize_files, synthesize_images
-from conftest import AFFINES
+from helpers import AFFINES
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import brain_session
+from helpers import brain_session
 from demist.config import TrainConfig, load_config
 from demist.data.manifest import load_manifest
 from demist.data.patches import PatchSampler
