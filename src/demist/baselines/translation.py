@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from demist.baselines import BASELINE_STAGE, training_records
-from demist.config import Config, config_to_dict
+from demist.config import Config
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
@@ -32,6 +31,7 @@ from demist.models.autoencoder import pad_to_multiple
 from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Stage, seed_everything, train
 from demist.training.losses import reconstruction_loss, voxel_weights
+from demist.training.run_output import training_record, weights_metadata
 from demist.training.stage1 import evaluation_batches
 
 logger = logging.getLogger(__name__)
@@ -168,11 +168,9 @@ def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage
     seed_everything(config.train.seed)
     network = synthesizer_cls.build_network(config)
     stage = build_stage(config, network, sampler)
-    metadata = {"config": json.dumps(config_to_dict(config), sort_keys=True), "stage": stage.name}
-    result = train(stage, out, config.train, device=device, resume=resume, weights_metadata=metadata)
-    training = {"steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
-                "device": result.device, "sessions": [s.key for s in sessions],
-                "manifest": str(Path(manifest).resolve())}
+    result = train(stage, out, config.train, device=device, resume=resume,
+                   weights_metadata=weights_metadata(config, stage.name))
+    training = training_record(result, sessions, manifest, subjects)
     model = synthesizer_cls(config=config, network=network.eval(), training=training,
                             device=next(network.parameters()).device)
     if result.is_main_process:

@@ -29,7 +29,7 @@ from demist.training.latent_diffusion import (check_against_stage1, denoising_er
                                               sample_noising)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.run_output import barrier, check_out, weights_metadata
+from demist.training.run_output import barrier, check_out, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,8 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
         run = write_run(out, method="demist", stage=BACKBONE_STAGE, config=cfg, components={"unet": unet.state_dict()},
                         parents={"stage1": stage1.run}, latent_scale_factor=stage1.scale_factor,
                         prediction_type=schedule.prediction_type,
-                        training={"steps": result.steps, "processes": result.processes,
-                                  "mixed_precision": result.mixed_precision, "device": result.device,
-                                  "sessions": [s.key for s in sessions], "subjects": list(subjects or []) or None,
-                                  "manifest": str(Path(manifest).resolve()), "latent_encoding": "mu",
-                                  PSR_DIGEST: state_digest(stage1.psr_autoencoder.state_dict())},
+                        training=training_record(result, sessions, manifest, subjects, latent_encoding="mu", **{
+                            PSR_DIGEST: state_digest(stage1.psr_autoencoder.state_dict())}),
                         metrics={"eval_denoising_mse_before": before, "eval_denoising_mse_after": after})
     barrier()
     return run

@@ -27,7 +27,7 @@ from demist.training.latent_diffusion import (check_against_stage1, conditioned_
                                               sample_noising)
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.run_output import barrier, check_out, weights_metadata
+from demist.training.run_output import barrier, check_out, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,9 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
         after = conditioned_denoising_error(net.eval(), eval_batches, schedule)
         logger.info("ftldm: denoising MSE (%s) on evaluation patches %.4g for the backbone, %.4g fine-tuned",
                     schedule.prediction_type, before["mean"], after["mean"])
-        training = {"steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
-                    "device": result.device, "sessions": [s.key for s in sessions],
-                    "subjects": list(subjects or []) or None, "manifest": str(Path(manifest).resolve()),
-                    "parameters": {"total": {"trainable": parameters, "frozen": 0}},
-                    "backbone_bundle": frozen.bundle, "latent_encoding": "mu"}
+        training = training_record(result, sessions, manifest, subjects,
+                                   parameters={"total": {"trainable": parameters, "frozen": 0}},
+                                   backbone_bundle=frozen.bundle, latent_encoding="mu")
         run = write_run(out, method="ftldm", stage=STAGE, config=cfg, components={"unet": net.unet.state_dict()},
                         parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
                         latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,

@@ -1,10 +1,12 @@
 """What every training entry point does around its loop: refuse to overwrite a finished run, tag the checkpoint
-weights with the stage and config, and wait for every process of a multi-process launch."""
+weights with the stage and config, record how the run was trained, and wait for every process of a multi-process
+launch."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Sequence
 
 from demist.config import Config, config_to_dict
 from demist.errors import DemistError
@@ -19,6 +21,18 @@ def check_out(out: Path, resume: bool) -> None:
 def weights_metadata(cfg: Config, stage: str) -> dict[str, str]:
     """The metadata stored with checkpoint weights: the stage and its whole config."""
     return {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
+
+
+def training_record(result: Any, sessions: Sequence[Any], manifest: str | Path | None = None,
+                    subjects: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """run.json's "training" entry: how the loop ran (`result`: its TrainResult), on which sessions, from which
+    manifest and subjects (when given), and whatever the stage adds."""
+    record: dict[str, Any] = {"steps": result.steps, "processes": result.processes,
+                              "mixed_precision": result.mixed_precision, "device": result.device,
+                              "sessions": [s.key for s in sessions]}
+    if manifest is not None:
+        record.update(subjects=list(subjects or []) or None, manifest=str(Path(manifest).resolve()))
+    return {**record, **extra}
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import (alignment_loss, edge_loss, kl_divergence, reconstruction_loss,
                                     voxel_weights)
-from demist.training.run_output import barrier, check_out, weights_metadata
+from demist.training.run_output import barrier, check_out, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -233,15 +233,10 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
         logger.info("%s: PSNR %.2f dB inside the brain on evaluation patches of the training sessions", stage.name, psnr)
         run = write_run(out, method="demist", stage=stage.name, config=cfg,
                         components={"autoencoder": autoencoder.state_dict()},
-                        training=_training_record(result, sessions, init_bundle=str(init_bundle or "") or None),
+                        training=training_record(result, sessions, init_bundle=str(init_bundle or "") or None),
                         metrics={"train_patch_psnr": psnr})
     barrier()
     return run
-
-
-def _training_record(result: Any, sessions: Sequence[Any], **extra: Any) -> dict[str, Any]:
-    return {"steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
-            "device": result.device, "sessions": [s.key for s in sessions], **extra}
 
 
 def load_autoencoder_run(path: str | Path, modality: str, what: str) -> tuple[RunInfo, nn.Module]:
@@ -289,7 +284,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
         run = write_run(out, method="demist", stage="stage1", config=cfg,
                         components={"psr_autoencoder": psr_ae.state_dict(), "cond_autoencoder": cond_ae.state_dict()},
                         parents={"psr_ae": psr, "cond_ae": cond}, latent_scale_factor=scale,
-                        training=_training_record(result, sessions, latent_encoding="mu",
+                        training=training_record(result, sessions, latent_encoding="mu",
                                                   psr_init_bundle=psr.training.get("init_bundle")),
                         metrics={"align_mse_before": before["mse"], "align_mse_after": after["mse"],
                                  "align_relative_before": before["relative"], "align_relative_after": after["relative"],

@@ -40,7 +40,7 @@ from demist.training.latent_diffusion import (LatentEncoder, check_against_stage
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
-from demist.training.run_output import barrier, check_out, weights_metadata
+from demist.training.run_output import barrier, check_out, training_record, weights_metadata
 from demist.training.stage2_parts import TrainableStreams, method_name
 
 logger = logging.getLogger(__name__)
@@ -172,11 +172,8 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
         components = {"streams": net.trainable_state_dict()}
         if cfg.demist.finetune_cond_encoder:
             components["cond_autoencoder"] = stage1.cond_autoencoder.state_dict()
-        training: dict[str, Any] = {
-            "steps": result.steps, "processes": result.processes, "mixed_precision": result.mixed_precision,
-            "device": result.device, "sessions": [s.key for s in sessions], "subjects": list(subjects or []) or None,
-            "manifest": str(Path(manifest).resolve()), "streams": net.streams, "parameters": counts,
-            "backbone_bundle": frozen.bundle, "latent_encoding": "mu"}
+        training = training_record(result, sessions, manifest, subjects, streams=net.streams, parameters=counts,
+                                   backbone_bundle=frozen.bundle, latent_encoding="mu")
         run = write_run(out, method=method, stage=STAGE, config=cfg, components=components,
                         parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
                         latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,
