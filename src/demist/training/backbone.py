@@ -18,18 +18,16 @@ import torch
 from torch import nn
 
 from demist.config import Config
-from demist.data.manifest import training_records
-from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
-from demist.models.autoencoder import downsampling_factor
 from demist.models.backbone import build_unet
-from demist.models.from_runs import BACKBONE_STAGE, PSR_DIGEST, load_stage1
-from demist.runs import RunInfo, state_digest, write_run
-from demist.training.latent_diffusion import (check_against_stage1, denoising_error, module_device, resolve_config,
+from demist.models.from_runs import BACKBONE_STAGE, PSR_DIGEST
+from demist.runs import RunInfo, state_digest
+from demist.training.latent_diffusion import (denoising_error, module_device, resolve_config,
                                               sample_noising)
-from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
+from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.run_output import barrier, check_out, training_record, weights_metadata
+from demist.training.latent_stage import prepare_latent_stage, write_latent_run
+from demist.training.run_output import barrier, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +58,11 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
     Returns the run (None on the non-main processes of a multi-process launch).
     """
     out, cfg = Path(out), resolve_config(config)
-    check_out(out, resume)
     if max_steps is not None:
         cfg = cfg.replace(backbone=dataclasses.replace(cfg.backbone, steps=max_steps))
-    stage1 = load_stage1(stage1_run)
-    check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
-    records = training_records(manifest, subjects)
-    sessions = load_sessions(records, cfg.data, need_target=True)
-    latents = encode_sessions(sessions, {"z_y": (stage1.psr_autoencoder, "target")}, stage1.scale_factor,
-                              cfg.autoencoder.patch_size, downsampling_factor(cfg.autoencoder), cfg.data.patch_size,
-                              encoding_device(device))
-    sampler = LatentPatchSampler(latents, cfg.data.patch_size, downsampling_factor(cfg.autoencoder),
-                                 cfg.backbone.batch_size, cfg.train.seed, image_keys=())
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    data = prepare_latent_stage(manifest, stage1_run, cfg, out, resume, subjects, device, backbone=None,
+                                batch_size=cfg.backbone.batch_size, encode_condition=False)
+    stage1, sessions, sampler, schedule = data.stage1, data.sessions, data.sampler, data.schedule
 
     seed_everything(cfg.train.seed)
     unet = build_unet(cfg.unet, cfg.autoencoder.latent_channels, use_flash_attention=True)
@@ -89,11 +79,10 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
         after = denoising_error(unet.eval(), eval_latents.to(module_device(unet)), schedule)
         logger.info("backbone: denoising MSE (%s) on evaluation patches %.4g before, %.4g after training",
                     schedule.prediction_type, before["mean"], after["mean"])
-        run = write_run(out, method="demist", stage=BACKBONE_STAGE, config=cfg, components={"unet": unet.state_dict()},
-                        parents={"stage1": stage1.run}, latent_scale_factor=stage1.scale_factor,
-                        prediction_type=schedule.prediction_type,
-                        training=training_record(result, sessions, manifest, subjects, latent_encoding="mu", **{
-                            PSR_DIGEST: state_digest(stage1.psr_autoencoder.state_dict())}),
-                        metrics={"eval_denoising_mse_before": before, "eval_denoising_mse_after": after})
+        digest = {PSR_DIGEST: state_digest(stage1.psr_autoencoder.state_dict())}
+        run = write_latent_run(out, data, method="demist", stage=BACKBONE_STAGE, components={"unet": unet.state_dict()},
+                               training=training_record(result, sessions, manifest, subjects, latent_encoding="mu",
+                                                        **digest),
+                               metrics={"eval_denoising_mse_before": before, "eval_denoising_mse_after": after})
     barrier()
     return run

@@ -16,18 +16,15 @@ from typing import Sequence
 import torch
 
 from demist.config import Config
-from demist.data.manifest import training_records
-from demist.data.patches import load_sessions
-from demist.diffusion.schedule import NoiseSchedule
-from demist.models.autoencoder import downsampling_factor
-from demist.models.from_runs import FTLDM_STAGE, load_frozen_backbone, load_stage1
+from demist.models.from_runs import FTLDM_STAGE
 from demist.models.ftldm_net import ConcatConditionedUNet
-from demist.runs import RunInfo, write_run
-from demist.training.latent_diffusion import (check_against_stage1, conditioned_denoising_error, resolve_config,
+from demist.runs import RunInfo
+from demist.training.latent_diffusion import (conditioned_denoising_error, resolve_config,
                                               sample_noising)
-from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
+from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.run_output import barrier, check_out, training_record, weights_metadata
+from demist.training.latent_stage import prepare_latent_stage, write_latent_run
+from demist.training.run_output import barrier, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +54,12 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
     `backbone`: a `train_backbone` run directory or a MONAI bundle UNet checkpoint file, as for `train_demist`.
     Returns the run (None on the non-main processes of a multi-process launch).
     """
-    out = Path(out)
-    check_out(out, resume)
-    cfg = resolve_config(config)
+    out, cfg = Path(out), resolve_config(config)
     if max_steps is not None:
         cfg = cfg.replace(demist=dataclasses.replace(cfg.demist, steps=max_steps))
-    stage1 = load_stage1(stage1_run)
-    check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
-    frozen = load_frozen_backbone(backbone, cfg, stage1)
-    cfg = frozen.config
-    sessions = load_sessions(training_records(manifest, subjects), cfg.data, need_target=True)
-    factor = downsampling_factor(cfg.autoencoder)
-    latents = encode_sessions(sessions, {"z_y": (stage1.psr_autoencoder, "target"),
-                                         "z_c": (stage1.cond_autoencoder, "cond")},
-                              stage1.scale_factor, cfg.autoencoder.patch_size, factor, cfg.data.patch_size,
-                              encoding_device(device))
-    sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
-                                 image_keys=())
-    schedule = NoiseSchedule.from_config(cfg.diffusion, frozen.prediction_type)
+    data = prepare_latent_stage(manifest, stage1_run, cfg, out, resume, subjects, device, backbone=backbone,
+                                batch_size=cfg.demist.batch_size, encode_condition=True)
+    cfg, frozen, sessions, sampler, schedule = data.config, data.frozen, data.sessions, data.sampler, data.schedule
 
     seed_everything(cfg.train.seed)
     net = ConcatConditionedUNet.from_backbone(frozen.unet, cfg.unet, cfg.autoencoder.latent_channels,
@@ -94,10 +79,8 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
         training = training_record(result, sessions, manifest, subjects,
                                    parameters={"total": {"trainable": parameters, "frozen": 0}},
                                    backbone_bundle=frozen.bundle, latent_encoding="mu")
-        run = write_run(out, method="ftldm", stage=STAGE, config=cfg, components={"unet": net.unet.state_dict()},
-                        parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
-                        latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,
-                        training=training,
-                        metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
+        run = write_latent_run(out, data, method="ftldm", stage=STAGE, components={"unet": net.unet.state_dict()},
+                               training=training,
+                               metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
     barrier()
     return run

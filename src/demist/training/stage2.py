@@ -27,20 +27,18 @@ import torch
 from torch import nn
 
 from demist.config import STREAM_SWITCHES, Config
-from demist.data.patches import load_sessions
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
-from demist.data.manifest import training_records
-from demist.models.autoencoder import downsampling_factor
 from demist.models.demist_net import DemistNet
-from demist.models.from_runs import DEMIST_STAGE, load_frozen_backbone, load_stage1
-from demist.runs import RunInfo, write_run
-from demist.training.latent_diffusion import (LatentEncoder, check_against_stage1, conditioned_denoising_error,
+from demist.models.from_runs import DEMIST_STAGE
+from demist.runs import RunInfo
+from demist.training.latent_diffusion import (LatentEncoder, conditioned_denoising_error,
                                               resolve_config, sample_noising)
-from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
+from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
-from demist.training.run_output import barrier, check_out, training_record, weights_metadata
+from demist.training.latent_stage import prepare_latent_stage, write_latent_run
+from demist.training.run_output import barrier, training_record, weights_metadata
 from demist.training.stage2_parts import TrainableStreams, method_name
 
 logger = logging.getLogger(__name__)
@@ -125,25 +123,14 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     Returns the run (None on the non-main processes of a multi-process launch).
     """
     out = Path(out)
-    check_out(out, resume)
     cfg = stage2_config(resolve_config(config), max_steps, crossattn, controlnet, lora)
-    stage1 = load_stage1(stage1_run)
-    check_against_stage1(cfg, stage1.run, len(cfg.unet.channels))
-    frozen = load_frozen_backbone(backbone, cfg, stage1)
-    cfg = frozen.config
-    records = training_records(manifest, subjects)
-    sessions = load_sessions(records, cfg.data, need_target=True)
     finetune = cfg.demist.finetune_cond_encoder
-    encoders = {"z_y": (stage1.psr_autoencoder, "target")}
-    if not finetune:  # a frozen E_cond gives fixed latents: encode them once too
-        encoders["z_c"] = (stage1.cond_autoencoder, "cond")
-    factor = downsampling_factor(cfg.autoencoder)
+    # a frozen E_cond gives fixed latents, encoded once; a fine-tuned one encodes z_c from each image patch
     image_keys = ("target", "brain", "cond") if finetune or cfg.demist.uses_image_hint else ("target", "brain")
-    latents = encode_sessions(sessions, encoders, stage1.scale_factor, cfg.autoencoder.patch_size, factor,
-                              cfg.data.patch_size, encoding_device(device), keep=image_keys)
-    sampler = LatentPatchSampler(latents, cfg.data.patch_size, factor, cfg.demist.batch_size, cfg.train.seed,
-                                 image_keys=image_keys)
-    schedule = NoiseSchedule.from_config(cfg.diffusion, frozen.prediction_type)
+    data = prepare_latent_stage(manifest, stage1_run, cfg, out, resume, subjects, device, backbone=backbone,
+                                batch_size=cfg.demist.batch_size, encode_condition=not finetune, image_keys=image_keys)
+    cfg, stage1, frozen, sessions = data.config, data.stage1, data.frozen, data.sessions
+    sampler, schedule = data.sampler, data.schedule
 
     seed_everything(cfg.train.seed)
     net = DemistNet(frozen.unet, cfg.demist, cfg.unet, cfg.autoencoder.latent_channels)
@@ -174,10 +161,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
             components["cond_autoencoder"] = stage1.cond_autoencoder.state_dict()
         training = training_record(result, sessions, manifest, subjects, streams=net.streams, parameters=counts,
                                    backbone_bundle=frozen.bundle, latent_encoding="mu")
-        run = write_run(out, method=method, stage=STAGE, config=cfg, components=components,
-                        parents={"stage1": stage1.run, **({"backbone": frozen.run} if frozen.run else {})},
-                        latent_scale_factor=stage1.scale_factor, prediction_type=schedule.prediction_type,
-                        training=training,
-                        metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
+        run = write_latent_run(out, data, method=method, stage=STAGE, components=components, training=training,
+                               metrics={"eval_denoising_mse_backbone": before, "eval_denoising_mse_after": after})
     barrier()
     return run
