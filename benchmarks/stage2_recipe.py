@@ -35,6 +35,9 @@ VARIANTS = {
     "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0},
     "no-lora-wo": {"lora_output_projection": False},
     "edge-term": {"edge_weight": 0.1},
+    "ema": {"ema_decay": 0.995},
+    "noisy-timesteps": {"timestep_power": 0.5},
+    "ema+noisy-timesteps": {"ema_decay": 0.995, "timestep_power": 0.5},
 }
 
 

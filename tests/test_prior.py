@@ -128,6 +128,18 @@ def test_the_embedded_prior_verifies_against_the_tiny_preset():
     assert backbone.config.backbone.steps == load_config("tiny").backbone.steps
 
 
+def test_runs_written_by_the_previous_release_still_load() -> None:
+    """The shipped prior's run.json files were written before [demist] ema_decay and timestep_power existed: they load,
+    unchanged on disk (their sha256 is what runs built on them record), with the preset's values for the new keys."""
+    import json
+
+    prior = resolve_prior("embedded", load_config("tiny"))
+    stored = json.loads((prior.backbone / "run.json").read_text())["config"]["demist"]
+    assert "ema_decay" not in stored and "timestep_power" not in stored  # the older format
+    run = read_run(prior.backbone, "backbone")
+    assert run.config.demist.ema_decay == 0.0 and run.config.demist.timestep_power == 1.0
+
+
 def test_a_cohort_the_prior_was_trained_on_is_refused(built, tmp_path):
     plan = DemoPlan(out=tmp_path / "demo", subjects=3, held_out=1, seed=PRIOR_SEED, max_steps=1)
     with pytest.raises(DemistError, match=f"--seed {PRIOR_SEED}: the prior .* was pretrained on the cohort of this"):

@@ -148,7 +148,7 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
     noise = torch.randn(z_c.shape, generator=torch.Generator().manual_seed(0))
     expected = synthesizer.schedule.add_noise(z_c, noise, torch.tensor([300]))
     torch.testing.assert_close(seen["x_T"], expected)
-    with pytest.raises(DemistError, match="--start-strength 1.5"):
+    with pytest.raises(DemistError, match="--start-strength: got 1.5"):
         load_synthesizer(demist_run[0].path, device="cpu", start_strength=1.5)
     with pytest.raises(DemistError, match="expected an integer from 1 to 2"):
         load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.001, steps=5)

@@ -219,9 +219,13 @@ class SamplingConfig:
     start_strength: float
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.start_strength <= 1.0:
-            raise DemistError(f"config key sampling.start_strength: got {self.start_strength}; expected a number in "
-                              "(0, 1] (1: start from pure noise, as the paper)")
+        check_start_strength(self.start_strength, "config key sampling.start_strength")
+
+
+def check_start_strength(value: float, name: str) -> None:
+    """A start strength is in (0, 1]; `name` says where it came from (a config key or --start-strength)."""
+    if not 0.0 < value <= 1.0:
+        raise DemistError(f"{name}: got {value}; expected a number in (0, 1] (1: start from pure noise, as the paper)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from demist.config import Config
+from demist.config import Config, check_start_strength
 from demist.devices import bf16_autocast, resolve_device
 from demist.data.preprocess import PreparedSession
 from demist.diffusion.samplers import SAMPLERS, timesteps_for
@@ -68,8 +68,8 @@ class DemistSynthesizer:
         if sampler not in SAMPLERS:
             raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
         strength = cfg.sampling.start_strength if start_strength is None else float(start_strength)
-        if not 0.0 < strength <= 1.0:
-            raise DemistError(f"--start-strength {strength}: expected a number in (0, 1] (1: from pure noise)")
+        if start_strength is not None:
+            check_start_strength(strength, "--start-strength")
         total = cfg.diffusion.num_train_timesteps
         start = None if strength == 1.0 else int(round(strength * (total - 1)))
         if steps is None:  # the config's, but never more than the timesteps from `start` down to 0
