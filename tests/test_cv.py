@@ -83,3 +83,29 @@ def test_cv_table_has_the_lesion_auc_and_never_tests_against_a_reference_row(tmp
     assert tests[("demist", "psnr")]["vs"] == "ridge" and tests[("ridge", "psnr")]["vs"] == "demist"
     assert tests[("ae-ceiling", "psnr")]["vs"] == ""  # scored and shown, but not a method to test
     assert "| ae-ceiling |" in text
+
+
+def test_folds_run_as_separate_processes_and_collected_give_the_same_table(manifest, tmp_path):
+    import subprocess
+    import sys
+
+    from demist.methods import parse_methods
+
+    single = run_cv(manifest, tmp_path / "single", parse_methods("ridge"), CONFIG, folds=2)
+    demist = str(Path(sys.executable).parent / "demist")
+    base = [demist, "cv", "--manifest", str(manifest), "--out", str(tmp_path / "split"), "--methods", "ridge",
+            "--folds", "2", "--device", "cpu"]
+    collect = [demist, "cv", "--out", str(tmp_path / "split"), "--collect"]
+    first = subprocess.run(base + ["--fold", "0"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    early = subprocess.run(collect, capture_output=True, text=True)  # fold 1 has not run yet
+    assert early.returncode == 2 and "fold 1: not finished" in early.stderr and "--fold 1" in early.stderr
+    assert not (tmp_path / "split" / "table.md").exists()
+    second = subprocess.run(base + ["--fold", "1"], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    merged = subprocess.run(collect, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert (tmp_path / "split" / "table.md").read_text() == single.read_text()
+    assert (tmp_path / "split" / "per_session.csv").read_text() == (tmp_path / "single" / "per_session.csv").read_text()
+    wrong = subprocess.run(base + ["--fold", "2"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--fold 2: expected a fold from 0 to 1" in wrong.stderr

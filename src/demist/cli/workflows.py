@@ -48,7 +48,8 @@ def demo(
 
 
 def cv(
-    manifest: Path = typer.Option(..., "--manifest", help="Manifest of the cohort (sessions with PSR and masks)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                            help="Manifest of the cohort (sessions with PSR and masks)."),
     out: Path = typer.Option(..., "--out", help="Folder for splits, per-fold runs, predictions and tables."),
     methods: str = typer.Option("demist,ridge", "--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
     folds: int = typer.Option(5, "--folds", min=2, help="Subject-grouped folds."),
@@ -58,13 +59,25 @@ def cv(
     prior: str = typer.Option("none", "--prior", help="none (each fold trains Stage 1 and the backbone), embedded "
                               "or a prior directory (each fold aligns E_cond on the prior's autoencoders and "
                               "freezes the prior's backbone)."),
+    fold: Optional[int] = typer.Option(None, "--fold", min=0, help="Run only this fold (0-based), as an independent "
+                                       "job; merge the finished folds with --collect."),
+    collect: bool = typer.Option(False, "--collect", help="Only merge the finished folds in --out into the table."),
     device: str = DEVICE,
 ) -> None:
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
+    from demist.errors import DemistError
+    from demist.workflows.cv import collect_cv, run_cv
+
+    if collect:
+        if fold is not None:
+            raise DemistError("--collect and --fold: --collect merges folds that have finished; expected one of them")
+        typer.echo(collect_cv(out).read_text())
+        return
+    if manifest is None:
+        raise DemistError("--manifest: missing; expected the cohort's manifest (only --collect runs without it)")
     from demist.config import load_config
-    from demist.workflows.cv import run_cv
     from demist.methods import parse_methods
 
-    table = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
-                   max_steps=max_steps, device=device, prior=prior)
-    typer.echo(table.read_text())
+    result = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
+                    max_steps=max_steps, device=device, prior=prior, fold=fold)
+    typer.echo(f"fold {fold} evaluated: {result}" if fold is not None else result.read_text())

@@ -8,6 +8,9 @@ methods, the reference rows `ae-ceiling` and `aligned-condition` of its run are 
 against). Each step
 is skipped when its output is finished and resumed from its last checkpoint when it is not, so an interrupted
 cross-validation continues where it stopped.
+
+Folds can also run as independent jobs (`demist cv --fold K`, e.g. one Slurm array task each, all with the same
+options) and be merged when all have finished (`demist cv --out DIR --collect`); the table is the same as one run's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,19 +31,31 @@ from demist.methods import Method, TrainJob, load_synthesizer
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CVPlan:
+    """What every fold of one cross-validation shares."""
+
+    manifest: Path
+    out: Path
+    methods: Sequence[Method]
+    config: Config
+    max_steps: int | None
+    device: str
+    prior: object  # a demist.prior.Prior, or None: each fold trains Stage 1 and the backbone
+
+
 def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
-           max_steps: int | None = None, device: str = "auto", prior: str = "none") -> Path:
+           max_steps: int | None = None, device: str = "auto", prior: str = "none",
+           fold: int | None = None) -> Path:
     """Cross-validate `methods`; returns the path of the Table-1-like markdown table.
 
     With a `prior` ("embedded" or a prior directory), each fold's Stage 1 is the alignment on the prior's
-    autoencoders and the backbone is the prior's (see demist.prior)."""
-    from demist.data.manifest import load_manifest, select_subjects, subjects_of
+    autoencoders and the backbone is the prior's (see demist.prior). With `fold`, only that fold runs (an independent
+    job, e.g. one task of a Slurm array) and its evaluation summary's path is returned; `collect_cv` then merges the
+    finished folds into the table."""
+    from demist.data.manifest import load_manifest, subjects_of
     from demist.evaluation.crossval import load_or_create_splits
-    from demist.evaluation.evaluate import evaluate_predictions
-    from demist.inference.batch import output_path, synthesize_manifest
-    from demist.training.stage1 import train_stage1
-
-    from demist.prior import align_to_prior, check_cohort_apart, resolve_prior
+    from demist.prior import check_cohort_apart, resolve_prior
 
     records = load_manifest(manifest, require=("t1w", "flair", "psr"))
     chosen = resolve_prior(prior, config)
@@ -49,65 +65,102 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     strata = [groups[s] for s in subjects]
     if min(strata.count(g) for g in set(strata)) < folds:  # too few of a group to stratify: plain grouped folds
         strata = None
+    # deterministic for (subjects, folds, seed), so fold jobs started together write the same file
     splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
+    if fold is not None and not 0 <= fold < len(splits):
+        raise DemistError(f"--fold {fold}: expected a fold from 0 to {len(splits) - 1} of the {len(splits)} folds")
+    plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen)
+    for k in range(len(splits)) if fold is None else (fold,):
+        run_fold(plan, k, splits[k], records)
+    if fold is not None:
+        return out / f"fold-{fold}" / "evaluation" / "summary.json"
+    return collect_cv(out)
+
+
+def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequence) -> None:
+    """Train, synthesize and evaluate every method of one fold; finished steps are skipped."""
+    from demist.data.manifest import select_subjects, subjects_of
+    from demist.evaluation.evaluate import evaluate_predictions
+    from demist.inference.batch import output_path, synthesize_manifest
+    from demist.prior import align_to_prior
+    from demist.training.stage1 import train_stage1
+
+    config, device, max_steps, manifest = plan.config, plan.device, plan.max_steps, plan.manifest
+    fold = plan.out / f"fold-{k}"
+    train_subjects = [s for s in subjects_of(records) if s not in set(test_subjects)]
+    test_keys = [r.key for r in select_subjects(records, test_subjects)]
+    log.info("fold %d: %d training subjects, %d held-out sessions", k, len(train_subjects), len(test_keys))
+    stage1 = fold / "stage1" / "stage1"
+    backbone = fold / "backbone" if plan.prior is None else plan.prior.backbone
+    needs = {n for m in plan.methods for n in m.needs}
+    if "stage1" in needs and not (stage1 / "run.json").exists():
+        with timed(fold, "stage1"):
+            if plan.prior is None:
+                train_stage1(select_subjects(records, train_subjects), config, fold / "stage1",
+                             max_steps=max_steps, device=device, resume=True)
+            else:
+                align_to_prior(select_subjects(records, train_subjects), plan.prior, config, stage1,
+                               max_steps=max_steps, device=device, resume=True)
+    if "backbone" in needs and not (backbone / "run.json").exists():
+        from demist.training.backbone import train_backbone
+
+        with timed(fold, "backbone"):
+            train_backbone(manifest, stage1, config, backbone, max_steps=max_steps, device=device,
+                           resume=True, subjects=train_subjects)
+    predictions = {}
+    for method in plan.methods:
+        run = fold / "runs" / method.name
+        if not (run / "run.json").exists():
+            log.info("fold %d: training %s", k, method.name)
+            with timed(fold, f"train {method.name}"):
+                method.train(TrainJob(manifest, config, run, stage1=stage1, backbone=backbone,
+                                      subjects=train_subjects, max_steps=max_steps, device=device, resume=True))
+        predictions[method.name] = fold / "predictions" / method.name
+        pending = [r for r in select_subjects(records, test_subjects)
+                   if not output_path(predictions[method.name], r.subject, r.session).exists()]
+        with timed(fold, f"synthesize {method.name}") if pending else nullcontext():
+            summary = synthesize_manifest(load_synthesizer(run, device=device), manifest,
+                                          predictions[method.name], sessions=test_keys)
+        if summary.failed:
+            raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
+    demist_runs = [m.name for m in plan.methods if m.name.startswith("demist")]
+    if demist_runs:  # the reference rows of the (first) DEMIST run
+        from demist.inference.base import REFERENCES
+        from demist.inference.references import synthesize_references
+
+        references = {name: fold / "predictions" / name for name in REFERENCES}
+        for name, summary in synthesize_references(load_synthesizer(fold / "runs" / demist_runs[0], device=device),
+                                                   manifest, references, sessions=test_keys).items():
+            if summary.failed:
+                raise DemistError(f"fold {k}: reference row {name} failed on {', '.join(summary.failed)}")
+        predictions.update(references)
+    evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
+                         ring_mm=config.evaluation.ring_mm, bootstrap=config.evaluation.bootstrap, sessions=test_keys)
+
+
+def collect_cv(out: Path) -> Path:
+    """Merge the finished folds of `out` (their evaluation summaries) into the tables; every fold of splits.json must
+    be finished, with the same rows."""
+    splits_file = out / "splits.json"
+    if not splits_file.is_file():
+        raise DemistError(f"--out {out}: holds no splits.json; expected the folder of a `demist cv` run")
+    folds = len(json.loads(splits_file.read_text())["folds"])
     rows: list[dict] = []
     lesion_auc: dict[int, dict[str, float]] = {}
-    for k, test_subjects in enumerate(splits):
-        fold = out / f"fold-{k}"
-        train_subjects = [s for s in subjects if s not in set(test_subjects)]
-        test_keys = [r.key for r in select_subjects(records, test_subjects)]
-        log.info("fold %d/%d: %d training subjects, %d held-out sessions", k + 1, len(splits), len(train_subjects),
-                 len(test_keys))
-        stage1 = fold / "stage1" / "stage1"
-        backbone = fold / "backbone" if chosen is None else chosen.backbone
-        needs = {n for m in methods for n in m.needs}
-        if "stage1" in needs and not (stage1 / "run.json").exists():
-            with timed(fold, "stage1"):
-                if chosen is None:
-                    train_stage1(select_subjects(records, train_subjects), config, fold / "stage1",
-                                 max_steps=max_steps, device=device, resume=True)
-                else:
-                    align_to_prior(select_subjects(records, train_subjects), chosen, config, stage1,
-                                   max_steps=max_steps, device=device, resume=True)
-        if "backbone" in needs and not (backbone / "run.json").exists():
-            from demist.training.backbone import train_backbone
-
-            with timed(fold, "backbone"):
-                train_backbone(manifest, stage1, config, backbone, max_steps=max_steps, device=device,
-                               resume=True, subjects=train_subjects)
-        predictions = {}
-        for method in methods:
-            run = fold / "runs" / method.name
-            if not (run / "run.json").exists():
-                log.info("fold %d: training %s", k, method.name)
-                with timed(fold, f"train {method.name}"):
-                    method.train(TrainJob(manifest, config, run, stage1=stage1, backbone=backbone,
-                                          subjects=train_subjects, max_steps=max_steps, device=device, resume=True))
-            predictions[method.name] = fold / "predictions" / method.name
-            pending = [r for r in select_subjects(records, test_subjects)
-                       if not output_path(predictions[method.name], r.subject, r.session).exists()]
-            with timed(fold, f"synthesize {method.name}") if pending else nullcontext():
-                summary = synthesize_manifest(load_synthesizer(run, device=device), manifest,
-                                              predictions[method.name], sessions=test_keys)
-            if summary.failed:
-                raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
-        demist_runs = [m.name for m in methods if m.name.startswith("demist")]
-        if demist_runs:  # the reference rows of the (first) DEMIST run
-            from demist.inference.base import REFERENCES
-            from demist.inference.references import synthesize_references
-
-            references = {name: fold / "predictions" / name for name in REFERENCES}
-            for name, summary in synthesize_references(load_synthesizer(fold / "runs" / demist_runs[0], device=device),
-                                                       manifest, references, sessions=test_keys).items():
-                if summary.failed:
-                    raise DemistError(f"fold {k}: reference row {name} failed on {', '.join(summary.failed)}")
-            predictions.update(references)
-        result = evaluate_predictions(manifest, predictions, fold / "evaluation", psr_range=config.data.psr_range,
-                                      ring_mm=config.evaluation.ring_mm, bootstrap=config.evaluation.bootstrap,
-                                      sessions=test_keys)
-        rows += [{**row, "fold": k} for row in read_per_session(fold / "evaluation" / "per_session.csv")]
-        auc = (result.get("lesion_contrast") or {}).get("auc", {})
+    sources: dict[int, list[str]] = {}
+    for k in range(folds):
+        evaluation = out / f"fold-{k}" / "evaluation"
+        if not (evaluation / "summary.json").is_file():
+            raise DemistError(f"fold {k}: not finished ({evaluation / 'summary.json'} is missing); expected every "
+                              f"fold evaluated: run `demist cv --fold {k}` with the same options first")
+        summary = json.loads((evaluation / "summary.json").read_text())
+        sources[k] = sorted(summary["methods"])
+        rows += [{**row, "fold": k} for row in read_per_session(evaluation / "per_session.csv")]
+        auc = (summary.get("lesion_contrast") or {}).get("auc", {})
         lesion_auc[k] = {source: float(entry["combined"]["auc"]) for source, entry in auc.items()}
+    if len({tuple(v) for v in sources.values()}) > 1:
+        detail = "; ".join(f"fold {k}: {', '.join(v)}" for k, v in sources.items())
+        raise DemistError(f"folds of {out} scored different rows ({detail}); expected the same --methods in every fold")
     return write_cv_tables(out, rows, lesion_auc)
 
 
