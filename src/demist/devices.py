@@ -7,6 +7,7 @@ everywhere.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -16,13 +17,16 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is the user's mistake."""
+    """'auto' picks CUDA when present; asking for CUDA without one is the user's mistake. Under `accelerate launch` or
+    `torchrun`, each process takes the GPU of its local rank."""
     if device not in DEVICES:
         raise DemistError(f"--device {device}: unknown; expected auto, cpu or cuda")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise DemistError("--device cuda: no CUDA device is available; expected --device cpu or auto")
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device(device)
 
 

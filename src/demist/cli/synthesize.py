@@ -52,11 +52,17 @@ def synthesize_command(
     if output is not None:
         check_output_path(output, overwrite)  # before the model is loaded: fail fast
     synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength)
-    if manifest is not None:
-        from demist.inference.batch import synthesize_manifest
+    if manifest is not None:  # under `accelerate launch` / `torchrun`, each process takes its share
+        from demist.inference.batch import synthesize_manifest_distributed
 
-        summary = synthesize_manifest(synthesizer, manifest, out_dir, samples=samples, seed=seed)
-        typer.echo(str(summary))
+        from accelerate import PartialState
+
+        from demist.devices import resolve_device
+
+        cpu = resolve_device(device).type == "cpu"
+        summary = synthesize_manifest_distributed(synthesizer, manifest, out_dir, samples=samples, seed=seed, cpu=cpu)
+        if PartialState(cpu=cpu).is_main_process:
+            typer.echo(str(summary))
         if summary.failed:
             raise typer.Exit(code=1)
         return

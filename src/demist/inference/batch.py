@@ -1,4 +1,10 @@
-"""Synthesis over a whole manifest: `OUT/<subject>/<session>/psr.nii.gz`, resumable, one failure never stops it."""
+"""Synthesis over a whole manifest: `OUT/<subject>/<session>/psr.nii.gz`, resumable, one failure never stops it.
+
+Under `accelerate launch` or `torchrun` (`synthesize_manifest_distributed`), each process takes every N-th session of
+the manifest; the summaries are gathered, so every process knows the whole outcome, and the main one writes the log
+`OUT/synthesis_log.csv`. Sessions are seeded by themselves, not by the process, so the outputs and the log are those
+of a single-process run.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from demist.inference.pipeline import synthesize_files
 log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "psr.nii.gz"
+LOG_NAME = "synthesis_log.csv"
 
 
 @dataclass
@@ -46,11 +53,12 @@ def synthesize_manifest(
     seed: int = 0,
     sessions: Sequence[str] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> BatchSummary:
     """Synthesize every session of `manifest` (or the given "subject/session" keys) that has no output yet.
 
     A session that fails is recorded with its one-line reason and the batch goes on; outputs are atomic, so an
-    interrupted batch resumes where it stopped.
+    interrupted batch resumes where it stopped. `shard` = (i, n): only every n-th session from the i-th.
     """
     records = load_manifest(manifest)
     if sessions is not None:
@@ -58,6 +66,8 @@ def synthesize_manifest(
         records = [r for r in records if r.key in wanted]
         if not records:
             raise DemistError(f"manifest {manifest}: none of the requested sessions is in it")
+    index, count = shard
+    records = records[index::count]
     summary = BatchSummary()
     for record in tqdm(records, desc="sessions", unit="session", disable=not progress):
         out = output_path(out_dir, record.subject, record.session)
@@ -73,3 +83,44 @@ def synthesize_manifest(
             continue
         summary.written.append(record.key)
     return summary
+
+
+def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, out_dir: Path, samples: int = 1,
+                                    seed: int = 0, progress: bool = True, cpu: bool = False) -> BatchSummary:
+    """`synthesize_manifest` over every process of a launch (one process: the plain batch), then the merged summary
+    in manifest order on every process, and `OUT/synthesis_log.csv` (session, status, reason) from the main one.
+    `cpu`: the processes compute on the CPU (they join a gloo process group instead of NCCL)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState(cpu=cpu)
+    own = synthesize_manifest(synthesizer, manifest, out_dir, samples=samples, seed=seed,
+                              progress=progress and state.is_local_main_process,
+                              shard=(state.process_index, state.num_processes))
+    parts = gather_object([own]) if state.num_processes > 1 else [own]
+    order = {record.key: i for i, record in enumerate(load_manifest(manifest))}
+    merged = BatchSummary(
+        written=sorted((k for p in parts for k in p.written), key=order.__getitem__),
+        skipped=sorted((k for p in parts for k in p.skipped), key=order.__getitem__),
+        failed=dict(sorted(((k, v) for p in parts for k, v in p.failed.items()), key=lambda kv: order[kv[0]])))
+    if state.is_main_process:
+        write_batch_log(out_dir / LOG_NAME, merged, list(order))
+    state.wait_for_everyone()
+    return merged
+
+
+def write_batch_log(path: Path, summary: BatchSummary, keys: Sequence[str]) -> Path:
+    """One row per session of the batch, in manifest order: written, already done or failed (with the reason)."""
+    import csv
+    import io
+
+    from demist.atomic import atomic_write
+
+    status = {**{k: ("written", "") for k in summary.written}, **{k: ("already done", "") for k in summary.skipped},
+              **{k: ("failed", why) for k, why in summary.failed.items()}}
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["session", "status", "reason"])
+    writer.writerows([key, *status[key]] for key in keys if key in status)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, text.getvalue())
