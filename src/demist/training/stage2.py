@@ -97,11 +97,13 @@ def stage2_parameter_groups(net: DemistNet, modules: Iterable[nn.Module], learni
 def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, controlnet: bool | None,
                   lora: bool | None) -> Config:
     """The config with --max-steps and the stream flags applied (None keeps the config's value)."""
-    flags = {k: v for k, v in zip(STREAM_SWITCHES.values(), (crossattn, controlnet, lora)) if v is not None}
+    given = {"crossattn": crossattn, "controlnet": controlnet, "lora": lora}  # by name: no reliance on an order
+    flags = {k: v for k, v in given.items() if v is not None}
     demist = dataclasses.replace(cfg.demist, **flags, **({"steps": max_steps} if max_steps is not None else {}))
-    if not any(getattr(demist, switch) for switch in STREAM_SWITCHES.values()):
-        raise DemistError("--no-crossattn --no-controlnet --no-lora: all streams are off, so nothing conditions the "
-                          "backbone; expected at least one of crossattn, controlnet, lora")
+    switches = STREAM_SWITCHES.values()
+    if not any(getattr(demist, switch) for switch in switches):
+        raise DemistError(f"{' '.join(f'--no-{s}' for s in switches)}: all streams are off, so nothing conditions the "
+                          f"backbone; expected at least one of {', '.join(switches)}")
     factor = 2 ** (len(cfg.autoencoder.channels) - 1)
     if demist.uses_image_hint and 2 ** (len(demist.hint_channels) - 1) != factor:
         raise DemistError(f"config key demist.hint_channels: {list(demist.hint_channels)} downsamples the image "
