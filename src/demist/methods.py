@@ -8,7 +8,7 @@ A method is a name, the shared runs it builds on (`needs`: a Stage-1 run, a back
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -49,7 +49,7 @@ class Method:
     load: Callable[..., Any]  # (run: RunInfo, **options) -> Synthesizer
     stage: str  # the `stage` of the run directories it writes
     iterative: bool = True
-    load_options: tuple[str, ...] = field(default=("device",))
+    load_options: tuple[str, ...] = ("device",)
 
 
 def _demist_trainer(off: str | None) -> Callable[[TrainJob], object]:
