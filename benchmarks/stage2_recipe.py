@@ -32,6 +32,7 @@ from finished_demo import add_demo_arguments, chosen, finished_demo
 VARIANTS = {
     "recipe": {},
     "image-hint": {"controlnet_hint": "latent+image"},
+    "no-output-head": {"controlnet_output_head": False},
     "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0},
     "no-lora-wo": {"lora_output_projection": False},
     "edge-term": {"edge_weight": 0.1},

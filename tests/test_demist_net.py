@@ -164,7 +164,8 @@ def test_parameter_counts_split_frozen_backbone_from_trainable_streams():
     identity = sum(c * c + c for c in (m.block.norm.num_channels for m in net.modules()
                                        if isinstance(m, CrossAttentionWrapper)))
     assert counts["backbone"] == {"trainable": 0, "frozen": sum(p.numel() for p in backbone.parameters()) + identity}
-    assert counts["spatial"]["trainable"] == sum(p.numel() for p in net.controlnet.parameters())
+    spatial = [net.controlnet] + ([net.output_head] if net.output_head is not None else [])
+    assert counts["spatial"]["trainable"] == sum(p.numel() for m in spatial for p in m.parameters())
     # per attention block with C channels: rank-r factors A (r×C) and B (C×r) for each of q, k, v and W_O
     rank = CFG.demist.lora_rank
     lora = sum(4 * 2 * rank * m.block.norm.num_channels for m in net.modules() if isinstance(m, CrossAttentionWrapper))
@@ -322,3 +323,21 @@ def test_identity_output_projection_is_frozen_and_not_saved():
     assert torch.equal(layer.base_layer.weight, torch.eye(64)) and not layer.base_layer.weight.requires_grad
     assert not any("out_proj.base_layer" in k for k in net.trainable_state_dict())
     assert any("out_proj.lora_B" in k for k in net.trainable_state_dict())
+
+
+@pytest.mark.parametrize("gate_init", ["zero", "default"])
+def test_output_head_adds_nothing_at_init_then_carries_the_controlnet_to_the_output(gate_init):
+    backbone = random_backbone()
+    net = make_net(backbone, controlnet_gate_init=gate_init, controlnet_output_head=True)
+    x_t, t, z_c = inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x_t, t, z_c), backbone(x_t, t))
+    # The head's own weights start non-zero: the ControlNet gate it reads gets gradient straight from the output.
+    assert net.output_head.conv.weight.any()
+    net(x_t, t, z_c).square().mean().backward()
+    gates = [p for m in net.controlnet.controlnet_down_blocks for p in m.parameters()]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+    assert any(k.startswith("output_head.") for k in net.trainable_state_dict())
+    assert any(p is net.output_head.conv.weight for p in net.stream_parameters()["spatial"])
+    without_controlnet = make_net(backbone, controlnet=False, controlnet_output_head=True)
+    assert without_controlnet.output_head is None

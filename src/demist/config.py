@@ -178,11 +178,19 @@ class DemistConfig:
     timestep_power: float
     # Decay of an exponential moving average of the trained weights, which the run keeps [paper: 0, none].
     ema_decay: float
+    # A 1×1×1 conv from the ControlNet's last full-resolution output to the network's output [paper: false], so that
+    # the spatial stream can reach the prediction without passing through the frozen decoder.
+    controlnet_output_head: bool
 
     @property
     def uses_image_hint(self) -> bool:
         """Whether the ControlNet's hint includes T1w + FLAIR at image resolution."""
         return self.controlnet and self.controlnet_hint == "latent+image"
+
+    @property
+    def uses_output_head(self) -> bool:
+        """Whether the ControlNet also reaches the output directly (`controlnet_output_head`; needs the ControlNet)."""
+        return self.controlnet and self.controlnet_output_head
 
     def __post_init__(self) -> None:
         if self.controlnet_gate_init not in GATE_INITS:

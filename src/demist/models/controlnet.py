@@ -8,9 +8,15 @@ the copy's body until the output gates have grown, and `gate_init="default"` sta
 
 Optionally (`demist.controlnet_hint = "latent+image"`) the hint also carries T1w + FLAIR at image resolution through
 MONAI's `ControlNetConditioningEmbedding` (`build_image_hint`), computed by the caller and added after the gate.
+
+Optionally (`demist.controlnet_output_head = true`) a 1×1×1 conv carries the copy's last full-resolution output
+(already through its zero gate, so it adds nothing at initialisation) straight to the network's output
+(`OutputHead`), a path that does not pass through the frozen decoder's norms and nonlinearities.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
@@ -77,3 +83,18 @@ def zero_initialised_modules(controlnet: ControlNet, gate_init: str) -> list[nn.
     """The ControlNet's modules that start at zero: its output gates, and its input gate when `gate_init="zero"`."""
     modules: list[nn.Module] = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     return modules + ([controlnet.controlnet_cond_embedding] if gate_init == "zero" else [])
+
+
+class OutputHead(nn.Module):
+    """ControlNet residuals → an addition to the network's prediction, from the last residual at x_t's resolution.
+
+    That residual has passed the copy's first resnet (so it depends on t) and its zero-initialised output gate (so
+    the head adds nothing at initialisation, whatever its own default-initialised weights hold)."""
+
+    def __init__(self, channels: int, latent_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(channels, latent_channels, kernel_size=1, bias=False)  # no bias: zero in, zero out
+
+    def forward(self, residuals: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        full = [r for r in residuals if tuple(r.shape[2:]) == tuple(size)]
+        return self.conv(full[-1])

@@ -2,7 +2,8 @@
 
 - semantic: z_c → tokens (`tokens.TokenEncoder`) → new cross-attention around every self-attention block;
 - spatial: a gated ControlNet copy of the encoder, whose outputs are added to the frozen skip connections (its hint
-  is z_c, and with `controlnet_hint = "latent+image"` also T1w + FLAIR at image resolution, `embed_image`);
+  is z_c, and with `controlnet_hint = "latent+image"` also T1w + FLAIR at image resolution, `embed_image`; with
+  `controlnet_output_head` its full-resolution output also reaches the prediction directly);
 - adaptive: LoRA on the q/k/v (and output) projections of every self-attention block.
 Every new path ends in a zero-initialised layer, so an untrained DemistNet predicts exactly what its backbone
 predicts. Only the new
@@ -21,7 +22,7 @@ from torch import nn
 from demist.config import STREAM_SWITCHES, DemistConfig, UNetConfig
 from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention
-from demist.models.controlnet import build_gated_controlnet, build_image_hint, zero_initialised_modules
+from demist.models.controlnet import OutputHead, build_gated_controlnet, build_image_hint, zero_initialised_modules
 from demist.models.crossattn import TokenSlot, add_cross_attention, cross_attention_wrappers
 from demist.models.lora import (add_identity_output_projections, inject_lora, lora_is_merged, lora_layers, merge_lora,
                                 unmerge_lora)
@@ -61,6 +62,8 @@ class DemistNet(nn.Module):
                            if demist_cfg.controlnet else None)
         self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init)
                            if demist_cfg.uses_image_hint else None)
+        self.output_head = (OutputHead(unet_cfg.channels[0], latent_channels) if demist_cfg.uses_output_head
+                            else None)
         if demist_cfg.lora:
             if demist_cfg.lora_output_projection:  # identity W_O layers are part of the frozen backbone
                 pretrained |= {id(p) for layer in add_identity_output_projections(backbone)
@@ -102,7 +105,10 @@ class DemistNet(nn.Module):
         down, mid = (self.controlnet(x_t, t, controlnet_cond=hint) if self.controlnet is not None else (None, None))
         tokens = self.token_encoder(z_c) if self.token_encoder is not None else None
         with self._tokens.holding(tokens):
-            return self.backbone(x_t, t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            prediction = self.backbone(x_t, t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if self.output_head is not None:
+            prediction = prediction + self.output_head(down, x_t.shape[2:])
+        return prediction
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
                       image_hint: torch.Tensor | None) -> None:
@@ -177,6 +183,8 @@ class DemistNet(nn.Module):
             groups["spatial"] += list(self.controlnet.parameters())
         if self.image_hint is not None:
             groups["spatial"] += list(self.image_hint.parameters())
+        if self.output_head is not None:
+            groups["spatial"] += list(self.output_head.parameters())
         for layer in lora_layers(self.backbone).values():
             groups["adaptive"] += list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
         claimed = {id(p) for params in groups.values() for p in params}
