@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv with demist and its dependencies. Idempotent: a second run with an unchanged
+# Create (or reuse) .venv with demist, its dependencies and its extras (test; preprocess: ANTsPy, deepbet, pybids). Idempotent: a second run with an unchanged
 # pyproject.toml does nothing. TORCH_SPEC picks the torch build (default: the CPU wheel torch==2.13.0;
 # on a GPU machine set e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index configured in pip).
 set -euo pipefail
@@ -16,5 +16,5 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,preprocess]"
 echo "$want" > "$stamp"

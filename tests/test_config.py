@@ -69,6 +69,14 @@ def test_a_stored_config_from_before_a_key_existed_takes_the_presets_value(caplo
         config_from_dict(stored)
 
 
+def test_a_stored_demist_run_from_before_the_output_head_keeps_its_architecture() -> None:
+    """tiny now turns the head on; a run written before the key existed had none, and must load without it."""
+    stored = config_to_dict(load_config("tiny"))
+    assert stored["demist"]["controlnet_output_head"] is True
+    del stored["demist"]["controlnet_output_head"]
+    assert config_from_dict(stored).demist.controlnet_output_head is False
+
+
 @pytest.mark.parametrize("section", ["train", "stage1"])
 def test_an_unknown_mixed_precision_names_its_key(section) -> None:
     with pytest.raises(DemistError, match=f"{section}.mixed_precision: got 'fp8'"):

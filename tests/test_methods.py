@@ -75,3 +75,15 @@ def test_the_readme_methods_table_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = readme.index("<!-- methods table: generated -->\n") + len("<!-- methods table: generated -->\n")
     assert readme[start:readme.index("<!-- end of methods table -->")] == methods_markdown()
+
+
+def test_train_demist_has_one_ablation_flag_per_stream_switch():
+    import inspect
+
+    from demist.cli.stage2 import demist_command
+    from demist.config import STREAM_SWITCHES
+
+    flags = {name: p.default for name, p in inspect.signature(demist_command).parameters.items()
+             if name.startswith("no_")}
+    assert set(flags) == {f"no_{switch}" for switch in STREAM_SWITCHES.values()}
+    assert all(option.param_decls == (f"--{name.replace('_', '-')}",) for name, option in flags.items())

@@ -156,7 +156,7 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
 
 def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
     run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "abl",
-                       max_steps=1, device="cpu", controlnet=False, subjects=["s2"])
+                       max_steps=1, device="cpu", streams_off=["controlnet"], subjects=["s2"])
     assert run.method == "demist-no-controlnet"
     assert run.config.demist.controlnet is False and run.config.demist.steps == 1
     assert not any(k.startswith("controlnet.") for k in run.weights("streams"))
@@ -167,7 +167,7 @@ def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
 def test_finetuning_the_condition_encoder_adds_the_alignment_term(latent_cohort, tmp_path):
     cfg = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, finetune_cond_encoder=True))
     run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, cfg, tmp_path / "ft",
-                       max_steps=1, device="cpu", controlnet=False)
+                       max_steps=1, device="cpu", streams_off=["controlnet"])
     curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert curve[0]["align"] > 0
     tuned, original = run.weights("cond_autoencoder"), latent_cohort["stage1"].weights("cond_autoencoder")
@@ -179,7 +179,7 @@ def test_finetuning_the_condition_encoder_adds_the_alignment_term(latent_cohort,
 def test_all_streams_off_is_refused(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="all streams are off"):
         train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "x",
-                     crossattn=False, controlnet=False, lora=False)
+                     streams_off=["crossattn", "controlnet", "lora"])
 
 
 def bundle_file(folder: Path) -> Path:
@@ -199,7 +199,7 @@ def test_bundle_backbone_trains_with_epsilon_and_records_the_file(latent_cohort,
     stage1 = random_stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt", seed=1)  # another PSR latent
     bundle = bundle_file(tmp_path)
     run = train_demist(latent_cohort["manifest"], stage1.path, bundle, LATENT_CFG, tmp_path / "run", max_steps=1, device="cpu",
-                       crossattn=False)
+                       streams_off=["crossattn"])
     assert run.prediction_type == "epsilon" and run.config.diffusion.prediction_type == "epsilon"
     assert "backbone" not in run.parents
     assert run.training["backbone_bundle"]["sha256"] == sha256_file(bundle)
@@ -272,10 +272,15 @@ def test_zero_initialised_tensors_get_their_own_learning_rate(scale):
     assert all(not p.any() for p in net.zero_initialised_parameters())
 
 
+def test_an_unknown_stream_name_is_refused():
+    with pytest.raises(DemistError, match="streams_off: unknown semantic"):
+        stage2.stage2_config(LATENT_CFG, None, ["semantic"])  # streams are switched off by their switch names
+
+
 def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
     bad = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, hint_channels=(4, 8)))
     with pytest.raises(DemistError, match="demist.hint_channels"):
-        stage2.stage2_config(bad, None, None, None, None)
+        stage2.stage2_config(bad, None)
 
 
 def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_uniform_draw():

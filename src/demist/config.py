@@ -422,21 +422,39 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 def config_from_dict(table: Mapping[str, Any]) -> Config:
     """The inverse of `config_to_dict` (used to read the config stored in a run directory).
 
-    A key missing from a stored config (a run written before the key existed) takes the value of the run's base
-    preset, and a warning names it; unknown keys stay errors.
+    A key missing from a stored config (a run written before the key existed) takes the value in `ADDED_KEYS` (what
+    such a run did) or else the value of the run's base preset, and a warning names it; unknown keys stay errors.
     """
     base = str(table.get("preset", "")).split("+")[0]
     if base in PRESETS:
         filled: list[str] = []
-        table = _fill_missing(table, _preset_table(base), filled)
+        table = _fill_missing(table, _merge(_preset_table(base), _nested(ADDED_KEYS)), filled)
         if filled and tuple(filled) not in _WARNED:
             _WARNED.add(tuple(filled))
-            logger.warning("stored config: %s missing (written by an older demist); the %s preset's values are used",
-                           ", ".join(filled), base)
+            logger.warning("stored config: %s missing (written by an older demist); what runs did before these keys "
+                           "existed (or else the %s preset's values) is used", ", ".join(filled), base)
     return _build(Config, table)
 
 
 _WARNED: set[tuple[str, ...]] = set()  # each set of missing keys is reported once per process
+
+#: Keys added after runs had been written, with the value that reproduces what a run without the key did (the
+#: paper's behaviour), whatever the presets now say: a tiny DEMIST run from before the output head has none.
+ADDED_KEYS: dict[str, Any] = {
+    "sampling.start_strength": 1.0,
+    "align.image_weight": 0.0,
+    "demist.timestep_power": 1.0,
+    "demist.ema_decay": 0.0,
+    "demist.controlnet_output_head": False,
+}
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        section, key = dotted.split(".")
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 def _fill_missing(table: Mapping[str, Any], defaults: Mapping[str, Any], filled: list[str],

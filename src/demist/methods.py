@@ -56,10 +56,9 @@ def _demist_trainer(off: str | None) -> Callable[[TrainJob], object]:
     def train(job: TrainJob) -> object:
         from demist.training.stage2 import train_demist
 
-        flags = {off: False} if off else {}
         return train_demist(job.manifest, job.stage1, job.backbone, job.config, job.out, max_steps=job.max_steps,
                             device=job.device, resume=job.resume, subjects=job.subjects, tensorboard=job.tensorboard,
-                            **flags)
+                            streams_off=(off,) if off else ())
 
     return train
 

@@ -37,9 +37,11 @@ def _mount_subcommands() -> None:
     from demist.cli import stage2, train, workflows
     from demist.cli.baselines import baseline_command
     from demist.cli.evaluate import evaluate_command
+    from demist.cli.preprocess import preprocess_command
     from demist.cli.synthesize import synthesize_command
 
-    top = {"phantom": workflows.phantom, "synthesize": synthesize_command, "evaluate": evaluate_command,
+    top = {"phantom": workflows.phantom, "preprocess": preprocess_command,
+           "synthesize": synthesize_command, "evaluate": evaluate_command,
            "demo": workflows.demo, "cv": workflows.cv}
     training = {"autoencoder": train.autoencoder, "align": train.align, "stage1": train.stage1,
                 "prior": train.prior_command, "backbone": stage2.backbone_command, "demist": stage2.demist_command,

@@ -24,6 +24,9 @@ def synthesize_command(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask; needed when the inputs are not skull-stripped."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Batch form: synthesize every session of a manifest."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Batch form: writes OUT/<subject>/<session>/psr.nii.gz."),
+    bids: Optional[Path] = typer.Option(None, "--bids", help="BIDS form: every session `demist preprocess --bids` "
+                                        "prepared, written as DIR/derivatives/demist/.../*_desc-demist_PSRmap.nii.gz "
+                                        "with a JSON sidecar."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddim, dpm++ or ddpm. " + DEFAULT_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (ddpm always uses all of them)."),
     start_strength: Optional[float] = typer.Option(
@@ -33,10 +36,16 @@ def synthesize_command(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same map."),
     device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    preprocess: bool = typer.Option(False, "--preprocess", help="The inputs are raw scans: run `demist preprocess`'s "
+                                    "steps first (one scan: in a temporary folder; a manifest: into "
+                                    "OUT/preprocessed, kept and resumable)."),
 ) -> None:
     """Synthesize a PSR map (PSR units, the T1w's native grid) from T1w + FLAIR."""
     single = [t1w, flair, output]
-    if manifest is not None or out_dir is not None:
+    if bids is not None:
+        if manifest is not None or out_dir is not None or any(v is not None for v in single):
+            raise DemistError("BIDS form: give --bids alone, with none of --manifest/--out-dir/--t1w/--flair/-o")
+    elif manifest is not None or out_dir is not None:
         if manifest is None or out_dir is None or any(v is not None for v in single):
             raise DemistError("batch form: give --manifest and --out-dir, and none of --t1w/--flair/-o")
     elif any(v is None for v in single):
@@ -51,7 +60,19 @@ def synthesize_command(
 
     if output is not None:
         check_output_path(output, overwrite)  # before the model is loaded: fail fast
+    if preprocess and (bids is not None or mask is not None):
+        raise DemistError("--preprocess: not with --bids (run `demist preprocess --bids` first) nor --mask (it "
+                          "extracts the brain itself)")
+    if preprocess:
+        from demist.preprocessing.tools import require
+
+        require("ants"), require("deepbet")  # before the model is loaded: say which extra is missing
+    if bids is not None:
+        _bids_manifest(bids)  # before the model is loaded: fail fast
     synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength)
+    if bids is not None:
+        _synthesize_bids(synthesizer, model, bids, samples, seed)
+        return
     if manifest is not None:  # under `accelerate launch` / `torchrun`, each process takes its share
         from demist.inference.batch import synthesize_manifest_distributed
 
@@ -60,13 +81,80 @@ def synthesize_command(
         from demist.devices import resolve_device
 
         cpu = resolve_device(device).type == "cpu"
+        if preprocess:
+            manifest = _preprocessed_manifest(manifest, out_dir / "preprocessed", str(resolve_device(device)))
         summary = synthesize_manifest_distributed(synthesizer, manifest, out_dir, samples=samples, seed=seed, cpu=cpu)
         if PartialState(cpu=cpu).is_main_process:
             typer.echo(str(summary))
         if summary.failed:
             raise typer.Exit(code=1)
         return
-    written = synthesize_files(synthesizer, t1w, flair, output, mask=mask, samples=samples, seed=seed,
-                               overwrite=overwrite)
+    if preprocess:
+        written = _synthesize_raw(synthesizer, t1w, flair, output, samples, seed, overwrite, device)
+    else:
+        written = synthesize_files(synthesizer, t1w, flair, output, mask=mask, samples=samples, seed=seed,
+                                   overwrite=overwrite)
     for path in written:
         typer.echo(f"wrote {path}")
+
+
+def _bids_manifest(bids: Path) -> Path:
+    from demist.preprocessing.bids import DERIVATIVE
+
+    manifest = bids / DERIVATIVE / "manifest.csv"
+    if not manifest.is_file():
+        raise DemistError(f"--bids {bids}: no {DERIVATIVE}/manifest.csv; run `demist preprocess --bids {bids}` first")
+    return manifest
+
+
+def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: int) -> None:
+    """Each preprocessed session's PSR map beside its preprocessed T1w, under its BIDS derivative name; sessions
+    already synthesized are skipped, and a failing one does not stop the rest."""
+    from demist.data.manifest import load_manifest
+    from demist.inference.pipeline import synthesize_files
+    from demist.preprocessing.bids import write_psr_sidecar
+
+    failed = 0
+    for record in load_manifest(_bids_manifest(bids)):
+        out = record.t1w.parent / record.t1w.name.replace("_desc-preproc_T1w.nii.gz", "_desc-demist_PSRmap.nii.gz")
+        if out.exists():
+            typer.echo(f"already done {out}")
+            continue
+        try:
+            synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples,
+                             seed=seed)
+        except DemistError as exc:
+            typer.echo(f"failed {record.key}: {exc}", err=True)
+            failed += 1
+            continue
+        sidecar = write_psr_sidecar(out, model, getattr(synthesizer, "sampler", "none"),
+                                    getattr(synthesizer, "steps", 0), samples)
+        typer.echo(f"wrote {out} and {sidecar.name}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _preprocessed_manifest(manifest: Path, folder: Path, device: str) -> Path:
+    """Preprocess a manifest's raw sessions into `folder` (resumable); the sessions that fail are reported and left
+    out of synthesis."""
+    from demist.preprocessing.batch import preprocess_manifest
+
+    summary, preprocessed = preprocess_manifest(manifest, folder, device=device)
+    typer.echo(str(summary))
+    return preprocessed
+
+
+def _synthesize_raw(synthesizer, t1w: Path, flair: Path, output: Path, samples: int, seed: int, overwrite: bool,
+                    device: str) -> list[Path]:
+    """One raw scan: preprocess it in a temporary folder, then synthesize on the raw T1w's grid."""
+    import tempfile
+
+    from demist.devices import resolve_device
+    from demist.inference.pipeline import synthesize_files
+    from demist.preprocessing.session import SessionFiles, preprocess_session
+
+    with tempfile.TemporaryDirectory(prefix="demist-preprocess-") as work:
+        files = SessionFiles.in_folder(Path(work))
+        preprocess_session(t1w, flair, files, device=str(resolve_device(device)), key=str(t1w))
+        return synthesize_files(synthesizer, files.t1w, files.flair, output, mask=files.brain_mask, samples=samples,
+                                seed=seed, overwrite=overwrite)

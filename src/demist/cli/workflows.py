@@ -16,14 +16,19 @@ def phantom(
     subjects: int = typer.Option(..., "--subjects", help="Number of subjects (about 2 MS patients per control)."),
     spacing: float = typer.Option(2.0, "--spacing", help="Voxel size in mm: 1 (paper) or 2 (tiny)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files."),
+    raw: bool = typer.Option(False, "--raw", help="Also write each session as a scanner gives it (head, bias field, "
+                             "moved thick-slice FLAIR) in its raw/ folder, with the true transform, and "
+                             "raw_manifest.csv (for demist preprocess)."),
 ) -> None:
     """Generate the embedded synthetic MS cohort (T1w, FLAIR, PSR, masks, metadata) and its manifest."""
-    from demist.data.phantom import generate_cohort
+    from demist.data.phantom import add_raw_sessions, generate_cohort
     from demist.data.summary import cohort_summary
 
     manifest = generate_cohort(out, subjects, spacing=spacing, seed=seed, progress=True)
     typer.echo(cohort_summary(manifest))
     typer.echo(f"manifest: {manifest}")
+    if raw:
+        typer.echo(f"raw manifest: {add_raw_sessions(out, seed)}")
 
 
 def demo(

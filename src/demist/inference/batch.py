@@ -9,12 +9,12 @@ of a single-process run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from demist.batch_log import BatchSummary, write_batch_log
 from demist.data.manifest import load_manifest
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
@@ -24,20 +24,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "psr.nii.gz"
 LOG_NAME = "synthesis_log.csv"
-
-
-@dataclass
-class BatchSummary:
-    """What a batch run did, session by session."""
-
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.written)} synthesized, {len(self.skipped)} already done, {len(self.failed)} failed"]
-        lines += [f"  failed {key}: {why}" for key, why in self.failed.items()]
-        return "\n".join(lines)
 
 
 def output_path(out_dir: Path, subject: str, session: str) -> Path:
@@ -107,20 +93,3 @@ def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, ou
         write_batch_log(out_dir / LOG_NAME, merged, list(order))
     state.wait_for_everyone()
     return merged
-
-
-def write_batch_log(path: Path, summary: BatchSummary, keys: Sequence[str]) -> Path:
-    """One row per session of the batch, in manifest order: written, already done or failed (with the reason)."""
-    import csv
-    import io
-
-    from demist.atomic import atomic_write
-
-    status = {**{k: ("written", "") for k in summary.written}, **{k: ("already done", "") for k in summary.skipped},
-              **{k: ("failed", why) for k, why in summary.failed.items()}}
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["session", "status", "reason"])
-    writer.writerows([key, *status[key]] for key in keys if key in status)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, text.getvalue())

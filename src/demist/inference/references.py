@@ -19,13 +19,14 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from demist.batch_log import BatchSummary
 from demist.config import Config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
 from demist.data.preprocess import PreparedSession, prepare_session, psr_to_native
 from demist.errors import DemistError
 from demist.inference.base import REFERENCES
-from demist.inference.batch import BatchSummary, output_path
+from demist.inference.batch import output_path
 from demist.inference.demist_synthesizer import DemistSynthesizer
 from demist.inference.pipeline import native_brain
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -94,11 +94,14 @@ def stage2_parameter_groups(net: DemistNet, modules: Iterable[nn.Module], learni
     return [g for g in groups if g["params"]]
 
 
-def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, controlnet: bool | None,
-                  lora: bool | None) -> Config:
-    """The config with --max-steps and the stream flags applied (None keeps the config's value)."""
-    given = {"crossattn": crossattn, "controlnet": controlnet, "lora": lora}  # by name: no reliance on an order
-    flags = {k: v for k, v in given.items() if v is not None}
+def stage2_config(cfg: Config, max_steps: int | None, streams_off: Collection[str] = ()) -> Config:
+    """The config with --max-steps applied and the streams named in `streams_off` (their switches, e.g. "lora")
+    turned off; the others keep the config's value."""
+    unknown = sorted(set(streams_off) - set(STREAM_SWITCHES.values()))
+    if unknown:
+        raise DemistError(f"streams_off: unknown {', '.join(unknown)}; expected some of "
+                          f"{', '.join(STREAM_SWITCHES.values())}")
+    flags = {switch: False for switch in streams_off}
     demist = dataclasses.replace(cfg.demist, **flags, **({"steps": max_steps} if max_steps is not None else {}))
     switches = STREAM_SWITCHES.values()
     if not any(getattr(demist, switch) for switch in switches):
@@ -116,16 +119,17 @@ def stage2_config(cfg: Config, max_steps: int | None, crossattn: bool | None, co
 
 def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | Path, config: Config | str | Path,
                  out: str | Path, max_steps: int | None = None, device: str = "auto", resume: bool = False,
-                 subjects: Sequence[str] | None = None, crossattn: bool | None = None,
-                 controlnet: bool | None = None, lora: bool | None = None, tensorboard: bool = False) -> RunInfo | None:
+                 subjects: Sequence[str] | None = None, streams_off: Collection[str] = (),
+                 tensorboard: bool = False) -> RunInfo | None:
     """Train DEMIST's streams around a frozen backbone into the run directory `out` (stage "demist").
 
-    `backbone`: a `train_backbone` run directory or a MONAI bundle UNet checkpoint file. The stream flags override the
-    config's [demist] switches; the method is "demist" or, with one stream off, "demist-no-<stream>".
+    `backbone`: a `train_backbone` run directory or a MONAI bundle UNet checkpoint file. `streams_off` names streams
+    (by switch: crossattn, controlnet, lora) to turn off over the config's [demist] switches; the method is "demist"
+    or, with streams off, "demist-no-<switch>...".
     Returns the run (None on the non-main processes of a multi-process launch).
     """
     out = Path(out)
-    cfg = stage2_config(resolve_config(config), max_steps, crossattn, controlnet, lora)
+    cfg = stage2_config(resolve_config(config), max_steps, streams_off)
     finetune = cfg.demist.finetune_cond_encoder
     # a frozen E_cond gives fixed latents, encoded once; a fine-tuned one encodes z_c from each image patch
     image_keys = ("target", "brain", "cond") if finetune or cfg.demist.uses_image_hint else ("target", "brain")
