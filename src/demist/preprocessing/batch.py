@@ -67,7 +67,8 @@ def run_jobs(jobs: list[tuple[SessionRecord, SessionFiles]], out_dir: Path, devi
             summary.failed[record.key] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             continue
         summary.written.append(record.key)
-    write_batch_log(out_dir / LOG_NAME, summary, sorted([r.key for r, _ in jobs] + list(unusable or {})))
+    order = [r.key for r, _ in jobs]  # the manifest's order; BIDS sessions (sorted) interleave with the unusable ones
+    write_batch_log(out_dir / LOG_NAME, summary, sorted(order + list(unusable)) if unusable else order)
     done = [(r, f) for r, f in jobs if f.done()]
     return summary, write_session_manifest(out_dir / MANIFEST_NAME, done)
 

@@ -27,6 +27,7 @@ from demist.version import __version__
 log = logging.getLogger(__name__)
 
 MIN_BRAIN_ML = 500.0  # a brain mask smaller than this is a failed extraction (an adult brain is ~1100-1600 ml)
+MIN_EDGE_CONTRAST = 1.5  # mean T1w inside the mask over the 4 mm around it: ~4 for a brain (CSF, skull), ~1 for noise
 MIN_EXTENT_MM = 80.0  # a head scan spans more than this along every axis; a localizer or a slab does not
 
 
@@ -84,6 +85,11 @@ def preprocess_session(t1w_path: Path, flair_path: Path, files: SessionFiles, de
         if brain_ml < MIN_BRAIN_ML:
             raise DemistError(f"t1w of {key}: brain extraction found {brain_ml:.0f} ml of brain; expected an adult "
                               f"head T1w (at least {MIN_BRAIN_ML:.0f} ml)")
+        contrast = _edge_contrast(t1w_n4, brain)
+        if contrast < MIN_EDGE_CONTRAST:
+            raise DemistError(f"t1w of {key}: brain extraction found no brain (the mask is {contrast:.2f}x as bright "
+                              f"as the 4 mm around it; a brain in a head T1w is ~4x, expected at least "
+                              f"{MIN_EDGE_CONTRAST:g}x)")
         flair_n4 = timed("bias_flair", bias_correct, flair)
         t1w_to_flair = timed("register", register_rigid, t1w_n4, flair_n4, brain, staging / "flair_to_t1w.mat")
         flair_on_t1w = timed("resample", resample_onto, flair_n4, t1w_n4, t1w_to_flair)
@@ -108,6 +114,17 @@ def preprocess_session(t1w_path: Path, flair_path: Path, files: SessionFiles, de
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
     return seconds
+
+
+def _edge_contrast(t1w: nib.Nifti1Image, brain: np.ndarray) -> float:
+    """How much brighter the mask is than the 4 mm shell around it (deepbet finds a plausible volume even in noise)."""
+    from scipy import ndimage
+
+    spacing = float(np.sqrt((t1w.affine[:3, :3] ** 2).sum(axis=0)).min())
+    shell = ndimage.binary_dilation(brain, iterations=max(1, int(np.ceil(4.0 / spacing)))) & ~brain
+    data = np.asarray(t1w.dataobj, dtype=np.float32)
+    outside = float(data[shell].mean()) if shell.any() else 0.0
+    return float(data[brain].mean()) / outside if outside > 0 else float("inf")
 
 
 def _head_volume(img: nib.Nifti1Image, what: str) -> nib.Nifti1Image:
