@@ -33,9 +33,9 @@ def preprocess_command(
     if (bids is None) == (out_dir is None):
         raise DemistError("--out-dir is needed with --t1w/--flair and --manifest; --bids writes DIR/derivatives/demist")
     from demist.devices import resolve_device
-    from demist.preprocessing.tools import require
+    from demist.preprocessing.tools import require_all
 
-    require("ants"), require("deepbet")  # before any output: say which extra is missing
+    require_all()  # before any output: say which extra is missing
     device_name = str(resolve_device(device))
     if manifest is not None or bids is not None:
         from demist.preprocessing.batch import preprocess_bids, preprocess_manifest

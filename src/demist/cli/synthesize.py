@@ -64,9 +64,9 @@ def synthesize_command(
         raise DemistError("--preprocess: not with --bids (run `demist preprocess --bids` first) nor --mask (it "
                           "extracts the brain itself)")
     if preprocess:
-        from demist.preprocessing.tools import require
+        from demist.preprocessing.tools import require_all
 
-        require("ants"), require("deepbet")  # before the model is loaded: say which extra is missing
+        require_all()  # before the model is loaded: say which extra is missing
     if bids is not None:
         _bids_manifest(bids)  # before the model is loaded: fail fast
     synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength)
@@ -112,11 +112,11 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     already synthesized are skipped, and a failing one does not stop the rest."""
     from demist.data.manifest import load_manifest
     from demist.inference.pipeline import synthesize_files
-    from demist.preprocessing.bids import write_psr_sidecar
+    from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
 
     failed = 0
     for record in load_manifest(_bids_manifest(bids)):
-        out = record.t1w.parent / record.t1w.name.replace("_desc-preproc_T1w.nii.gz", "_desc-demist_PSRmap.nii.gz")
+        out = psr_map_beside(record.t1w)
         if out.exists():
             typer.echo(f"already done {out}")
             continue

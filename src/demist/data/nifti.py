@@ -101,3 +101,12 @@ def save_image(img: nib.Nifti1Image, path: str | Path, overwrite: bool = True) -
 def voxel_size(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths in mm from an affine (column norms of its 3×3 part)."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def scanner_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image whose sform and qform both say scanner coordinates (code 1), in millimetres."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img

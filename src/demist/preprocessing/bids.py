@@ -21,7 +21,8 @@ from demist.version import __version__
 log = logging.getLogger(__name__)
 
 DERIVATIVE = Path("derivatives") / "demist"
-NO_SESSION = "none"  # the manifest's session label for a dataset without sessions
+NO_SESSION = "none"
+PREPROC_T1W = "_desc-preproc_T1w.nii.gz"  # the manifest's session label for a dataset without sessions
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,11 @@ class BidsSession:
     def files(self, derivative: Path) -> SessionFiles:
         """The preprocessing outputs under BIDS derivative names."""
         base = self.folder(derivative) / self.prefix
-        return SessionFiles(t1w=Path(f"{base}_desc-preproc_T1w.nii.gz"),
+        return SessionFiles(t1w=Path(f"{base}{PREPROC_T1W}"),
                             flair=Path(f"{base}_space-T1w_desc-preproc_FLAIR.nii.gz"),
                             brain_mask=Path(f"{base}_desc-brain_mask.nii.gz"),
                             transform=Path(f"{base}_from-FLAIR_to-T1w_mode-image_xfm.json"))
 
-    def psr_map(self, derivative: Path) -> Path:
-        return self.folder(derivative) / f"{self.prefix}_desc-demist_PSRmap.nii.gz"
 
 
 def find_sessions(root: Path) -> tuple[list[BidsSession], dict[str, str]]:
@@ -95,6 +94,11 @@ def _choose(images: list, where: str) -> Path:
         log.info("%s: %d candidates, using %s (highest run); not used: %s", where, len(ranked),
                  Path(ranked[-1].path).name, ", ".join(Path(im.path).name for im in ranked[:-1]))
     return Path(ranked[-1].path)
+
+
+def psr_map_beside(preprocessed_t1w: Path) -> Path:
+    """The PSR map's derivative name, beside the preprocessed T1w of the same session."""
+    return preprocessed_t1w.parent / preprocessed_t1w.name.replace(PREPROC_T1W, "_desc-demist_PSRmap.nii.gz")
 
 
 def write_dataset_description(derivative: Path) -> Path:

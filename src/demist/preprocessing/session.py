@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from demist.data.nifti import load_image, save_image
+from demist.data.nifti import load_image, save_image, scanner_image
 from demist.data.space import MIN_OVERLAP, overlap_fraction
 from demist.errors import DemistError
 from demist.preprocessing.steps import bias_correct, extract_brain, register_rigid, resample_onto
@@ -94,9 +94,7 @@ def preprocess_session(t1w_path: Path, flair_path: Path, files: SessionFiles, de
         t1w_to_flair = timed("register", register_rigid, t1w_n4, flair_n4, brain, staging / "flair_to_t1w.mat")
         flair_on_t1w = timed("resample", resample_onto, flair_n4, t1w_n4, t1w_to_flair)
 
-        mask = nib.Nifti1Image(brain.astype(np.uint8), t1w.affine)
-        mask.set_sform(t1w.affine, code=1)
-        mask.set_qform(t1w.affine, code=1)
+        mask = scanner_image(brain.astype(np.uint8), t1w.affine)
         staged = SessionFiles.in_folder(staging)
         save_image(t1w_n4, staged.t1w)
         save_image(flair_on_t1w, staged.flair)

@@ -18,3 +18,9 @@ def require(module: str) -> ModuleType:
     except ImportError as exc:
         raise DemistError(f"{module} ({_MODULES[module]}) is not installed; demist preprocess needs the extra: "
                           f"pip install 'demist[{EXTRA}]'") from exc
+
+
+def require_all() -> None:
+    """Check every preprocessing library at once, before a command writes anything."""
+    for module in _MODULES:
+        require(module)

@@ -11,12 +11,11 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from demist.data.manifest import write_manifest
-from demist.data.nifti import save_image
+from demist.data.nifti import save_image, scanner_image
 from demist.data.phantom.metadata import session_metadata
 from demist.data.phantom.render import render_session
 from demist.data.phantom.subject import plan_subject, subject_fields
@@ -57,14 +56,6 @@ def _clear_previous_cohort(out_dir: Path) -> None:
         if folder.is_dir() and SUBJECT_DIR.match(folder.name):
             shutil.rmtree(folder)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-
-
-def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(data, affine)
-    img.set_sform(affine, code=1)  # scanner coordinates
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    return img
 
 
 #: A list of numbers as json.dumps(indent=...) lays it out (a raw newline never occurs inside a JSON string).
@@ -111,7 +102,7 @@ def generate_cohort(out_dir: Path, n_subjects: int, spacing: float = 2.0, seed: 
             folder.mkdir(parents=True, exist_ok=True)
             for name in VOLUMES:
                 data = volumes.images.get(name, volumes.masks.get(name))
-                save_image(_nifti(data, volumes.affine), folder / f"{name}.nii.gz")
+                save_image(scanner_image(data, volumes.affine), folder / f"{name}.nii.gz")
             _write_json(folder / "meta.json", meta)
             relative = folder.relative_to(out_dir)
             rows.append({"subject": plan.subject_id, "session": meta["session"], "group": plan.group,

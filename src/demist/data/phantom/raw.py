@@ -21,6 +21,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from demist.data.nifti import scanner_image
+
 #: Layers outward from the brain's edge: (outer edge in mm, T1w, FLAIR), intensities relative to white matter.
 HEAD_LAYERS = (
     (2.5, 0.20, 0.12),   # subarachnoid CSF (dark in both: FLAIR nulls free water)
@@ -128,15 +130,8 @@ def make_raw_session(t1w: nib.Nifti1Image, flair: nib.Nifti1Image, brain: np.nda
     out_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * (factor - 1) / 2  # the thick slices cover the same field
     out_shape = (shape[0], shape[1], int(np.ceil(shape[2] / factor)))
     raw_flair = _resample_thick(flair_on_t1w, affine, out_affine, out_shape, flair_to_t1w, factor)
-    return RawSession(_image(raw_t1w, affine), _image(raw_flair, out_affine), flair_to_t1w, angle, shift)
-
-
-def _image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(data, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    return img
+    return RawSession(scanner_image(raw_t1w, affine), scanner_image(raw_flair, out_affine), flair_to_t1w, angle,
+                      shift)
 
 
 def transform_record(raw: RawSession) -> dict:
