@@ -130,3 +130,31 @@ def test_autoencoder_from_state_infers_the_channels() -> None:
     cond = seeded(cfg, COND_CHANNELS, 0)
     rebuilt = autoencoder_from_state(cfg, cond.state_dict())
     assert rebuilt.encoder.blocks[0].conv.in_channels == COND_CHANNELS
+
+
+def test_channel_norm_keeps_the_keys_and_makes_outputs_independent_of_far_content() -> None:
+    import dataclasses
+
+    group_cfg = load_config("tiny").autoencoder
+    channel_cfg = dataclasses.replace(group_cfg, norm="channel")
+    group, channel = seeded(group_cfg, PSR_CHANNELS, 0), seeded(channel_cfg, PSR_CHANNELS, 0)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in channel.modules())
+    assert set(channel.state_dict()) == set(group.state_dict())  # same keys: runs and bundles load either way
+    channel.load_state_dict(group.state_dict(), strict=True)
+
+    # Change the far end of a long volume: with GroupNorm the statistics move every latent voxel; with the channel
+    # norm the near end, outside the changed voxels' receptive field, stays exactly as it was.
+    x = torch.rand(1, 1, 16, 16, 160)
+    far = x.clone()
+    far[..., 96:] = 3.0
+    with torch.no_grad():
+        near = lambda model, image: model.encode(image)[0][..., :4]  # noqa: E731  image voxels 0-15
+        torch.testing.assert_close(near(channel, far), near(channel, x), rtol=0, atol=1e-6)
+        assert (near(group, far) - near(group, x)).abs().max() > 1e-3
+
+
+def test_unknown_autoencoder_norm_is_refused() -> None:
+    import dataclasses
+
+    with pytest.raises(DemistError, match="autoencoder.norm.*group, channel"):
+        dataclasses.replace(load_config("tiny").autoencoder, norm="batch")

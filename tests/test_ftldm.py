@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from helpers import LATENT_CFG, ellipsoid_session, latent_toml_config
-from demist.cli.stage2 import ftldm_command
+from demist.cli.methods import train_command
 from demist.methods import parse_methods
 from demist.inference.pipeline import synthesize_images
 from demist.methods import load_synthesizer
@@ -64,7 +64,7 @@ def test_ftldm_synthesizes_on_the_t1w_grid_through_the_common_interface(ftldm_ru
 
 def test_ftldm_trains_from_the_command_line_and_is_a_cv_method(latent_cohort, tmp_path):
     app = typer.Typer()
-    app.command("ftldm")(ftldm_command)
+    app.command("ftldm")(train_command("ftldm"))
     app.command("unused")(lambda: None)  # two commands: typer keeps the subcommand name
     args = ["ftldm", "--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path),
             "--backbone", str(latent_cohort["backbone"].path), "--config", str(latent_toml_config(tmp_path / "small.toml")),

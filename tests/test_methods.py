@@ -29,20 +29,24 @@ def test_every_method_is_one_entry_and_the_ablations_come_from_the_streams():
         parse_methods("demist,nope")
 
 
-def test_baseline_commands_come_from_the_registry_and_train_what_it_names(small_manifest, tmp_path):
-    from demist.cli.baselines import baseline_command
+def test_train_commands_come_from_the_registry_and_train_what_it_names(small_manifest, tmp_path):
+    from demist.cli.methods import COMMANDS, train_command
 
+    assert COMMANDS == ("demist", "ftldm", *BASELINES)  # the ablations are `demist train demist --no-<switch>`
     app = typer.Typer()
-    for name in BASELINES:
-        app.command(name)(baseline_command(name))
+    for name in COMMANDS:
+        app.command(name)(train_command(name))
     runner = CliRunner()
     result = runner.invoke(app, ["constant", "--manifest", str(small_manifest), "--out",
                                  str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     assert "constant:" in result.output and (tmp_path / "c" / "run.json").exists()
-    options = {name: list(inspect.signature(baseline_command(name)).parameters) for name in BASELINES}
-    assert options["klgan"] == options["cwdm"] == ["manifest", "config", "out", "max_steps", "device", "resume"]
+    options = {name: list(inspect.signature(train_command(name)).parameters) for name in COMMANDS}
+    in_steps = ["max_steps", "device", "resume", "tensorboard"]
+    assert options["klgan"] == options["cwdm"] == ["manifest", "config", "out", *in_steps]
     assert options["ridge"] == options["constant"] == ["manifest", "config", "out"]  # fitted in seconds on the CPU
+    assert options["ftldm"] == ["manifest", "stage1", "backbone", "config", "out", *in_steps]
+    assert options["demist"] == options["ftldm"] + ["no_crossattn", "no_controlnet", "no_lora"]
 
 
 def test_runs_load_through_the_registry_and_the_python_api_keeps_the_t1w_grid(small_manifest, tmp_path):
@@ -80,10 +84,10 @@ def test_the_readme_methods_table_is_the_registry():
 def test_train_demist_has_one_ablation_flag_per_stream_switch():
     import inspect
 
-    from demist.cli.stage2 import demist_command
+    from demist.cli.methods import train_command
     from demist.config import STREAM_SWITCHES
 
-    flags = {name: p.default for name, p in inspect.signature(demist_command).parameters.items()
+    flags = {name: p.default for name, p in inspect.signature(train_command("demist")).parameters.items()
              if name.startswith("no_")}
     assert set(flags) == {f"no_{switch}" for switch in STREAM_SWITCHES.values()}
     assert all(option.param_decls == (f"--{name.replace('_', '-')}",) for name, option in flags.items())

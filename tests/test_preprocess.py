@@ -166,6 +166,26 @@ def test_batch_summary_names_what_it_did():
     assert str(BatchSummary(written=["a/b"], verb="preprocessed")).startswith("1 preprocessed, 0 already done")
 
 
+def test_one_batch_loop_skips_what_is_done_and_survives_any_failure(tmp_path):
+    from demist.batch_log import run_batch, write_batch_log
+
+    done_before, worked = {"b"}, []
+
+    def work(item: str) -> None:
+        if item == "c":
+            raise DemistError("c.nii.gz: not a 3D image")
+        if item == "d":
+            raise RuntimeError("ITK: cannot allocate\nsecond line")
+        worked.append(item)
+
+    summary = run_batch(["a", "b", "c", "d", "e"], key=str.upper, done=done_before.__contains__, work=work,
+                        summary=BatchSummary(), desc="test", progress=False)
+    assert worked == ["a", "e"] and summary.written == ["A", "E"] and summary.skipped == ["B"]
+    assert summary.failed == {"C": "c.nii.gz: not a 3D image", "D": "RuntimeError: ITK: cannot allocate"}
+    log = write_batch_log(tmp_path / "log.csv", summary, ["A", "B", "C", "D", "E"]).read_text().splitlines()
+    assert [row.split(",")[1] for row in log[1:]] == ["written", "already done", "failed", "failed", "written"]
+
+
 def bids_dataset(root: Path, raw_manifest: Path, runs: tuple[int, ...] = (1, 2)) -> Path:
     """A BIDS dataset of the raw phantom session: two T1w runs (the second the real one), one FLAIR, and a session
     without FLAIR (skipped)."""

@@ -12,7 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from helpers import LATENT_CFG, ellipsoid_session, latent_toml_config, random_stage1_run
-from demist.cli.stage2 import backbone_command, demist_command
+from demist.cli.backbone import backbone_command
+from demist.cli.methods import train_command
 from demist.errors import DemistError
 from demist.models.backbone import build_unet
 from demist.models.demist_net import STREAMS
@@ -236,7 +237,7 @@ def test_interrupted_training_resumes_to_the_same_weights(latent_cohort, demist_
 def test_commands_train_through_the_command_line(latent_cohort, tmp_path):
     app = typer.Typer()
     app.command("backbone")(backbone_command)
-    app.command("demist")(demist_command)
+    app.command("demist")(train_command("demist"))
     config = latent_toml_config(tmp_path / "small.toml")
     common = ["--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path), "--config", str(config),
               "--max-steps", "1", "--device", "cpu"]

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 GATE_INITS = ("zero", "default")  # demist.controlnet_gate_init
 CONTROLNET_HINTS = ("latent", "latent+image")  # demist.controlnet_hint
+AUTOENCODER_NORMS = ("group", "channel")  # autoencoder.norm
 #: DEMIST's three streams, each by its [demist] switch (also its `demist train demist --no-<switch>` flag and the
 #: "demist-no-<switch>" ablation's name).
 STREAM_SWITCHES = {"semantic": "crossattn", "spatial": "controlnet", "adaptive": "lora"}
@@ -57,6 +58,14 @@ class AutoencoderConfig:
     norm_num_groups: int
     norm_eps: float  # GroupNorm epsilon: 1e-6 in the bundle; ~1 keeps most of a quantitative map's intensity scale
     patch_size: tuple[int, int, int]  # training patches, and the window in which whole volumes are encoded/decoded
+    # "group": MONAI's GroupNorm, statistics over the field of view (the bundle, the paper); "channel": each voxel
+    # normalised over its channels, so an output does not depend on the window it was computed in
+    norm: str
+
+    def __post_init__(self) -> None:
+        if self.norm not in AUTOENCODER_NORMS:
+            raise DemistError(f"config key autoencoder.norm: got {self.norm!r}; "
+                              f"expected one of {', '.join(AUTOENCODER_NORMS)}")
 
 
 @dataclass(frozen=True)
@@ -441,6 +450,7 @@ _WARNED: set[tuple[str, ...]] = set()  # each set of missing keys is reported on
 #: Keys added after runs had been written, with the value that reproduces what a run without the key did (the
 #: paper's behaviour), whatever the presets now say: a tiny DEMIST run from before the output head has none.
 ADDED_KEYS: dict[str, Any] = {
+    "autoencoder.norm": "group",
     "sampling.start_strength": 1.0,
     "align.image_weight": 0.0,
     "demist.timestep_power": 1.0,

@@ -1,5 +1,5 @@
 """Every method demist trains and synthesizes with, named once: DEMIST and its single-stream ablations, FT-LDM and the
-baselines. The `demist train` commands of the baselines, `demist cv --methods`, `load_synthesizer` and the methods
+baselines. The `demist train` commands (`cli/methods.py`), `demist cv --methods`, `load_synthesizer` and the methods
 table of the README all derive from `METHODS`.
 
 A method is a name, the shared runs it builds on (`needs`: a Stage-1 run, a backbone), one training function taking a
@@ -35,12 +35,16 @@ class TrainJob:
     device: str = "auto"
     resume: bool = False
     tensorboard: bool = False
+    streams_off: tuple[str, ...] = ()  # DEMIST's stream switches turned off (`--no-<switch>`)
 
 
 @dataclass(frozen=True)
 class Method:
     """One method: see the module docstring. `iterative` methods train in steps (so they take --max-steps, --device
-    and --resume); the others are fitted in closed form. `load_options` are the synthesis options it understands."""
+    and --resume); the others are fitted in closed form. `load_options` are the synthesis options it understands.
+    `stream_flags`: its command takes one --no-<switch> flag per stream; `ablation_of`: the method whose command
+    trains it (with that flag), so it has no command of its own. `report`: the line its command prints about what
+    training returned (default: the run directory)."""
 
     name: str
     summary: str
@@ -50,6 +54,9 @@ class Method:
     stage: str  # the `stage` of the run directories it writes
     iterative: bool = True
     load_options: tuple[str, ...] = ("device",)
+    stream_flags: bool = False
+    ablation_of: str | None = None
+    report: Callable[[Any], str] | None = None
 
 
 def _demist_trainer(off: str | None) -> Callable[[TrainJob], object]:
@@ -58,9 +65,16 @@ def _demist_trainer(off: str | None) -> Callable[[TrainJob], object]:
 
         return train_demist(job.manifest, job.stage1, job.backbone, job.config, job.out, max_steps=job.max_steps,
                             device=job.device, resume=job.resume, subjects=job.subjects, tensorboard=job.tensorboard,
-                            streams_off=(off,) if off else ())
+                            streams_off=tuple(dict.fromkeys((*job.streams_off, *([off] if off else [])))))
 
     return train
+
+
+def _report_demist(run) -> str:
+    m, trainable = run.metrics, run.training["parameters"]["total"]["trainable"]
+    return (f"{run.method}: {run.path} ({trainable:,} trained parameters; denoising MSE on evaluation patches "
+            f"{m['eval_denoising_mse_backbone']['mean']:.4g} for the backbone alone -> "
+            f"{m['eval_denoising_mse_after']['mean']:.4g} with the streams)")
 
 
 def _train_ftldm(job: TrainJob) -> object:
@@ -68,6 +82,12 @@ def _train_ftldm(job: TrainJob) -> object:
 
     return train_ftldm(job.manifest, job.stage1, job.backbone, job.config, job.out, max_steps=job.max_steps,
                        device=job.device, resume=job.resume, subjects=job.subjects, tensorboard=job.tensorboard)
+
+
+def _report_ftldm(run) -> str:
+    m = run.metrics
+    return (f"ftldm: {run.path} (denoising MSE on evaluation patches {m['eval_denoising_mse_backbone']['mean']:.4g}"
+            f" for the backbone -> {m['eval_denoising_mse_after']['mean']:.4g} fine-tuned)")
 
 
 def _load_latent_diffusion(run, **options: Any) -> Any:
@@ -121,7 +141,8 @@ def _translation(module: Callable[[], ModuleType], trainer: str, synthesizer: st
     """A baseline trained in steps by the training loop (`baselines.translation`)."""
     def train(job: TrainJob) -> object:
         return getattr(module(), trainer)(job.manifest, job.config, job.out, max_steps=job.max_steps,
-                                          device=job.device, resume=job.resume, subjects=job.subjects)
+                                          device=job.device, resume=job.resume, subjects=job.subjects,
+                                          tensorboard=job.tensorboard)
 
     def load(run, **options: Any) -> Any:
         return getattr(module(), synthesizer).from_run(run, **options)
@@ -135,13 +156,14 @@ LATENT_OPTIONS = ("device", "sampler", "steps", "start_strength")
 def _methods() -> dict[str, Method]:
     streams = "the three streams (cross-attention, ControlNet, LoRA) around the frozen backbone"
     methods = [Method("demist", f"DEMIST: {streams}.", SHARED_RUNS, _demist_trainer(None), _load_latent_diffusion,
-                      "demist", load_options=LATENT_OPTIONS)]
+                      "demist", load_options=LATENT_OPTIONS, stream_flags=True, report=_report_demist)]
     methods += [Method(f"demist-no-{switch}", f"DEMIST without its {stream} stream ({switch}; ablation).",
                        SHARED_RUNS, _demist_trainer(switch), _load_latent_diffusion, "demist",
-                       load_options=LATENT_OPTIONS)
+                       load_options=LATENT_OPTIONS, ablation_of="demist", report=_report_demist)
                 for stream, switch in STREAM_SWITCHES.items()]
     methods.append(Method("ftldm", "FT-LDM: the whole backbone fine-tuned with z_c concatenated to its input.",
-                          SHARED_RUNS, _train_ftldm, _load_latent_diffusion, "ftldm", load_options=LATENT_OPTIONS))
+                          SHARED_RUNS, _train_ftldm, _load_latent_diffusion, "ftldm", load_options=LATENT_OPTIONS,
+                          report=_report_ftldm))
     for name, summary, module, synthesizer in (
             ("ridge", "Voxelwise ridge regression on T1w, FLAIR and smoothed copies (the floor of every deep model).",
              _ridge, "RidgeSynthesizer"),
@@ -161,7 +183,7 @@ def _methods() -> dict[str, Method]:
 
 
 METHODS: dict[str, Method] = _methods()
-#: The methods whose `demist train` command is generated from this registry (the latent ones have their own).
+#: The baselines (deep and closed-form): every method that is neither DEMIST, an ablation of it, nor FT-LDM.
 BASELINES = tuple(name for name, m in METHODS.items() if m.stage == "baseline")
 
 

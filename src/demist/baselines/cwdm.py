@@ -150,7 +150,9 @@ def cwdm_stage(config: Config, network: nn.Module, sampler: PatchSampler) -> Sta
 
 
 def train_cwdm(manifest: str | Path, config: Config, out: str | Path, max_steps: int | None = None,
-               device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None) -> CWDMSynthesizer:
+               device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None,
+               tensorboard: bool = False) -> CWDMSynthesizer:
     """Train cWDM on the manifest's sessions (or those of `subjects`) into the run directory `out`."""
     return train_translation(CWDMSynthesizer, cwdm_stage, manifest, config, out, max_steps=max_steps,
-                             device=device, resume=resume, subjects=subjects)
+                             device=device, resume=resume, subjects=subjects,
+                             tensorboard=tensorboard)

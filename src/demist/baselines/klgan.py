@@ -85,8 +85,10 @@ def klgan_stage(config: Config, generator: nn.Module, sampler: PatchSampler) -> 
 
 
 def train_klgan(manifest: str | Path, config: Config, out: str | Path, max_steps: int | None = None,
-                device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None
+                device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None,
+                tensorboard: bool = False
                 ) -> KLGANSynthesizer:
     """Train KL-GAN on the manifest's sessions (or those of `subjects`) into the run directory `out`."""
     return train_translation(KLGANSynthesizer, klgan_stage, manifest, config, out, max_steps=max_steps,
-                             device=device, resume=resume, subjects=subjects)
+                             device=device, resume=resume, subjects=subjects,
+                             tensorboard=tensorboard)

@@ -150,7 +150,8 @@ def check_patch_size(config: Config, divisor: int, method: str) -> None:
 
 def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage: StageBuilder, manifest: str | Path,
                       config: Config, out: str | Path, *, max_steps: int | None = None, device: str = "auto",
-                      resume: bool = False, subjects: Sequence[str] | None = None) -> TranslationSynthesizer:
+                      resume: bool = False, subjects: Sequence[str] | None = None, tensorboard: bool = False
+                      ) -> TranslationSynthesizer:
     """Train one deep baseline on the manifest's sessions (or `subjects`') into the run directory `out`.
 
     `max_steps` overrides [baselines] steps (and is recorded in the run's config). Returns the trained synthesizer
@@ -168,7 +169,7 @@ def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage
     seed_everything(config.train.seed)
     network = synthesizer_cls.build_network(config)
     stage = build_stage(config, network, sampler)
-    result = train(stage, out, config.train, device=device, resume=resume,
+    result = train(stage, out, config.train, device=device, resume=resume, tensorboard=tensorboard,
                    weights_metadata=weights_metadata(config, stage.name))
     training = training_record(result, sessions, manifest, subjects)
     model = synthesizer_cls(config=config, network=network.eval(), training=training,

@@ -69,8 +69,10 @@ def vqvae_stage(config: Config, network: nn.Module, sampler: PatchSampler) -> St
 
 
 def train_vqvae(manifest: str | Path, config: Config, out: str | Path, max_steps: int | None = None,
-                device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None
+                device: str = "auto", resume: bool = False, subjects: Sequence[str] | None = None,
+                tensorboard: bool = False
                 ) -> VQVAESynthesizer:
     """Train the VQ-VAE on the manifest's sessions (or those of `subjects`) into the run directory `out`."""
     return train_translation(VQVAESynthesizer, vqvae_stage, manifest, config, out, max_steps=max_steps,
-                             device=device, resume=resume, subjects=subjects)
+                             device=device, resume=resume, subjects=subjects,
+                             tensorboard=tensorboard)

@@ -13,7 +13,6 @@ import sys
 import typer
 
 from demist.errors import DemistError
-from demist.methods import BASELINES
 
 app = typer.Typer(
     help="DEMIST: synthesize quantitative PSR myelin maps from T1w (MPRAGE) + FLAIR MRI.",
@@ -34,9 +33,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 def _mount_subcommands() -> None:
     """Register every command, all the same way (each module imports only typer and light modules at its top)."""
-    from demist.cli import stage2, train, workflows
-    from demist.cli.baselines import baseline_command
+    from demist.cli import train, workflows
+    from demist.cli.backbone import backbone_command
     from demist.cli.evaluate import evaluate_command
+    from demist.cli.methods import COMMANDS, train_command
     from demist.cli.preprocess import preprocess_command
     from demist.cli.synthesize import synthesize_command
 
@@ -44,8 +44,8 @@ def _mount_subcommands() -> None:
            "synthesize": synthesize_command, "evaluate": evaluate_command,
            "demo": workflows.demo, "cv": workflows.cv}
     training = {"autoencoder": train.autoencoder, "align": train.align, "stage1": train.stage1,
-                "prior": train.prior_command, "backbone": stage2.backbone_command, "demist": stage2.demist_command,
-                "ftldm": stage2.ftldm_command, **{name: baseline_command(name) for name in BASELINES}}
+                "prior": train.prior_command, "backbone": backbone_command,
+                **{name: train_command(name) for name in COMMANDS}}
     for name, command in top.items():
         app.command(name)(command)
     for name, command in training.items():

@@ -110,27 +110,22 @@ def _bids_manifest(bids: Path) -> Path:
 def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: int) -> None:
     """Each preprocessed session's PSR map beside its preprocessed T1w, under its BIDS derivative name; sessions
     already synthesized are skipped, and a failing one does not stop the rest."""
+    from demist.batch_log import BatchSummary, run_batch
     from demist.data.manifest import load_manifest
     from demist.inference.pipeline import synthesize_files
     from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
 
-    failed = 0
-    for record in load_manifest(_bids_manifest(bids)):
+    def synthesize(record) -> None:
         out = psr_map_beside(record.t1w)
-        if out.exists():
-            typer.echo(f"already done {out}")
-            continue
-        try:
-            synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples,
-                             seed=seed)
-        except DemistError as exc:
-            typer.echo(f"failed {record.key}: {exc}", err=True)
-            failed += 1
-            continue
-        sidecar = write_psr_sidecar(out, model, getattr(synthesizer, "sampler", "none"),
-                                    getattr(synthesizer, "steps", 0), samples)
-        typer.echo(f"wrote {out} and {sidecar.name}")
-    if failed:
+        synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples, seed=seed)
+        sampler, steps = getattr(synthesizer, "sampler", "none"), getattr(synthesizer, "steps", 0)  # none: baselines
+        write_psr_sidecar(out, model, sampler, steps, samples)
+
+    summary = run_batch(load_manifest(_bids_manifest(bids)), key=lambda r: r.key,
+                        done=lambda r: psr_map_beside(r.t1w).exists(), work=synthesize, summary=BatchSummary(),
+                        desc="sessions")
+    typer.echo(str(summary))
+    if summary.failed:
         raise typer.Exit(code=1)
 
 

@@ -8,19 +8,14 @@ of a single-process run.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
-from demist.batch_log import BatchSummary, write_batch_log
+from demist.batch_log import BatchSummary, run_batch, write_batch_log
 from demist.data.manifest import load_manifest
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
 from demist.inference.pipeline import synthesize_files
-
-log = logging.getLogger(__name__)
 
 OUTPUT_NAME = "psr.nii.gz"
 LOG_NAME = "synthesis_log.csv"
@@ -54,21 +49,11 @@ def synthesize_manifest(
             raise DemistError(f"manifest {manifest}: none of the requested sessions is in it")
     index, count = shard
     records = records[index::count]
-    summary = BatchSummary()
-    for record in tqdm(records, desc="sessions", unit="session", disable=not progress):
-        out = output_path(out_dir, record.subject, record.session)
-        if out.exists():
-            summary.skipped.append(record.key)
-            continue
-        try:
-            synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples,
-                             seed=seed, progress=False)
-        except DemistError as exc:
-            log.error("session %s: %s", record.key, exc)
-            summary.failed[record.key] = str(exc)
-            continue
-        summary.written.append(record.key)
-    return summary
+    return run_batch(
+        records, key=lambda r: r.key, done=lambda r: output_path(out_dir, r.subject, r.session).exists(),
+        work=lambda r: synthesize_files(synthesizer, r.t1w, r.flair, output_path(out_dir, r.subject, r.session),
+                                        mask=r.brain_mask, samples=samples, seed=seed, progress=False),
+        summary=BatchSummary(), desc="sessions", progress=progress)
 
 
 def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, out_dir: Path, samples: int = 1,

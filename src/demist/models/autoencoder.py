@@ -58,9 +58,36 @@ def autoencoder_kwargs(cfg: AutoencoderConfig, channels: int) -> dict[str, Any]:
 def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> AutoencoderKL:
     """A randomly initialised autoencoder (1 channel for PSR, 2 for T1w + FLAIR)."""
     try:
-        return AutoencoderKL(**autoencoder_kwargs(cfg, channels))
+        model = AutoencoderKL(**autoencoder_kwargs(cfg, channels))
     except ValueError as exc:  # MONAI's constructor checks (channels vs groups, list lengths)
         raise DemistError(f"config [autoencoder]: {exc}; expected a valid MONAI AutoencoderKL architecture") from None
+    if cfg.norm == "channel":
+        use_channel_norm(model)
+    return model
+
+
+class ChannelNorm(torch.nn.Module):
+    """Each voxel normalised over its channels (a LayerNorm over channels, as in ConvNeXt), with GroupNorm's
+    parameter names. No statistic spans space, so a voxel's output depends on its receptive field only, not on the
+    window or volume it is computed in. MONAI's AutoencoderKL builds GroupNorm only, hence this small module."""
+
+    def __init__(self, num_channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return normed.movedim(-1, 1)
+
+
+def use_channel_norm(model: torch.nn.Module) -> None:
+    """Replace every GroupNorm of `model` by a `ChannelNorm` of the same channels and epsilon (state-dict keys kept)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.GroupNorm):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, ChannelNorm(module.num_channels, module.eps))
 
 
 def downsampling_factor(cfg: AutoencoderConfig) -> int:

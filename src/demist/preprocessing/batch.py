@@ -4,17 +4,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from demist.batch_log import BatchSummary, write_batch_log
+from demist.batch_log import BatchSummary, run_batch, write_batch_log
 from demist.data.manifest import SessionRecord, load_manifest, write_manifest
-from demist.errors import DemistError
 from demist.preprocessing.session import SessionFiles, preprocess_session
-
-log = logging.getLogger(__name__)
 
 LOG_NAME = "preprocess_log.csv"
 MANIFEST_NAME = "manifest.csv"
@@ -51,22 +45,11 @@ def run_jobs(jobs: list[tuple[SessionRecord, SessionFiles]], out_dir: Path, devi
     """Preprocess each (session, its output files) not done yet; log to OUT/preprocess_log.csv (with the `unusable`
     sessions, key → reason, as failed) and list the sessions done in OUT/manifest.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary(verb="preprocessed", failed=dict(unusable or {}))
-    for record, files in tqdm(jobs, desc="preprocessing", unit="session", disable=not progress):
-        if files.done():
-            summary.skipped.append(record.key)
-            continue
-        try:
-            preprocess_session(record.t1w, record.flair, files, device=device, key=record.key)
-        except DemistError as exc:
-            log.error("session %s: %s", record.key, exc)
-            summary.failed[record.key] = str(exc)
-            continue
-        except Exception as exc:  # a tool's own failure on one scan (ITK, deepbet) must not stop the batch
-            log.exception("session %s failed", record.key)
-            summary.failed[record.key] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            continue
-        summary.written.append(record.key)
+    summary = run_batch(
+        jobs, key=lambda job: job[0].key, done=lambda job: job[1].done(),
+        work=lambda job: preprocess_session(job[0].t1w, job[0].flair, job[1], device=device, key=job[0].key),
+        summary=BatchSummary(verb="preprocessed", failed=dict(unusable or {})), desc="preprocessing",
+        progress=progress)
     order = [r.key for r, _ in jobs]  # the manifest's order; BIDS sessions (sorted) interleave with the unusable ones
     write_batch_log(out_dir / LOG_NAME, summary, sorted(order + list(unusable)) if unusable else order)
     done = [(r, f) for r, f in jobs if f.done()]
