@@ -139,6 +139,7 @@ def test_runs_written_by_the_previous_release_still_load() -> None:
     run = read_run(prior.backbone, "backbone")
     assert run.config.demist.ema_decay == 0.0 and run.config.demist.timestep_power == 1.0
     assert run.config.demist.controlnet_output_head is False  # what runs did before the key, not tiny's default
+    assert run.config.autoencoder.norm == "group"  # its autoencoders were trained with MONAI's GroupNorm
 
 
 def test_a_cohort_the_prior_was_trained_on_is_refused(built, tmp_path):
