@@ -10,7 +10,8 @@ import pytest
 
 from helpers import ellipsoid_session, write_session
 from demist.config import load_config
-from demist.workflows.cv import run_cv
+from demist.errors import DemistError
+from demist.workflows.cv import CVPlan, run_cv
 from demist.data.manifest import write_manifest
 from demist.methods import METHODS, Method
 
@@ -61,6 +62,27 @@ def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):
     timings = json.loads((out / "fold-2" / "timings.json").read_text())
     assert {"train ridge", "train constant", "synthesize ridge", "synthesize constant"} <= set(timings)
     assert all(minutes >= 0 for minutes in timings.values())
+
+
+def test_a_method_trains_with_its_own_config_and_an_ablation_with_its_methods(manifest, tmp_path):
+    seen: dict[str, object] = {}
+
+    def recording(name: str) -> Method:
+        original = METHODS[name]
+
+        def train(job):
+            seen[name] = job.config
+            original.train(job)
+        return dataclasses.replace(original, train=train)
+
+    own = load_config("tiny", overrides={"evaluation": {"bootstrap": 10}, "baselines": {"steps": 7}})
+    run_cv(manifest, tmp_path / "cv", [recording("ridge"), recording("constant")], CONFIG, folds=2, fold=0,
+           method_configs={"ridge": own})
+    assert seen["ridge"] is own and seen["constant"] is CONFIG
+    plan = CVPlan(manifest, tmp_path, [], CONFIG, None, "cpu", None, {"demist": own})
+    assert plan.config_of(METHODS["demist-no-lora"]) is own and plan.config_of(METHODS["ftldm"]) is CONFIG
+    with pytest.raises(DemistError, match="method configs for klgan: not among the methods"):
+        run_cv(manifest, tmp_path / "cv2", [METHODS["ridge"]], CONFIG, folds=2, method_configs={"klgan": own})
 
 
 def test_cv_table_has_the_lesion_auc_and_never_tests_against_a_reference_row(tmp_path):

@@ -252,6 +252,7 @@ def test_bids_in_bids_out_through_synthesis(raw_cohort, ridge_run, tmp_path):
     assert np.array_equal(nib.load(psr).affine, raw_t1w.affine) and nib.load(psr).shape == raw_t1w.shape
     sidecar = json.loads((anat / "sub-01_ses-01_desc-demist_PSRmap.json").read_text())
     assert sidecar["ModelRun"] == str(ridge_run.resolve()) and "DemistVersion" in sidecar
+    assert "sub-01/ses-01,written," in (derivative / "synthesis_log.csv").read_text()
 
 
 @needs_tools

@@ -128,18 +128,23 @@ def test_the_embedded_prior_verifies_against_the_tiny_preset():
     assert backbone.config.backbone.steps == load_config("tiny").backbone.steps
 
 
-def test_runs_written_by_the_previous_release_still_load() -> None:
-    """The shipped prior's run.json files were written before [demist] ema_decay and timestep_power existed: they load,
-    unchanged on disk (their sha256 is what runs built on them record), with the preset's values for the new keys."""
-    import json
-
-    prior = resolve_prior("embedded", load_config("tiny"))
-    stored = json.loads((prior.backbone / "run.json").read_text())["config"]["demist"]
-    assert "ema_decay" not in stored and "timestep_power" not in stored  # the older format
-    run = read_run(prior.backbone, "backbone")
+def test_runs_written_by_the_previous_release_still_load(tmp_path) -> None:
+    """A backbone run.json written by demist 0.1.0, before [demist] ema_decay, timestep_power and
+    controlnet_output_head and [autoencoder] norm existed (tests/data, verbatim but for its weights, which a stand-in
+    file replaces): it loads with the behaviour those runs had for the missing keys."""
+    payload = json.loads((Path(__file__).parent / "data" / "backbone_run_before_later_keys.json").read_text())
+    stored = payload["config"]
+    assert "ema_decay" not in stored["demist"] and "timestep_power" not in stored["demist"]  # the older format
+    assert "controlnet_output_head" not in stored["demist"] and "norm" not in stored["autoencoder"]
+    run_dir = tmp_path / "backbone"
+    run_dir.mkdir()
+    (run_dir / "unet.safetensors").write_bytes(b"stand-in weights")
+    payload["components"]["unet"]["sha256"] = sha256_file(run_dir / "unet.safetensors")
+    (run_dir / "run.json").write_text(json.dumps(payload))
+    run = read_run(run_dir, "backbone")
     assert run.config.demist.ema_decay == 0.0 and run.config.demist.timestep_power == 1.0
     assert run.config.demist.controlnet_output_head is False  # what runs did before the key, not tiny's default
-    assert run.config.autoencoder.norm == "group"  # its autoencoders were trained with MONAI's GroupNorm
+    assert run.config.autoencoder.norm == "group"  # MONAI's GroupNorm, the only norm before the key
 
 
 def test_a_cohort_the_prior_was_trained_on_is_refused(built, tmp_path):

@@ -109,9 +109,11 @@ def _bids_manifest(bids: Path) -> Path:
 
 def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: int) -> None:
     """Each preprocessed session's PSR map beside its preprocessed T1w, under its BIDS derivative name; sessions
-    already synthesized are skipped, and a failing one does not stop the rest."""
-    from demist.batch_log import BatchSummary, run_batch
+    already synthesized are skipped, a failing one does not stop the rest, and the derivative's synthesis_log.csv
+    records each (as batch synthesis does)."""
+    from demist.batch_log import BatchSummary, run_batch, write_batch_log
     from demist.data.manifest import load_manifest
+    from demist.inference.batch import LOG_NAME
     from demist.inference.pipeline import synthesize_files
     from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
 
@@ -121,9 +123,11 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
         sampler, steps = getattr(synthesizer, "sampler", "none"), getattr(synthesizer, "steps", 0)  # none: baselines
         write_psr_sidecar(out, model, sampler, steps, samples)
 
-    summary = run_batch(load_manifest(_bids_manifest(bids)), key=lambda r: r.key,
-                        done=lambda r: psr_map_beside(r.t1w).exists(), work=synthesize, summary=BatchSummary(),
-                        desc="sessions")
+    manifest = _bids_manifest(bids)
+    records = load_manifest(manifest)
+    summary = run_batch(records, key=lambda r: r.key, done=lambda r: psr_map_beside(r.t1w).exists(), work=synthesize,
+                        summary=BatchSummary(), desc="sessions")
+    write_batch_log(manifest.parent / LOG_NAME, summary, [r.key for r in records])
     typer.echo(str(summary))
     if summary.failed:
         raise typer.Exit(code=1)

@@ -95,7 +95,8 @@ class DemistSynthesizer:
 
     @property
     def _image_tile(self) -> tuple[int, int, int]:
-        """The autoencoders run in windows of their training patch size: GroupNorm statistics depend on it."""
+        """The autoencoders run in windows of their training patch size: GroupNorm's statistics depend on it (with the
+        channel norm the result does not, and the window only bounds memory)."""
         return tuple(self.config.autoencoder.patch_size)
 
     @property

@@ -20,9 +20,9 @@ import json
 import logging
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from demist.config import Config
 from demist.errors import DemistError
@@ -42,17 +42,24 @@ class CVPlan:
     max_steps: int | None
     device: str
     prior: object  # a demist.prior.Prior, or None: each fold trains Stage 1 and the backbone
+    method_configs: Mapping[str, Config] = field(default_factory=dict)
+
+    def config_of(self, method: Method) -> Config:
+        """The config `method` trains with: its own (an ablation takes its method's), else the shared one."""
+        return self.method_configs.get(method.ablation_of or method.name, self.config)
 
 
 def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
            max_steps: int | None = None, device: str = "auto", prior: str = "none",
-           fold: int | None = None) -> Path:
+           fold: int | None = None, method_configs: Mapping[str, Config] | None = None) -> Path:
     """Cross-validate `methods`; returns the path of the Table-1-like markdown table.
 
     With a `prior` ("embedded" or a prior directory), each fold's Stage 1 is the alignment on the prior's
     autoencoders and the backbone is the prior's (see demist.prior). With `fold`, only that fold runs (an independent
     job, e.g. one task of a Slurm array) and its evaluation summary's path is returned; `collect_cv` then merges the
-    finished folds into the table."""
+    finished folds into the table. `method_configs` gives a method (and its ablations) a config of its own for its
+    training, e.g. its step count, so that every method gets the same CPU budget; Stage 1 and the backbone use
+    `config`."""
     from demist.data.manifest import load_manifest, subjects_of
     from demist.evaluation.crossval import load_or_create_splits
     from demist.prior import check_cohort_apart, resolve_prior
@@ -69,7 +76,10 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
     if fold is not None and not 0 <= fold < len(splits):
         raise DemistError(f"--fold {fold}: expected a fold from 0 to {len(splits) - 1} of the {len(splits)} folds")
-    plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen)
+    unknown = sorted(set(method_configs or {}) - {name for m in methods for name in (m.name, m.ablation_of)})
+    if unknown:
+        raise DemistError(f"method configs for {', '.join(unknown)}: not among the methods cross-validated")
+    plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen, dict(method_configs or {}))
     for k in range(len(splits)) if fold is None else (fold,):
         run_fold(plan, k, splits[k], records)
     if fold is not None:
@@ -113,7 +123,7 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
         if not (run / "run.json").exists():
             log.info("fold %d: training %s", k, method.name)
             with timed(fold, f"train {method.name}"):
-                method.train(TrainJob(manifest, config, run, stage1=stage1, backbone=backbone,
+                method.train(TrainJob(manifest, plan.config_of(method), run, stage1=stage1, backbone=backbone,
                                       subjects=train_subjects, max_steps=max_steps, device=device, resume=True))
         predictions[method.name] = fold / "predictions" / method.name
         pending = [r for r in select_subjects(records, test_subjects)
