@@ -246,6 +246,22 @@ def check_start_strength(value: float, name: str) -> None:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """`demist train distill`: a student that takes `student_steps` DDIM steps where its teacher run takes the
+    [sampling] sampler and steps it was trained with."""
+
+    student_steps: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+
+    def __post_init__(self) -> None:
+        for key in ("student_steps", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise DemistError(f"config key distill.{key}: got {getattr(self, key)}; expected an integer >= 1")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """The lesion-contrast protocol."""
 
@@ -292,6 +308,7 @@ class Config:
     backbone: BackboneConfig
     demist: DemistConfig
     sampling: SamplingConfig
+    distill: DistillConfig
     evaluation: EvaluationConfig
     baselines: BaselineConfig
 
@@ -436,8 +453,11 @@ def config_from_dict(table: Mapping[str, Any]) -> Config:
     """
     base = str(table.get("preset", "")).split("+")[0]
     if base in PRESETS:
+        preset = _preset_table(base)
+        # a section no earlier run used is filled silently: a run from before it has nothing to reproduce there
+        table = {**{k: preset[k] for k in ADDED_SECTIONS if k not in table}, **table}
         filled: list[str] = []
-        table = _fill_missing(table, _merge(_preset_table(base), _nested(ADDED_KEYS)), filled)
+        table = _fill_missing(table, _merge(preset, _nested(ADDED_KEYS)), filled)
         if filled and tuple(filled) not in _WARNED:
             _WARNED.add(tuple(filled))
             logger.warning("stored config: %s missing (written by an older demist); what runs did before these keys "
@@ -457,6 +477,10 @@ ADDED_KEYS: dict[str, Any] = {
     "demist.ema_decay": 0.0,
     "demist.controlnet_output_head": False,
 }
+
+
+#: Sections added after runs had been written, that configure only commands those runs never ran.
+ADDED_SECTIONS: tuple[str, ...] = ("distill",)
 
 
 def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def _mount_subcommands() -> None:
     """Register every command, all the same way (each module imports only typer and light modules at its top)."""
     from demist.cli import train, workflows
     from demist.cli.backbone import backbone_command
+    from demist.cli.distill import distill_command
     from demist.cli.evaluate import evaluate_command
     from demist.cli.methods import COMMANDS, train_command
     from demist.cli.preprocess import preprocess_command
@@ -44,13 +45,13 @@ def _mount_subcommands() -> None:
            "synthesize": synthesize_command, "evaluate": evaluate_command,
            "demo": workflows.demo, "cv": workflows.cv}
     training = {"autoencoder": train.autoencoder, "align": train.align, "stage1": train.stage1,
-                "prior": train.prior_command, "backbone": backbone_command,
+                "prior": train.prior_command, "backbone": backbone_command, "distill": distill_command,
                 **{name: train_command(name) for name in COMMANDS}}
     for name, command in top.items():
         app.command(name)(command)
     for name, command in training.items():
         train.train_app.command(name)(command)
-    app.add_typer(train.train_app, name="train", help="Train Stage 1, the backbone, DEMIST or a baseline.")
+    app.add_typer(train.train_app, name="train", help="Train Stage 1, the backbone, DEMIST, its distilled student or a baseline.")
 
 
 def main() -> None:

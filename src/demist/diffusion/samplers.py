@@ -1,9 +1,10 @@
 """Samplers as pure functions with one signature:
-`sample_<name>(model, x_T, schedule, steps, generator, progress, start)`.
+`sample_<name>(model, x_T, schedule, steps, generator, progress, start, record)`.
 
 `model(x_t, t)` returns the schedule's prediction type (ε, v or x0) for a batch x_t and a LongTensor t of shape (B,);
 the caller closes over any conditioning. `x_T` is the latent at timestep `start` (default T−1: pure noise). Each call
-builds its own scheduler state, so samplers share nothing.
+builds its own scheduler state, so samplers share nothing. `record(t, x_t)`, when given, sees the latent at every
+timestep before the model is called there (distillation reads the teacher's trajectory through it).
 Model outputs are cast to float32 before every update; the result is float32.
 """
 
@@ -21,6 +22,7 @@ from demist.errors import DemistError
 logger = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Recorder = Callable[[int, torch.Tensor], None]
 
 
 def timesteps_for(name: str, schedule: NoiseSchedule, steps: int, start: int | None = None) -> list[int]:
@@ -57,6 +59,11 @@ def _call_model(model: Model, x_t: torch.Tensor, t: int) -> torch.Tensor:
     return output.float()
 
 
+def _record(record: Recorder | None, t: int, x: torch.Tensor) -> None:
+    if record is not None:
+        record(t, x)
+
+
 def _progress(timesteps: list[int], name: str, progress: bool) -> tqdm:
     return tqdm(timesteps, desc=f"sampling ({name}, {len(timesteps)} steps)", disable=not progress, leave=False)
 
@@ -70,6 +77,7 @@ def sample_ddpm(
     generator: torch.Generator | None = None,
     progress: bool = False,
     start: int | None = None,
+    record: Recorder | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling over all T training timesteps (`steps` must equal T); MONAI's DDPM step.
 
@@ -79,6 +87,7 @@ def sample_ddpm(
     scheduler = schedule.to_monai()  # fresh state; clip_sample=False
     x = x_T.float()
     for t in _progress(timesteps, "ddpm", progress):
+        _record(record, t, x)
         x, _ = scheduler.step(_call_model(model, x, t), t, x, generator=generator)
     return x
 
@@ -92,6 +101,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     progress: bool = False,
     start: int | None = None,
+    record: Recorder | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0) over `timesteps_for("ddim", ...)`, ending at x0. `generator` is unused.
 
@@ -103,6 +113,7 @@ def sample_ddim(
     timesteps = timesteps_for("ddim", schedule, steps, start)
     x = x_T.float()
     for i, t in enumerate(_progress(timesteps, "ddim", progress)):
+        _record(record, t, x)
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x0_hat, eps_hat = schedule.predict_x0_eps(_call_model(model, x, t), x, t_batch)
         if i + 1 < len(timesteps):
@@ -121,6 +132,7 @@ def sample_dpmpp_2m(
     generator: torch.Generator | None = None,
     progress: bool = False,
     start: int | None = None,
+    record: Recorder | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M): second-order multistep solver of the probability-flow ODE in data-prediction form.
 
@@ -145,6 +157,7 @@ def sample_dpmpp_2m(
     scheduler.set_begin_index(0)
     x = x_T.float()
     for t in _progress(timesteps, "dpm++", progress):
+        _record(record, t, x)
         x = scheduler.step(_call_model(model, x, t), t, x, return_dict=False)[0]
     return x
 
