@@ -184,7 +184,8 @@ def _agreement(net: DemistNet, teacher_net: DemistNet, z_c: torch.Tensor, schedu
         return float("nan")
     was_training = net.training
     net.eval()
+    device = next(net.parameters()).device  # after training, wherever the loop put it (a GPU)
     try:
-        return sample_agreement(net, teacher_net.to(z_c.device), z_c, schedule, cfg)
+        return sample_agreement(net, teacher_net.to(device), z_c.to(device), schedule, cfg)
     finally:
         net.train(was_training)
