@@ -77,6 +77,15 @@ def test_a_stored_demist_run_from_before_the_output_head_keeps_its_architecture(
     assert config_from_dict(stored).demist.controlnet_output_head is False
 
 
+def test_a_key_filled_with_what_old_runs_did_is_a_note_not_a_warning(caplog) -> None:
+    stored = config_to_dict(load_config("tiny"))
+    del stored["demist"]["ema_decay"]  # in ADDED_KEYS: the value reproduces the old run exactly
+    with caplog.at_level("INFO", logger="demist.config"):
+        config_from_dict(stored)
+    [record] = [r for r in caplog.records if "demist.ema_decay missing" in r.getMessage()]
+    assert record.levelname == "INFO"
+
+
 @pytest.mark.parametrize("section", ["train", "stage1"])
 def test_an_unknown_mixed_precision_names_its_key(section) -> None:
     with pytest.raises(DemistError, match=f"{section}.mixed_precision: got 'fp8'"):

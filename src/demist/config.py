@@ -460,8 +460,11 @@ def config_from_dict(table: Mapping[str, Any]) -> Config:
         table = _fill_missing(table, _merge(preset, _nested(ADDED_KEYS)), filled)
         if filled and tuple(filled) not in _WARNED:
             _WARNED.add(tuple(filled))
-            logger.warning("stored config: %s missing (written by an older demist); what runs did before these keys "
-                           "existed (or else the %s preset's values) is used", ", ".join(filled), base)
+            # ADDED_KEYS reproduce exactly what such a run did: worth a note, not a warning; a preset value is a guess
+            guessed = [key for key in filled if key not in ADDED_KEYS]
+            logger.log(logging.WARNING if guessed else logging.INFO,
+                       "stored config: %s missing (written by an older demist); what runs did before these keys "
+                       "existed (or else the %s preset's values) is used", ", ".join(filled), base)
     return _build(Config, table)
 
 
