@@ -113,3 +113,22 @@ def random_stage1_run(folder: Path, init_bundle: str | None = None, seed: int = 
     return write_run(folder / "stage1", method="demist", stage="stage1", config=LATENT_CFG,
                      components={"psr_autoencoder": psr.state_dict(), "cond_autoencoder": cond.state_dict()},
                      parents={"psr_ae": psr_run}, latent_scale_factor=2.0)
+
+
+class Interrupted(Exception):
+    """A training run killed in the middle (raised by `interrupt_latent_batches`)."""
+
+
+def interrupt_latent_batches(monkeypatch, at_step: int) -> None:
+    """Make every latent-diffusion stage fail when it asks for the batch of `at_step` (after the checkpoints before
+    it); `monkeypatch.undo()` lets the resumed run go on."""
+    from demist.training.latent_patches import LatentPatchSampler
+
+    original = LatentPatchSampler.batch
+
+    def failing(self, step, shard=0):
+        if step == at_step:
+            raise Interrupted
+        return original(self, step, shard)
+
+    monkeypatch.setattr(LatentPatchSampler, "batch", failing)

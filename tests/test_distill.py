@@ -8,7 +8,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from helpers import LATENT_OVERRIDES
+from helpers import LATENT_OVERRIDES, Interrupted, interrupt_latent_batches
 from demist.cli.distill import distill_command
 from demist.config import load_config
 from demist.diffusion.samplers import sample_dpmpp_2m
@@ -92,28 +92,16 @@ def test_distill_through_the_command_line_and_refusals(latent_cohort, teacher, t
     assert not (tmp_path / "x").exists()
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_an_interrupted_distillation_resumes_to_the_same_student(latent_cohort, teacher, tmp_path, monkeypatch):
-    from demist.training import latent_stage
     from demist.training.checkpoint import latest_checkpoint
 
     cfg_steps = {"max_steps": 3, "device": "cpu"}
     whole = train_distill(teacher.path, tmp_path / "whole", **cfg_steps)
-    original = latent_stage.LatentPatchSampler.batch
-
-    def failing(self, step, shard=0):
-        if step == 2:
-            raise Interrupted
-        return original(self, step, shard)
-
-    monkeypatch.setattr(latent_stage.LatentPatchSampler, "batch", failing)
+    interrupt_latent_batches(monkeypatch, at_step=2)
     with pytest.raises(Interrupted):
         train_distill(teacher.path, tmp_path / "resumed", **cfg_steps)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
-    monkeypatch.setattr(latent_stage.LatentPatchSampler, "batch", original)
+    monkeypatch.undo()
     resumed = train_distill(teacher.path, tmp_path / "resumed", resume=True, **cfg_steps)
     a, b = whole.weights("streams"), resumed.weights("streams")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

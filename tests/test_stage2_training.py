@@ -11,7 +11,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from helpers import LATENT_CFG, ellipsoid_session, latent_toml_config, random_stage1_run
+from helpers import (LATENT_CFG, Interrupted, ellipsoid_session, interrupt_latent_batches, latent_toml_config,
+                     random_stage1_run)
 from demist.cli.backbone import backbone_command
 from demist.cli.methods import train_command
 from demist.errors import DemistError
@@ -209,24 +210,13 @@ def test_bundle_backbone_trains_with_epsilon_and_records_the_file(latent_cohort,
         train_demist(latent_cohort["manifest"], stage1.path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "y", device="cpu")
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_interrupted_training_resumes_to_the_same_weights(latent_cohort, demist_run, tmp_path, monkeypatch):
     args = (latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "resumed")
-    original = stage2.LatentPatchSampler.batch
-
-    def failing(self, step, shard=0):
-        if step == 2:
-            raise Interrupted
-        return original(self, step, shard)
-
-    monkeypatch.setattr(stage2.LatentPatchSampler, "batch", failing)
+    interrupt_latent_batches(monkeypatch, at_step=2)
     with pytest.raises(Interrupted):
         train_demist(*args, device="cpu")
     assert latest_checkpoint(tmp_path / "resumed").name == "step-00000002"
-    monkeypatch.setattr(stage2.LatentPatchSampler, "batch", original)
+    monkeypatch.undo()
     with pytest.raises(DemistError, match="pass --resume"):
         train_demist(*args, device="cpu")
     resumed = train_demist(*args, device="cpu", resume=True)

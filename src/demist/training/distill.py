@@ -29,8 +29,8 @@ from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.demist_net import DemistNet
 from demist.models.from_runs import DEMIST_STAGE, build_inference_networks, unchanged_parent
-from demist.runs import RunInfo, read_run, write_run
-from demist.training.latent_stage import prepare_latent_stage
+from demist.runs import RunInfo, read_run
+from demist.training.latent_stage import prepare_latent_stage, write_latent_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.run_output import barrier, training_record, weights_metadata
 from demist.training.stage2 import stage2_parameter_groups
@@ -78,7 +78,8 @@ def distillation_loss(student_prediction: torch.Tensor, x_t: torch.Tensor, t: to
 
 
 def student_config(teacher: RunInfo, student_steps: int | None, max_steps: int | None) -> Config:
-    """The teacher's config with the student's sampling (DDIM, N steps) and the distillation overrides."""
+    """The teacher's config with the distillation overrides (the student's [sampling] is set when its run is
+    written)."""
     cfg = teacher.config
     if cfg.sampling.start_strength != 1.0:
         raise DemistError(f"--teacher {teacher.path}: samples from a noised z_c (sampling.start_strength "
@@ -121,7 +122,7 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
                                 image_keys=image_keys)
     schedule = data.schedule
     student_t, _ = student_timesteps(cfg, schedule)
-    nexts = {t: (student_t[i + 1] if i + 1 < len(student_t) else -1) for i, t in enumerate(student_t)}
+    landing_t = student_t[1:] + [-1]  # where each student step lands (−1: x0)
 
     teacher_net = build_inference_networks(run).net  # frozen, its own copy of the backbone
     seed_everything(cfg.train.seed)
@@ -136,11 +137,12 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
         x_T = torch.randn_like(z_c)
         with torch.no_grad():
             path = teacher_trajectory(lambda x, t: teacher_net(x, t, z_c, hint), x_T, schedule, cfg, student_t)
+        points = torch.stack([path[s] for s in student_t + [-1]])  # (N + 1, B, …): t_0 … t_{N−1}, then x0
         pick = torch.randint(0, len(student_t), (z_c.shape[0],), device=z_c.device)
+        rows = torch.arange(z_c.shape[0], device=z_c.device)
+        x_t, target = points[pick, rows], points[pick + 1, rows]
         t = torch.tensor(student_t, device=z_c.device)[pick]
-        t_next = torch.tensor([nexts[s] for s in student_t], device=z_c.device)[pick]
-        x_t = torch.stack([path[student_t[k]][b] for b, k in enumerate(pick.tolist())])
-        target = torch.stack([path[nexts[student_t[k]]][b] for b, k in enumerate(pick.tolist())])
+        t_next = torch.tensor(landing_t, device=z_c.device)[pick]
         prediction = m["streams"](x_t, t, z_c, batch.get("cond"))
         term = distillation_loss(prediction, x_t, t, t_next, target, schedule)
         return {"loss": term, "trajectory": term}
@@ -167,13 +169,11 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
         training = training_record(result, data.sessions, manifest, run.training.get("subjects"),
                                    teacher_sampler=f"{cfg.sampling.sampler}-{cfg.sampling.steps}",
                                    student_timesteps=student_t)
-        written = write_run(out, method=run.method, stage=DEMIST_STAGE, config=student,
-                            components={"streams": net.trainable_state_dict()},
-                            parents={"stage1": read_run(stage1_run), "backbone": read_run(backbone_run),
-                                     "teacher": run},
-                            latent_scale_factor=run.latent_scale_factor, prediction_type=run.prediction_type,
-                            training=training, metrics={"sample_mse_to_teacher_before": before,
-                                                        "sample_mse_to_teacher_after": after})
+        written = write_latent_run(out, data, method=run.method, stage=DEMIST_STAGE,
+                                   components={"streams": net.trainable_state_dict()}, training=training,
+                                   metrics={"sample_mse_to_teacher_before": before,
+                                            "sample_mse_to_teacher_after": after},
+                                   config=student, parents={"teacher": run})
     barrier()
     return written
 

@@ -62,11 +62,14 @@ def prepare_latent_stage(manifest: str | Path, stage1_run: str | Path, config: C
 
 def write_latent_run(out: Path, data: LatentStageData, *, method: str, stage: str,
                      components: dict[str, dict[str, Any]], training: dict[str, Any],
-                     metrics: dict[str, Any]) -> RunInfo:
-    """The finished run: its parents are the Stage-1 run and, when it came from a run, the frozen backbone."""
+                     metrics: dict[str, Any], config: Config | None = None,
+                     parents: dict[str, RunInfo] | None = None) -> RunInfo:
+    """The finished run: its parents are the Stage-1 run, the frozen backbone when it came from a run, and `parents`
+    (a distilled student's teacher); its config is `config` when given, else the stage's."""
     frozen_run = data.frozen.run if data.frozen is not None else None
-    return write_run(out, method=method, stage=stage, config=data.config, components=components,
-                     parents={"stage1": data.stage1.run, **({"backbone": frozen_run} if frozen_run else {})},
+    return write_run(out, method=method, stage=stage, config=config or data.config, components=components,
+                     parents={"stage1": data.stage1.run, **({"backbone": frozen_run} if frozen_run else {}),
+                              **(parents or {})},
                      latent_scale_factor=data.stage1.scale_factor, prediction_type=data.schedule.prediction_type,
                      training=training, metrics=metrics)
 
