@@ -43,7 +43,8 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-GIB = 2**30
+from demist.inference.memory import GIB, call_bytes
+
 FULL_1MM = (160, 192, 160)  # a whole brain on the 1 mm model grid
 QUICK_2MM = (80, 96, 80)  # the same brain on the tiny preset's 2 mm grid
 PROJECTED_STEPS = (10, 25, 50)
@@ -52,9 +53,6 @@ QUALITY_STEPS = (5, 10, 20, 50)
 PARTS = ("encode", "step", "decode")
 UNTILED = 100_000  # a tile edge larger than any volume: `tiling.tiled` then calls the network once
 STEP_TIMESTEPS = (999, 500, 250)  # the warm-up and the two timed steps
-# Live feature maps of the widest level during a call (fp32), calibrated on the CPU measurements in the design notes
-# (paper autoencoder encode+decode of 96³: 2.1 GiB; paper UNet step without SDPA at 48×56×48: 9.6 GiB).
-AE_LIVE_MAPS, UNET_LIVE_MAPS, ATTENTION_COPIES = 7, 6, 2
 
 
 @dataclass(frozen=True)
@@ -110,6 +108,7 @@ def build_synthesizer(arch: str, ours: bool):
     from demist.config import load_config
     from demist.diffusion.schedule import NoiseSchedule
     from demist.inference.demist_synthesizer import DemistSynthesizer
+    from demist.inference.memory import DEFAULT_MAX_MEMORY_GIB
     from demist.models.autoencoder import build_autoencoder
     from demist.models.backbone import build_unet
     from demist.models.demist_net import DemistNet
@@ -128,21 +127,8 @@ def build_synthesizer(arch: str, ours: bool):
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     return DemistSynthesizer(method="demist", config=cfg, net=net, psr_autoencoder=psr_ae, cond_autoencoder=cond_ae,
                              schedule=schedule, latent_scale_factor=1.0, sampler="ddim", steps=NAIVE_STEPS,
-                             device=torch.device("cpu"), use_bf16=ours)
-
-
-def estimate_call_bytes(cfg, part: str, spatial: tuple[int, ...], plain_attention: bool) -> float:
-    """A rough fp32 upper estimate of the memory one call needs on top of the resident networks."""
-    factor = 2 ** (len(cfg.autoencoder.channels) - 1)
-    if part != "step":
-        image_voxels = math.prod(spatial) * (factor**3 if part == "decode" else 1)
-        return AE_LIVE_MAPS * cfg.autoencoder.channels[0] * image_voxels * 4
-    unet = cfg.unet
-    voxels = [math.prod(spatial) / 8**level for level in range(len(unet.channels))]
-    skips = 2 * sum((unet.num_res_blocks + 1) * c * v for c, v in zip(unet.channels, voxels))  # UNet + ControlNet
-    attention = max((ATTENTION_COPIES * (c // h) * v**2 for c, h, v, on in
-                     zip(unet.channels, unet.num_head_channels, voxels, unet.attention_levels) if on), default=0.0)
-    return 4 * (skips + UNET_LIVE_MAPS * unet.channels[0] * voxels[0] + (attention if plain_attention else 0.0))
+                             device=torch.device("cpu"), use_bf16=ours,
+                             max_memory_gib=DEFAULT_MAX_MEMORY_GIB if ours else math.inf)
 
 
 def resident_gib() -> float:
@@ -151,14 +137,16 @@ def resident_gib() -> float:
 
 
 def part_call(synth, part: str, spatial: tuple[int, ...], generator: torch.Generator) -> Callable[[int], object]:
-    """One call of `part` through the synthesizer's own (tiled) code on a random input; its argument is t."""
+    """One call of `part` on a random input, through the synthesizer's own (tiled) code, or for the naive path (fp32)
+    through the autoencoder itself on the whole input; its argument is t."""
     channels = synth.config.autoencoder.latent_channels
+    naive = not synth.use_bf16
     if part == "encode":
         image = torch.rand((1, 2, *spatial), generator=generator)
-        return lambda t: synth.encode_condition(image)
+        return (lambda t: synth.cond_autoencoder.encode(image)) if naive else (lambda t: synth.encode_condition(image))
     latent = torch.randn((1, channels, *spatial), generator=generator)
     if part == "decode":
-        return lambda t: synth.decode(latent)
+        return (lambda t: synth.psr_autoencoder.decode(latent)) if naive else (lambda t: synth.decode(latent))
     factor = 2 ** (len(synth.config.autoencoder.channels) - 1)
     image = torch.rand((1, 2, *(factor * s for s in spatial)), generator=generator)
     model = synth.denoiser(torch.randn((1, channels, *spatial), generator=generator), synth.image_hint(image))
@@ -174,21 +162,22 @@ def timed(call: Callable[[], object]) -> tuple[float, float]:
 
 def measure(job: Job) -> Measurement:
     """Build the networks, then time one part of inference (runs in a fresh process)."""
-    from demist.config import load_config
+    from demist.inference.demist_synthesizer import AUTOENCODER_OVERLAP
 
     ours = job.path == "demist"
     synth = build_synthesizer(job.arch, ours)
     cfg = synth.config
     factor = 2 ** (len(cfg.autoencoder.channels) - 1)
-    latent_tile = tuple(load_config(job.arch).sampling.tile_size)  # the naive path's config says "untiled"
-    if job.part == "encode":  # the condition encoder works on image tiles (the latent tile × factor)
-        full, tile = job.volume, tuple(t * factor for t in latent_tile)
+    full = job.volume if job.part == "encode" else tuple(s // factor for s in job.volume)
+    # the tiles the synthesizer itself chooses (memory.unet_tile, memory.autoencoder_window) and their overlap
+    if job.part == "step":
+        tile, overlap = synth._latent_tile(full), cfg.sampling.tile_overlap
     else:
-        full, tile = tuple(s // factor for s in job.volume), latent_tile
+        tile, overlap = synth._window(job.part, full), AUTOENCODER_OVERLAP
     spatial = tuple(min(t, s) for t, s in zip(tile, full)) if ours else full
     result = Measurement(job, input_shape=(2 if job.part == "encode" else cfg.autoencoder.latent_channels, *spatial),
-                         calls=count_tiles(full, tile, cfg.sampling.tile_overlap) if ours else 1)
-    result.estimate_gib = resident_gib() + estimate_call_bytes(cfg, job.part, spatial, not ours) / GIB
+                         calls=count_tiles(full, tile, overlap) if ours else 1)
+    result.estimate_gib = resident_gib() + call_bytes(cfg, job.part, spatial, plain_attention=not ours) / GIB
     if result.estimate_gib > job.max_gib:
         result.skipped = f"estimated {result.estimate_gib:.1f} GiB > --max-gib {job.max_gib:g}"
         return result
@@ -397,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="a trained tiny DEMIST run: also quality against steps")
     parser.add_argument("--session", default=None, help="manifest session for --model (default: a held-out one)")
     parser.add_argument("--quality-crop", type=int, default=None,
-                        help="image voxels per axis of the crop the steps curve uses (default one sampling tile; 0 = whole)")
+                        help="image voxels per axis of the crop the steps curve uses "
+                        "(default one sampling tile; 0 = whole)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-timing", action="store_true", help="skip the timing part (only --model's quality)")
     args = parser.parse_args(argv)

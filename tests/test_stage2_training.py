@@ -292,3 +292,17 @@ def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_unifo
     # P(t < T/2) = (1/2)^(1/p): 0.25 for p = 0.5, against 0.5 for uniform timesteps
     assert abs(float((biased < total // 2).float().mean()) - 0.25) < 0.02
     assert abs(float((uniform < total // 2).float().mean()) - 0.5) < 0.02
+
+
+def test_precision_and_memory_budget_reach_the_synthesizer_and_bad_values_are_refused(demist_run):
+    from demist.methods import load_synthesizer
+
+    reference = load_synthesizer(demist_run[0].path, device="cpu", precision="fp32", max_memory=2.5)
+    assert (reference.use_bf16, reference.max_memory_gib) == (False, 2.5)
+    assert load_synthesizer(demist_run[0].path, device="cpu").use_bf16
+    with pytest.raises(DemistError, match="--precision fp16: expected one of auto, fp32"):
+        load_synthesizer(demist_run[0].path, device="cpu", precision="fp16")
+    with pytest.raises(DemistError, match="--max-memory -1"):
+        load_synthesizer(demist_run[0].path, device="cpu", max_memory=-1.0)
+    with pytest.raises(DemistError, match="--max-memory 0.01: one .* sampling step"):
+        load_synthesizer(demist_run[0].path, device="cpu", max_memory=0.01).denoiser(torch.zeros(1, 8, 8, 8, 8))

@@ -32,6 +32,12 @@ def synthesize_command(
     start_strength: Optional[float] = typer.Option(
         None, "--start-strength", help="DEMIST/FT-LDM: 1 starts sampling from pure noise (the paper); s < 1 from the "
         "aligned condition latent noised to s·T (SDEdit). Default: the model's config (1)."),
+    max_memory: Optional[float] = typer.Option(
+        None, "--max-memory", help="DEMIST/FT-LDM: GiB one synthesis may use (default 4). Bounds the autoencoder "
+        "windows where the model allows it (channel norm: in one piece when it fits); the UNet always runs at its "
+        "training tile, and a budget below what that needs is refused."),
+    precision: str = typer.Option("auto", "--precision", help="DEMIST/FT-LDM: auto (bf16 where the hardware has it) "
+                                  "or fp32 (the reference path, for checks)."),
     samples: int = typer.Option(1, "--samples", help="Samples to average; >1 also writes <name>_std.nii.gz."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same map."),
     device: str = DEVICE,
@@ -69,7 +75,8 @@ def synthesize_command(
         require_all()  # before the model is loaded: say which extra is missing
     if bids is not None:
         _bids_manifest(bids)  # before the model is loaded: fail fast
-    synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength)
+    synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength,
+                                   max_memory=max_memory, precision=precision)
     if bids is not None:
         _synthesize_bids(synthesizer, model, bids, samples, seed)
         return

@@ -1,8 +1,10 @@
 """DEMIST inference: encode the condition, sample the PSR latent with the conditioned frozen backbone, decode.
 
-Fast on a CPU and bounded in memory: SDPA attention, bf16 autocast where the processor has it, LoRA merged into the
-backbone, no gradients, and every network applied in overlapping Gaussian-blended tiles (`tiling.tiled`), so the
-memory needed depends on the tile size, not on the volume.
+Fast on a CPU and bounded in memory: SDPA attention, bf16 autocast where the processor has it (`precision="fp32"`
+is the reference path for checks), LoRA merged into the backbone, no gradients, and every network applied in
+overlapping Gaussian-blended tiles (`tiling.tiled`) chosen under a memory budget (`memory.unet_tile`,
+`memory.autoencoder_window`): the UNet at its training tile, the autoencoders at theirs when GroupNorm ties their
+output to the window, and in one piece when the budget allows and nothing does.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 from torch import nn
 
 from demist.config import Config, check_start_strength
-from demist.devices import bf16_autocast, resolve_device
 from demist.data.preprocess import PreparedSession
+from demist.devices import bf16_autocast, resolve_device
 from demist.diffusion.samplers import SAMPLERS, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
+from demist.inference.memory import DEFAULT_MAX_MEMORY_GIB, autoencoder_window, downsampling, resident_bytes, unet_tile
 from demist.inference.tiling import tiled
 from demist.models.from_runs import build_inference_networks
 from demist.runs import RunInfo, read_run
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Overlap of the autoencoder windows (as in Stage 1's whole-volume evaluation).
 AUTOENCODER_OVERLAP = 0.5
+#: `precision`: "auto" runs bf16 autocast where the hardware has native bf16; "fp32" never (the reference path).
+PRECISIONS = ("auto", "fp32")
 
 
 def parent_run(run: RunInfo, role: str, stages: str) -> RunInfo:
@@ -55,14 +60,21 @@ class DemistSynthesizer:
     device: torch.device
     use_bf16: bool = True
     start: int | None = None  # first timestep; None: T−1 from pure noise, else from z_c noised to it (SDEdit)
+    max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB
 
     @classmethod
     def from_run(cls, run: RunInfo, sampler: str | None = None, steps: int | None = None,
-                 device: str = "auto", start_strength: float | None = None) -> "DemistSynthesizer":
+                 device: str = "auto", start_strength: float | None = None, max_memory: float | None = None,
+                 precision: str = "auto") -> "DemistSynthesizer":
         """Rebuild every network of a Stage-2 run and its parents (Stage 1, backbone) for inference.
 
         `start_strength` (default: the config's `sampling.start_strength`) below 1 starts sampling from z_c noised
-        to timestep round(strength·(T−1)) instead of from pure noise."""
+        to timestep round(strength·(T−1)) instead of from pure noise. `max_memory` (GiB, default 4) bounds the
+        tiles; `precision="fp32"` turns bf16 autocast off."""
+        if precision not in PRECISIONS:
+            raise DemistError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if max_memory is not None and not max_memory > 0:
+            raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
         cfg = run.config
         sampler = sampler or cfg.sampling.sampler
         if sampler not in SAMPLERS:
@@ -85,24 +97,19 @@ class DemistSynthesizer:
         return cls(method=run.method, config=cfg, net=nets.net, psr_autoencoder=nets.psr_autoencoder,
                    cond_autoencoder=nets.cond_autoencoder, schedule=schedule,
                    latent_scale_factor=float(nets.latent_scale_factor), sampler=sampler, steps=int(steps),
-                   device=torch_device, start=start)
+                   device=torch_device, use_bf16=precision == "auto", start=start,
+                   max_memory_gib=DEFAULT_MAX_MEMORY_GIB if max_memory is None else float(max_memory))
 
     # -- the three networks, each tiled --------------------------------------------------------------------------
 
-    @property
-    def _latent_tile(self) -> tuple[int, int, int]:
-        return tuple(self.config.sampling.tile_size)
+    def _resident(self) -> float:
+        return resident_bytes((self.net, self.psr_autoencoder, self.cond_autoencoder))
 
-    @property
-    def _image_tile(self) -> tuple[int, int, int]:
-        """The autoencoders run in windows of their training patch size: GroupNorm's statistics depend on it (with the
-        channel norm the result does not, and the window only bounds memory)."""
-        return tuple(self.config.autoencoder.patch_size)
+    def _latent_tile(self, latent: tuple[int, ...]) -> tuple[int, int, int]:
+        return unet_tile(self.config, latent, self.max_memory_gib, self._resident())
 
-    @property
-    def _decoder_tile(self) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.config.autoencoder.channels) - 1)
-        return tuple(t // factor for t in self._image_tile)
+    def _window(self, part: str, spatial: tuple[int, ...]) -> tuple[int, int, int]:
+        return autoencoder_window(self.config, part, spatial, self.max_memory_gib, self._resident())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return bf16_autocast(self.device) if self.use_bf16 else contextlib.nullcontext()
@@ -113,7 +120,8 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.cond_autoencoder.encode(x)[0].float()
 
-        return tiled(encode, condition, self._image_tile, AUTOENCODER_OVERLAP) * self.latent_scale_factor
+        window = self._window("encode", tuple(condition.shape[2:]))
+        return tiled(encode, condition, window, AUTOENCODER_OVERLAP) * self.latent_scale_factor
 
     def encode_target(self, psr: torch.Tensor) -> torch.Tensor:
         """z_y: the PSR encoder's mean of (B, 1, …) PSR / psr_range, times the latent scale factor (reference rows)."""
@@ -121,7 +129,8 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.psr_autoencoder.encode(x)[0].float()
 
-        return tiled(encode, psr, self._image_tile, AUTOENCODER_OVERLAP) * self.latent_scale_factor
+        window = self._window("encode", tuple(psr.shape[2:]))
+        return tiled(encode, psr, window, AUTOENCODER_OVERLAP) * self.latent_scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """PSR / psr_range from a (scaled) PSR latent."""
@@ -129,7 +138,7 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.psr_autoencoder.decode(x / self.latent_scale_factor).float()
 
-        return tiled(decode, z, self._decoder_tile, AUTOENCODER_OVERLAP)
+        return tiled(decode, z, self._window("decode", tuple(z.shape[2:])), AUTOENCODER_OVERLAP)
 
     def image_hint(self, condition: torch.Tensor) -> torch.Tensor | None:
         """The ControlNet's image hint at latent resolution (computed once per volume), or None if the net has none."""
@@ -142,8 +151,9 @@ class DemistSynthesizer:
 
         # Plain strided convolutions, no normalisation: large tiles (those of the UNet, at image resolution) give the
         # untiled result away from tile borders, at a fraction of the cost of the autoencoders' small windows.
-        factor = 2 ** (len(self.config.autoencoder.channels) - 1)
-        tile = tuple(factor * t for t in self._latent_tile)
+        factor = downsampling(self.config)
+        latent = tuple(s // factor for s in condition.shape[2:])
+        tile = tuple(factor * t for t in self._latent_tile(latent))
         return tiled(embed, condition, tile, self.config.sampling.tile_overlap)
 
     def denoiser(self, z_c: torch.Tensor, image_hint: torch.Tensor | None = None):
@@ -156,9 +166,11 @@ class DemistSynthesizer:
             with self._autocast():
                 return self.net(stacked[:, :channels], t, stacked[:, channels:2 * channels], *extra).float()
 
+        tile = self._latent_tile(tuple(z_c.shape[2:]))
+
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             stacked = torch.cat([x_t, z_c, *([image_hint] if image_hint is not None else [])], dim=1)
-            return tiled(tile_fn, stacked, self._latent_tile, self.config.sampling.tile_overlap, t=t)
+            return tiled(tile_fn, stacked, tile, self.config.sampling.tile_overlap, t=t)
 
         return model
 
