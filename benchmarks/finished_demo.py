@@ -1,11 +1,13 @@
-"""What the benchmarks that build on a finished demo share: the options that name the demo, and choosing from a list."""
+"""What the benchmarks that build on a finished demo share: the options that name the demo, choosing from a list, and
+scoring predictions of its held-out sessions into a printed table."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
+from demist.evaluation.evaluate import evaluate_predictions
 from demist.workflows.demo import DemoPlan
 
 
@@ -29,3 +31,16 @@ def chosen(parser: argparse.ArgumentParser, option: str, text: str, known: Itera
     if unknown:
         parser.error(f"{option}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
     return names
+
+
+def print_scores(plan: DemoPlan, rows: Mapping[str, Path], out: Path, psr_range: float, keys: list[str],
+                 extra: Mapping[str, float], extra_label: str, first_column: str = "row") -> None:
+    """Scores each row's predictions of `keys` with `demist evaluate` (into `out`) and prints PSNR, SSIM, per-lesion
+    AUC and one figure of the caller's (`extra`, e.g. seconds per session) as a Markdown table."""
+    result = evaluate_predictions(plan.manifest, dict(rows), out, psr_range=psr_range, sessions=keys, bootstrap=100,
+                                  progress=False)
+    print(f"| {first_column} | PSNR | SSIM | per-lesion AUC | {extra_label} |\n|---|---:|---:|---:|---:|")
+    for name in rows:
+        metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
+        print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
+              f"{extra[name]:.1f} |")

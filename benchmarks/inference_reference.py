@@ -21,27 +21,23 @@ import os
 import time
 from pathlib import Path
 
-from demist.data.manifest import load_manifest, select_subjects
-from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.methods import load_synthesizer
-from demist.workflows.demo import split_subjects
+from finished_demo import add_demo_arguments, finished_demo, print_scores
 
 WHOLE = (100_000,) * 3  # a tile larger than any latent: `tiling.tiled` runs the UNet once
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, required=True, help="a `demist demo` output folder")
+    add_demo_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--held-out", type=int, default=3, help="as the demo was run")
-    parser.add_argument("--seed", type=int, default=0, help="as the demo was run")
     parser.add_argument("--no-untiled", action="store_true", help="skip the untiled row")
     args = parser.parse_args()
-    manifest, model = args.demo / "cohort" / "manifest.csv", args.demo / "runs" / "demist"
+    demo = finished_demo(args)
+    manifest, model = demo.manifest, demo.run("demist")
     print(f"load average at start: {os.getloadavg()}")
-    _, held_out = split_subjects(manifest, args.held_out, args.seed)
-    keys = [r.key for r in select_subjects(load_manifest(manifest), held_out)]
+    _, keys = demo.split()
     variants = {"default": {}, "reference (fp32, ddim-50)": {"precision": "fp32", "sampler": "ddim", "steps": 50}}
     if not args.no_untiled:
         variants["untiled UNet (default sampler)"] = {"untiled": True}
@@ -56,14 +52,9 @@ def main() -> None:
         rows[name] = args.out / "predictions" / name.split(" ")[0]
         synthesize_manifest(synthesizer, manifest, rows[name], samples=1, seed=0, sessions=keys)
         cpu[name] = (time.process_time() - start) / len(keys)
-    result = evaluate_predictions(manifest, rows, args.out / "evaluation", psr_range=synthesizer.config.data.psr_range,
-                                  sessions=keys, bootstrap=100, progress=False)
     print(f"{len(keys)} held-out sessions of {args.demo}; one sample each, seed 0")
-    print("| path | PSNR | SSIM | per-lesion AUC | CPU-s / session |\n|---|---:|---:|---:|---:|")
-    for name in rows:
-        metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
-        print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
-              f"{cpu[name]:.0f} |")
+    print_scores(demo, rows, args.out / "evaluation", synthesizer.config.data.psr_range, keys, cpu,
+                 "CPU-s / session", first_column="path")
     print(f"load average at end: {os.getloadavg()}")
 
 

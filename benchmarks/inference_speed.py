@@ -2,14 +2,16 @@
 
 For each architecture (`tiny`, `paper`; random weights: timing does not depend on them) and two inference paths:
 
-- demist: what `DemistSynthesizer` does — SDPA attention, bf16 autocast where the CPU has native bf16, LoRA merged,
-  no gradients, every network applied in overlapping Gaussian-blended tiles (`sampling.tile_size`, `tile_overlap`);
+- demist: what `DemistSynthesizer` does — SDPA attention, bf16 autocast and channels-last tensors where the CPU has
+  native bf16, LoRA merged, no gradients, every network applied in overlapping Gaussian-blended tiles
+  (`sampling.tile_size`, `tile_overlap`);
 - naive: a MONAI `ControlNetLatentDiffusionInferer`-style run — fp32, plain (non-SDPA) attention, LoRA unmerged,
   each network on the whole volume at once, DDIM-50.
 
 it times the condition encoder, one sampling step (ControlNet + UNet + cross-attention) and the PSR decoder, and
-projects the total for 10, 25 and 50 steps rather than sampling for hours. The demist path times one tile (1 warm-up
-call, then 2 timed calls) and multiplies by the number of tiles MONAI's sliding window visits; the naive path times
+projects the total for 4 (a distilled student), 10, 25 and 50 steps rather than sampling for hours. The demist path
+times one tile (1 warm-up call, then 2 timed calls) and multiplies by the number of tiles MONAI's sliding window
+visits; the naive path times
 the whole volume (for `paper` one call, no warm-up: it takes minutes). Every measurement runs in a fresh process
 (multiprocessing spawn) holding all three networks, and reports that process's peak resident memory
 (`ru_maxrss`), so peaks never mix; a naive call whose estimated memory exceeds --max-gib is skipped.
@@ -47,7 +49,7 @@ from demist.inference.memory import GIB, call_bytes
 
 FULL_1MM = (160, 192, 160)  # a whole brain on the 1 mm model grid
 QUICK_2MM = (80, 96, 80)  # the same brain on the tiny preset's 2 mm grid
-PROJECTED_STEPS = (10, 25, 50)
+PROJECTED_STEPS = (4, 10, 25, 50)  # 4: a distilled student (`demist train distill`)
 NAIVE_STEPS = 50
 QUALITY_STEPS = (5, 10, 20, 50)
 PARTS = ("encode", "step", "decode")
@@ -106,6 +108,7 @@ def count_tiles(volume: tuple[int, ...], tile: tuple[int, ...], overlap: float) 
 def build_synthesizer(arch: str, ours: bool):
     """A `DemistSynthesizer` with randomly initialised networks, set up as the demist or the naive path."""
     from demist.config import load_config
+    from demist.devices import has_native_bf16
     from demist.diffusion.schedule import NoiseSchedule
     from demist.inference.demist_synthesizer import DemistSynthesizer
     from demist.inference.memory import DEFAULT_MAX_MEMORY_GIB
@@ -128,7 +131,8 @@ def build_synthesizer(arch: str, ours: bool):
     return DemistSynthesizer(method="demist", config=cfg, net=net, psr_autoencoder=psr_ae, cond_autoencoder=cond_ae,
                              schedule=schedule, latent_scale_factor=1.0, sampler="ddim", steps=NAIVE_STEPS,
                              device=torch.device("cpu"), use_bf16=ours,
-                             max_memory_gib=DEFAULT_MAX_MEMORY_GIB if ours else math.inf)
+                             max_memory_gib=DEFAULT_MAX_MEMORY_GIB if ours else math.inf,
+                             channels_last=ours and has_native_bf16(torch.device("cpu")))
 
 
 def resident_gib() -> float:
@@ -224,7 +228,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def path_label(path: str, bf16: bool) -> str:
     if path == "demist":
-        return f"demist ({'bf16' if bf16 else 'fp32'}, SDPA, tiled, LoRA merged)"
+        return f"demist ({'bf16, channels-last' if bf16 else 'fp32'}, SDPA, tiled, LoRA merged)"
     return "naive (fp32, plain attention, untiled)"
 
 

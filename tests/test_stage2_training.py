@@ -306,3 +306,32 @@ def test_precision_and_memory_budget_reach_the_synthesizer_and_bad_values_are_re
         load_synthesizer(demist_run[0].path, device="cpu", max_memory=-1.0)
     with pytest.raises(DemistError, match="--max-memory 0.01: one .* sampling step"):
         load_synthesizer(demist_run[0].path, device="cpu", max_memory=0.01).denoiser(torch.zeros(1, 8, 8, 8, 8))
+
+
+def test_channels_last_is_a_layout_not_another_model_and_runs_exactly_where_bf16_does(demist_run):
+    import dataclasses
+
+    from demist.devices import has_native_bf16
+    from demist.methods import load_synthesizer
+
+    path = demist_run[0].path
+    assert load_synthesizer(path, device="cpu").channels_last == has_native_bf16(torch.device("cpu"))
+    plain = load_synthesizer(path, device="cpu", precision="fp32")
+    assert not plain.channels_last
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand((1, 2, 32, 32, 32), generator=generator)
+    x_t = torch.randn((1, 8, 8, 8, 8), generator=generator)
+    with torch.no_grad():
+        def outputs(synth):
+            z_c = synth.encode_condition(image)
+            hint = synth.image_hint(image)
+            return z_c, synth.denoiser(z_c, hint)(x_t, torch.tensor([500])), synth.decode(z_c)
+
+        expected = outputs(plain)
+        nhwc = dataclasses.replace(plain, channels_last=True)  # converts the (shared) networks' weights to NDHWC
+        convs = [m.weight for n in (nhwc.net, nhwc.psr_autoencoder) for m in n.modules()
+                 if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (3, 3, 3)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+        for got, want in zip(outputs(nhwc), expected):
+            assert got.is_contiguous() or got.is_contiguous(memory_format=torch.channels_last_3d)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
