@@ -11,8 +11,8 @@ For each architecture (`tiny`, `paper`; random weights: timing does not depend o
 it times the condition encoder, one sampling step (ControlNet + UNet + cross-attention) and the PSR decoder, and
 projects the total for 4 (a distilled student), 10, 25 and 50 steps rather than sampling for hours. The demist path
 times one tile (1 warm-up call, then 2 timed calls) and multiplies by the number of tiles MONAI's sliding window
-visits; the naive path times
-the whole volume (for `paper` one call, no warm-up: it takes minutes). Every measurement runs in a fresh process
+visits; the naive path times the whole volume (for `paper` one call, no warm-up: it takes minutes). Every
+measurement runs in a fresh process
 (multiprocessing spawn) holding all three networks, and reports that process's peak resident memory
 (`ru_maxrss`), so peaks never mix; a naive call whose estimated memory exceeds --max-gib is skipped.
 
@@ -109,7 +109,6 @@ def count_tiles(volume: tuple[int, ...], tile: tuple[int, ...], overlap: float) 
 def build_synthesizer(arch: str, ours: bool):
     """A `DemistSynthesizer` with randomly initialised networks, set up as the demist or the naive path."""
     from demist.config import load_config
-    from demist.devices import has_native_bf16
     from demist.diffusion.schedule import NoiseSchedule
     from demist.inference.demist_synthesizer import DemistSynthesizer
     from demist.inference.memory import DEFAULT_MAX_MEMORY_GIB
@@ -132,8 +131,7 @@ def build_synthesizer(arch: str, ours: bool):
     return DemistSynthesizer(method="demist", config=cfg, net=net, psr_autoencoder=psr_ae, cond_autoencoder=cond_ae,
                              schedule=schedule, latent_scale_factor=1.0, sampler="ddim", steps=NAIVE_STEPS,
                              device=torch.device("cpu"), use_bf16=ours,
-                             max_memory_gib=DEFAULT_MAX_MEMORY_GIB if ours else math.inf,
-                             channels_last=ours and has_native_bf16(torch.device("cpu")))
+                             max_memory_gib=DEFAULT_MAX_MEMORY_GIB if ours else math.inf)
 
 
 def resident_gib() -> float:

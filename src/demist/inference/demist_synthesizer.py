@@ -62,10 +62,12 @@ class DemistSynthesizer:
     start: int | None = None  # first timestep; None: T−1 from pure noise, else from z_c noised to it (SDEdit)
     max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB
     # NDHWC tensors: under bf16 on a CPU with AMX the autoencoders run 2.5× and a sampling step 1.6× faster than
-    # NCDHW, in fp32 no faster (docs/inference.md), so `from_run` turns it on exactly where bf16 runs.
-    channels_last: bool = False
+    # NCDHW, in fp32 no faster (docs/inference.md). None: exactly where bf16 runs.
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.channels_last is None:
+            self.channels_last = self.use_bf16 and has_native_bf16(self.device)
         if self.channels_last:
             for module in (self.net, self.psr_autoencoder, self.cond_autoencoder):
                 module.to(memory_format=torch.channels_last_3d)
@@ -106,8 +108,7 @@ class DemistSynthesizer:
                    cond_autoencoder=nets.cond_autoencoder, schedule=schedule,
                    latent_scale_factor=float(nets.latent_scale_factor), sampler=sampler, steps=int(steps),
                    device=torch_device, use_bf16=precision == "auto", start=start,
-                   max_memory_gib=DEFAULT_MAX_MEMORY_GIB if max_memory is None else float(max_memory),
-                   channels_last=precision == "auto" and has_native_bf16(torch_device))
+                   max_memory_gib=DEFAULT_MAX_MEMORY_GIB if max_memory is None else float(max_memory))
 
     # -- the three networks, each tiled --------------------------------------------------------------------------
 
