@@ -9,7 +9,7 @@ share and cWDM does not need, are not in their curves: the demo's `timings.json`
 `learning_curves.csv` and `learning_curves.png` into --out, with the demo's ridge and aligned-condition rows drawn as
 horizontal lines; finished runs are reused when rerun.
 
-    python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 90 min, 2 cores
+    python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 60 min, 2 cores
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves --methods demist --steps 100,200
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves --finished-only   # score what has finished
 """
@@ -33,7 +33,7 @@ from finished_demo import add_demo_arguments, chosen, finished_demo
 
 #: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
 #: DEMIST steps on latents).
-BUDGETS = {"demist": (100, 200, 400, 800), "ftldm": (100, 200, 400, 800), "cwdm": (25, 50, 100, 200)}
+BUDGETS = {"demist": (100, 200, 400, 800, 1600), "ftldm": (100, 200, 400, 800, 1600), "cwdm": (25, 50, 100, 200, 400)}
 REFERENCE_ROWS = ("ridge", "aligned-condition")  # taken from the demo's predictions when there
 
 

@@ -317,6 +317,26 @@ def test_image_hint_trains_and_is_checked():
         make_net()(x_t, t, z_c, hint)
 
 
+def test_hint_bf16_is_a_precision_of_the_same_embedding_with_fp32_output_and_weights():
+    from demist.devices import has_native_bf16
+
+    fp32 = make_net(controlnet_gate_init="default", controlnet_hint="latent+image", hint_bf16=False)
+    wake_zero_inits(fp32)
+    bf16 = copy.deepcopy(fp32)
+    bf16.hint_bf16 = True
+    image = image_for(inputs()[0])
+    want, got = fp32.embed_image(image), bf16.embed_image(image)
+    assert got.dtype == torch.float32 and all(p.dtype == torch.float32 for p in bf16.image_hint.parameters())
+    if has_native_bf16(torch.device("cpu")):
+        assert not torch.equal(got, want)  # it did run in bf16 ...
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())  # ... of the same net
+    else:  # no native bf16: the autocast is skipped, as everywhere else in demist
+        assert torch.equal(got, want)
+    got.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in bf16.image_hint.parameters())
+
+
 def test_identity_output_projection_is_frozen_and_not_saved():
     net = make_net(crossattn=False, controlnet=False)
     layer = net.backbone.get_submodule("middle_block.attention.attn.out_proj")

@@ -181,6 +181,9 @@ class DemistConfig:
     # through MONAI's ControlNet conditioning embedding, i.e. what E_cond compresses away.
     controlnet_hint: str
     hint_channels: tuple[int, ...]  # the image hint's embedding channels: one 2× downsampling per entry after the first
+    # The image hint's embedding (full-resolution convolutions, ~70 % of an fp32 Stage-2 step) runs under bf16
+    # autocast where the hardware has bf16, even when the rest trains in fp32 [paper: no image hint; false].
+    hint_bf16: bool
     lora_output_projection: bool  # LoRA on W_O as well as W_Q, W_K, W_V [paper: true]
     # Training timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) [paper: 1, uniform]. p < 1 draws the noisy timesteps, where only
     # the condition can decide the sample, more often (p = 0.5: density rising linearly in t).
@@ -479,6 +482,7 @@ ADDED_KEYS: dict[str, Any] = {
     "demist.timestep_power": 1.0,
     "demist.ema_decay": 0.0,
     "demist.controlnet_output_head": False,
+    "demist.hint_bf16": False,
 }
 
 

@@ -20,6 +20,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from demist.config import STREAM_SWITCHES, DemistConfig, UNetConfig
+from demist.devices import bf16_autocast
 from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention
 from demist.models.controlnet import OutputHead, build_gated_controlnet, build_image_hint, zero_initialised_modules
@@ -62,6 +63,7 @@ class DemistNet(nn.Module):
                            if demist_cfg.controlnet else None)
         self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init)
                            if demist_cfg.uses_image_hint else None)
+        self.hint_bf16 = demist_cfg.hint_bf16
         self.output_head = (OutputHead(unet_cfg.channels[0], latent_channels) if demist_cfg.uses_output_head
                             else None)
         if demist_cfg.lora:
@@ -94,7 +96,10 @@ class DemistNet(nn.Module):
         a sampler computes it once per volume."""
         if self.image_hint is None:
             raise RuntimeError("embed_image: this DemistNet has no image hint (demist.controlnet_hint = 'latent')")
-        return self.image_hint(image)
+        if not self.hint_bf16:
+            return self.image_hint(image)
+        with bf16_autocast(image.device):
+            return self.image_hint(image).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_c: torch.Tensor,
                 image_hint: torch.Tensor | None = None) -> torch.Tensor:
