@@ -300,6 +300,13 @@ def test_precision_and_memory_budget_reach_the_synthesizer_and_bad_values_are_re
     reference = load_synthesizer(demist_run[0].path, device="cpu", precision="fp32", max_memory=2.5)
     assert (reference.use_bf16, reference.max_memory_gib) == (False, 2.5)
     assert load_synthesizer(demist_run[0].path, device="cpu").use_bf16
+    # the fp32 reference computes the image hint in fp32 too, although the run trained it under bf16 (hint_bf16)
+    image = torch.rand((1, 2, 32, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert reference.net.hint_bf16
+    with torch.no_grad():
+        hint = reference.image_hint(image)
+        reference.net.hint_bf16 = False
+        assert hint.abs().max() > 0 and torch.equal(hint, reference.image_hint(image))
     with pytest.raises(DemistError, match="--precision fp16: expected one of auto, fp32"):
         load_synthesizer(demist_run[0].path, device="cpu", precision="fp16")
     with pytest.raises(DemistError, match="--max-memory -1"):

@@ -158,9 +158,8 @@ class DemistSynthesizer:
         if not getattr(self.net, "uses_image", False):
             return None
 
-        def embed(x: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return self.net.embed_image(self._layout(x)).float()
+        def embed(x: torch.Tensor) -> torch.Tensor:  # the synthesizer's precision, not the training's hint_bf16
+            return self.net.embed_image(self._layout(x), bf16=self.use_bf16)
 
         # Plain strided convolutions, no normalisation: large tiles (those of the UNet, at image resolution) give the
         # untiled result away from tile borders, at a fraction of the cost of the autoencoders' small windows.

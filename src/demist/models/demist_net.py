@@ -91,12 +91,13 @@ class DemistNet(nn.Module):
         """Whether the ControlNet's hint includes T1w + FLAIR at image resolution (pass `image_hint` to forward)."""
         return self.image_hint is not None
 
-    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, image: torch.Tensor, bf16: bool | None = None) -> torch.Tensor:
         """T1w + FLAIR (B, 2, 4X, 4Y, 4Z) → the image hint at latent resolution. It does not depend on x_t or t, so
-        a sampler computes it once per volume."""
+        a sampler computes it once per volume. `bf16`: under bf16 autocast (where the hardware has it), or not; None
+        is the training setting `demist.hint_bf16` (a synthesizer passes its own precision)."""
         if self.image_hint is None:
             raise RuntimeError("embed_image: this DemistNet has no image hint (demist.controlnet_hint = 'latent')")
-        if not self.hint_bf16:
+        if not (self.hint_bf16 if bf16 is None else bf16):
             return self.image_hint(image)
         with bf16_autocast(image.device):
             return self.image_hint(image).float()
