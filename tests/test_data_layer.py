@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from helpers import AFFINES, ellipsoid_session
 from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
-from demist.data.preprocess import prepare_images, prepare_session, psr_to_native
+from demist.data.preprocess import prepare_images, prepare_session, psr_to_native, scaling_region
 from demist.errors import DemistError
 
 CFG = load_config("tiny").data
@@ -147,7 +149,8 @@ def test_prepare_and_return_to_native_grid(orientation):
     session = prepare_images(images["t1w"], images["flair"], CFG, brain=images["brain_mask"], psr=images["psr"])
     assert all(s % CFG.divisor == 0 for s in session.grid.shape)
     assert np.allclose(np.abs(session.grid.affine[:3, :3]), np.eye(3) * CFG.spacing)  # RAS, isotropic
-    assert np.isclose(np.percentile(session.t1w[session.brain], 99.5), 1.0, atol=1e-3)
+    region = scaling_region(session.brain, CFG.percentile_margin_mm / CFG.spacing)
+    assert np.allclose(np.percentile(session.t1w[region], [CFG.percentile_low, CFG.percentile_high]), [0, 1], atol=1e-3)
     back = psr_to_native(session.psr, session.grid, CFG.psr_range)
     assert back.shape == images["t1w"].shape
     np.testing.assert_allclose(back.affine, images["t1w"].affine, atol=1e-6)
@@ -198,3 +201,28 @@ def test_prepare_session_from_manifest(small_manifest):
     assert session.condition.shape == (2, *session.grid.shape)
     wm_psr = session.psr[session.wm & ~session.lesion].mean() * CFG.psr_range
     assert abs(wm_psr - 0.11) < 0.005
+
+
+def test_scaling_ignores_where_the_mask_edge_falls_with_a_margin_and_not_without():
+    """A skull-stripping tool that adds one shell of zero-valued voxels around the brain moves the paper's 0th
+    percentile (one voxel) to zero; the 1st percentile 4 mm inside the edge does not move."""
+    images = ellipsoid_session()
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    wider = nib.Nifti1Image(ndimage.binary_dilation(brain).astype(np.uint8), images["brain_mask"].affine)
+    paper_like = dataclasses.replace(CFG, percentile_low=0.0, percentile_margin_mm=0.0)
+    for cfg, moves in ((paper_like, True), (CFG, False)):
+        tight, loose = (prepare_images(images["t1w"], images["flair"], cfg, brain=mask, wm=images["wm_mask"])
+                        for mask in (images["brain_mask"], wider))
+        # the grids differ (each is cut around its mask), so compare a tissue's scaled level: the WM's median FLAIR
+        shift = abs(float(np.median(tight.flair[tight.wm])) - float(np.median(loose.flair[loose.wm])))
+        assert (shift > 0.05) == moves, (cfg.percentile_low, cfg.percentile_margin_mm, shift)
+
+
+def test_scaling_region_is_the_interior_unless_that_leaves_under_half_the_brain():
+    brain = np.zeros((34, 34, 34), bool)
+    brain[2:32, 2:32, 2:32] = True
+    assert scaling_region(brain, 0).sum() == brain.sum()
+    assert scaling_region(brain, 2).sum() == 26 ** 3  # two voxels off every face
+    thin = np.zeros_like(brain)
+    thin[2:32, 2:32, 16:18] = True  # a slab two voxels thick erodes to nothing: the whole mask is kept
+    assert scaling_region(thin, 2).sum() == thin.sum()

@@ -87,6 +87,14 @@ def test_stage1_on_a_prior_keeps_its_latent_and_its_backbone_drives_stage2(built
     assert networks.latent_scale_factor == prior.scale_factor
 
 
+def test_a_prior_serves_a_cohort_scaled_otherwise_and_the_alignment_uses_the_cohorts_scaling(built, tmp_path):
+    prior = built["prior"]
+    scaled = CFG.replace(data=dataclasses.replace(CFG.data, percentile_low=2.0, percentile_margin_mm=6.0))
+    assert resolve_prior(str(prior.path), scaled) == prior
+    stage1 = align_to_prior(load_manifest(built["manifest"]), prior, scaled, tmp_path / "stage1", device="cpu")
+    assert stage1.config.data == scaled.data and read_run(prior.cond_ae).config.data != scaled.data
+
+
 def test_the_backbone_of_a_prior_is_refused_in_another_latent(built, tmp_path):
     prior = built["prior"]
     other = autoencoder_runs(tmp_path / "other", seed=1)  # another PSR autoencoder
@@ -105,6 +113,7 @@ def test_the_backbone_of_a_prior_is_refused_in_another_latent(built, tmp_path):
     ("missing", "not a directory"),
     ("swapped-psr", "not trained in the latent of its psr_ae"),
     ("other-unet", r"config section \[unet\] differs"),
+    ("other-psr-range", r"config section \[data\] differs"),
     ("embedded-paper", "no prior shipped for the 'paper' preset"),
 ])
 def test_bad_priors_are_refused_with_what_was_expected(built, tmp_path, case, message):
@@ -115,6 +124,8 @@ def test_bad_priors_are_refused_with_what_was_expected(built, tmp_path, case, me
         shutil.copytree(autoencoder_runs(tmp_path / "other", seed=1)["psr_ae"].path, tmp_path / "prior" / "psr_ae")
     elif case == "other-unet":
         spec, cfg = str(prior.path), CFG.replace(unet=dataclasses.replace(CFG.unet, num_res_blocks=2))
+    elif case == "other-psr-range":  # the PSR side of [data] must match; only the T1w/FLAIR scaling may differ
+        spec, cfg = str(prior.path), CFG.replace(data=dataclasses.replace(CFG.data, psr_range=0.3))
     elif case == "embedded-paper":
         spec, cfg = "embedded", load_config("paper")
     with pytest.raises(DemistError, match=message):

@@ -44,6 +44,9 @@ class DataConfig:
     psr_range: float  # PSR is divided by this for training and every metric, and multiplied back on output
     percentile_low: float  # T1w/FLAIR scaling to [0, 1] within the brain
     percentile_high: float
+    # the percentiles are taken this far inside the brain mask's edge (paper: 0, the whole mask), so that where a
+    # skull-stripping tool puts the edge does not move every voxel's scaled intensity
+    percentile_margin_mm: float
     patch_size: tuple[int, int, int]  # training patches, voxels of the model grid
     divisor: int  # model input sizes are padded to a multiple of this
 
@@ -319,11 +322,12 @@ class Config:
         """A copy with some sections replaced: `cfg.replace(demist=dataclasses.replace(cfg.demist, lora=False))`."""
         return dataclasses.replace(self, **sections)
 
-    def first_difference(self, other: "Config", sections: Sequence[str]) -> str | None:
+    def first_difference(self, other: "Config", sections: Sequence[str],
+                         ignore: Mapping[str, Sequence[str]] | None = None) -> str | None:
         """The first of `sections` in which two runs' configs disagree (None: they agree), ignoring the keys that each
-        training stage chooses for itself (`STAGE_OWN_KEYS`)."""
+        training stage chooses for itself (`STAGE_OWN_KEYS`) and those named in `ignore` ({section: keys})."""
         for section in sections:
-            own = dict.fromkeys(STAGE_OWN_KEYS.get(section, ()), None)
+            own = dict.fromkeys((*STAGE_OWN_KEYS.get(section, ()), *(ignore or {}).get(section, ())), None)
             ours, theirs = getattr(self, section), getattr(other, section)
             if dataclasses.replace(ours, **own) != dataclasses.replace(theirs, **own):
                 return section
@@ -339,6 +343,10 @@ class Config:
 
 #: Keys a stage may set for itself while it builds on runs with other values: the Stage-2 patch size of [data].
 STAGE_OWN_KEYS: dict[str, tuple[str, ...]] = {"data": ("patch_size",)}
+
+#: The [data] keys of how T1w and FLAIR are scaled: only the condition encoder sees them, and the alignment retrains
+#: it on the cohort's scaling, so a prior or condition autoencoder trained with other values is still a starting point.
+INPUT_SCALING_KEYS: tuple[str, ...] = ("percentile_low", "percentile_high", "percentile_margin_mm")
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -476,6 +484,7 @@ _WARNED: set[tuple[str, ...]] = set()  # each set of missing keys is reported on
 #: Keys added after runs had been written, with the value that reproduces what a run without the key did (the
 #: paper's behaviour), whatever the presets now say: a tiny DEMIST run from before the output head has none.
 ADDED_KEYS: dict[str, Any] = {
+    "data.percentile_margin_mm": 0.0,
     "autoencoder.norm": "group",
     "sampling.start_strength": 1.0,
     "align.image_weight": 0.0,

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from demist.config import Config
+from demist.config import INPUT_SCALING_KEYS, Config
 from demist.errors import DemistError
 from demist.runs import RunInfo, read_run, state_digest
 from demist.models.from_runs import BACKBONE_STAGE, PSR_DIGEST
@@ -86,11 +86,17 @@ def resolve_prior(spec: str | Path | None, cfg: Config, what: str = "--prior") -
         raise DemistError(f"{what} {path}: its backbone was not trained in the latent of its psr_ae (the PSR "
                           "autoencoder digest or the latent scale factor does not match); expected a prior written by "
                           "`demist train prior`")
-    section = cfg.first_difference(backbone.config, SHARED_SECTIONS)
+    section = cfg.first_difference(backbone.config, SHARED_SECTIONS, ignore={"data": INPUT_SCALING_KEYS})
     if section is not None:
         raise DemistError(f"{what} {path}: config section [{section}] differs from the prior's "
                           f"({getattr(backbone.config, section)}); expected the same [{section}] as the prior "
                           f"(or {what} none)")
+    prior_data = runs["cond_ae"].config.data
+    if any(getattr(prior_data, key) != getattr(cfg.data, key) for key in INPUT_SCALING_KEYS):
+        logger.info("prior %s: its condition autoencoder saw T1w/FLAIR scaled by percentiles %g–%g (margin %g mm); "
+                    "the alignment retrains E_cond on %g–%g (margin %g mm)", path, prior_data.percentile_low,
+                    prior_data.percentile_high, prior_data.percentile_margin_mm, cfg.data.percentile_low,
+                    cfg.data.percentile_high, cfg.data.percentile_margin_mm)
     description = _read_description(path, what)
     logger.info("prior %s: PSR and condition autoencoders and backbone, latent scale %.4g", path,
                 backbone.latent_scale_factor)

@@ -2,8 +2,8 @@
 
 The steps follow the paper: every image onto the T1w grid (resampled when it differs but overlaps), then one
 RAS-aligned isotropic model grid around the brain, padded to the networks' divisor; T1w and FLAIR scaled to [0, 1] by
-their 0–99.5th percentiles inside the brain; PSR divided by the fixed `psr_range`, so outputs map back to PSR units
-exactly. `ModelGrid.to_native` undoes the geometry.
+their 0–99.5th percentiles inside the brain (`tiny`: 1–99.5th, taken 4 mm inside the mask's edge); PSR divided by the
+fixed `psr_range`, so outputs map back to PSR units exactly. `ModelGrid.to_native` undoes the geometry.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: An input counts as skull-stripped when at least this fraction of its voxels is exactly zero.
 MIN_ZERO_BACKGROUND = 0.2
+#: The mask's interior is used for the percentiles only while it keeps at least this fraction of the brain.
+MIN_INTERIOR_FRACTION = 0.5
 
 
 @dataclass
@@ -52,6 +54,20 @@ def scale_percentiles(image: np.ndarray, brain: np.ndarray, low: float, high: fl
     if hi - lo <= 1e-12:
         raise DemistError(f"image is constant inside the brain ({lo:g}); expected contrast between tissues")
     return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def scaling_region(brain: np.ndarray, margin_vox: float) -> np.ndarray:
+    """The voxels whose intensities set the T1w/FLAIR scaling: the brain eroded by `margin_vox` voxels, or the whole
+    brain when that would leave less than `MIN_INTERIOR_FRACTION` of it (a small or thin mask)."""
+    steps = int(round(margin_vox))
+    if steps <= 0:
+        return brain
+    interior = ndimage.binary_erosion(brain, iterations=steps)
+    if interior.sum() < MIN_INTERIOR_FRACTION * brain.sum():
+        log.debug("brain mask: %d voxels inside a %d-voxel margin, under half the brain; scaling on the whole mask",
+                  int(interior.sum()), steps)
+        return brain
+    return interior
 
 
 def brain_from_background(t1w: nib.Nifti1Image, what: str) -> np.ndarray:
@@ -98,10 +114,11 @@ def prepare_images(
     brain_m = onto_model_grid(brain_img, grid, is_mask=True)
     t1w_m = onto_model_grid(t1w, grid) * brain_m
     flair_m = onto_model_grid(flair, grid) * brain_m
+    region = scaling_region(brain_m, cfg.percentile_margin_mm / cfg.spacing)
     session = PreparedSession(
         key=key,
-        t1w=scale_percentiles(t1w_m, brain_m, cfg.percentile_low, cfg.percentile_high) * brain_m,
-        flair=scale_percentiles(flair_m, brain_m, cfg.percentile_low, cfg.percentile_high) * brain_m,
+        t1w=scale_percentiles(t1w_m, region, cfg.percentile_low, cfg.percentile_high) * brain_m,
+        flair=scale_percentiles(flair_m, region, cfg.percentile_low, cfg.percentile_high) * brain_m,
         brain=brain_m,
         grid=grid,
     )

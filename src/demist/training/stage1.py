@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from demist.config import Config, TrainConfig
+from demist.config import INPUT_SCALING_KEYS, Config, TrainConfig
 from demist.data.manifest import SessionRecord
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
@@ -261,7 +261,9 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     cond, cond_ae = load_autoencoder_run(cond_run, "cond", "--cond-ae")
     cfg = cfg or psr.config
     sections = ("autoencoder", "data")
-    section = psr.config.first_difference(cond.config, sections) or cfg.first_difference(psr.config, sections)
+    scaling = {"data": INPUT_SCALING_KEYS}  # the alignment retrains E_cond on cfg's scaling (config.py)
+    section = (psr.config.first_difference(cond.config, sections, ignore=scaling)
+               or cfg.first_difference(psr.config, sections, ignore=scaling))
     if section is not None:
         raise DemistError(f"--psr-ae {psr.path} and --cond-ae {cond.path}: their [{section}] config sections "
                           "differ (from each other or from --config); expected autoencoders trained alike")
