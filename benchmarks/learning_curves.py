@@ -57,12 +57,18 @@ def _figure(rows: list[dict], references: dict[str, float], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
         ax.plot([r["cpu_minutes"] for r in mine], [r["psnr"] for r in mine], marker="o", label=method)
     ax.set_xscale("log")
+    # plain numbers at 1-2-5 steps: the log axis's default minor labels (3×10⁰, 4×10⁰, ...) overlap
+    low, high = min(r["cpu_minutes"] for r in rows), max(r["cpu_minutes"] for r in rows)
+    ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200) if low / 1.5 <= t <= high * 1.5])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for name, value in references.items():
         ax.axhline(value, linestyle="--", linewidth=1, color="grey")
         ax.text(0.01, value, name, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="grey")
