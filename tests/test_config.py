@@ -102,3 +102,10 @@ def test_runs_agree_on_a_section_whatever_patch_size_each_stage_chose() -> None:
     other_unet = cfg.replace(unet=dataclasses.replace(cfg.unet, num_res_blocks=2))
     with pytest.raises(DemistError, match=r"section \[unet\] differs from that of --backbone RUN"):
         cfg.require_same(other_unet, ("data", "unet"), "--backbone RUN")
+
+
+@pytest.mark.parametrize("data, key", [({"percentile_margin_mm": -4.0}, "data.percentile_margin_mm"),
+                                       ({"percentile_low": 99.5}, "data.percentile_low")])
+def test_a_bad_input_scaling_names_its_key(data, key) -> None:
+    with pytest.raises(DemistError, match=key):
+        load_config("tiny", overrides={"data": data})

@@ -50,6 +50,14 @@ class DataConfig:
     patch_size: tuple[int, int, int]  # training patches, voxels of the model grid
     divisor: int  # model input sizes are padded to a multiple of this
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.percentile_low < self.percentile_high <= 100:
+            raise DemistError(f"config keys data.percentile_low / percentile_high: got {self.percentile_low} / "
+                              f"{self.percentile_high}; expected 0 <= low < high <= 100")
+        if not self.percentile_margin_mm >= 0:
+            raise DemistError(f"config key data.percentile_margin_mm: got {self.percentile_margin_mm}; expected a "
+                              "distance >= 0 in mm (0: the whole brain mask, as the paper)")
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
@@ -327,9 +335,10 @@ class Config:
         """The first of `sections` in which two runs' configs disagree (None: they agree), ignoring the keys that each
         training stage chooses for itself (`STAGE_OWN_KEYS`) and those named in `ignore` ({section: keys})."""
         for section in sections:
-            own = dict.fromkeys((*STAGE_OWN_KEYS.get(section, ()), *(ignore or {}).get(section, ())), None)
-            ours, theirs = getattr(self, section), getattr(other, section)
-            if dataclasses.replace(ours, **own) != dataclasses.replace(theirs, **own):
+            skip = {*STAGE_OWN_KEYS.get(section, ()), *(ignore or {}).get(section, ())}
+            ours, theirs = ({k: v for k, v in dataclasses.asdict(getattr(cfg, section)).items() if k not in skip}
+                            for cfg in (self, other))
+            if ours != theirs:
                 return section
         return None
 
