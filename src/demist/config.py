@@ -353,9 +353,10 @@ class Config:
 #: Keys a stage may set for itself while it builds on runs with other values: the Stage-2 patch size of [data].
 STAGE_OWN_KEYS: dict[str, tuple[str, ...]] = {"data": ("patch_size",)}
 
-#: The [data] keys of how T1w and FLAIR are scaled: only the condition encoder sees them, and the alignment retrains
-#: it on the cohort's scaling, so a prior or condition autoencoder trained with other values is still a starting point.
-INPUT_SCALING_KEYS: tuple[str, ...] = ("percentile_low", "percentile_high", "percentile_margin_mm")
+#: The keys of how T1w and FLAIR are scaled (by section, as `STAGE_OWN_KEYS`): only the condition encoder sees them,
+#: and the alignment retrains it on the cohort's scaling, so a prior or condition autoencoder trained with other values
+#: is still a starting point.
+INPUT_SCALING_KEYS: dict[str, tuple[str, ...]] = {"data": ("percentile_low", "percentile_high", "percentile_margin_mm")}
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:

@@ -86,13 +86,13 @@ def resolve_prior(spec: str | Path | None, cfg: Config, what: str = "--prior") -
         raise DemistError(f"{what} {path}: its backbone was not trained in the latent of its psr_ae (the PSR "
                           "autoencoder digest or the latent scale factor does not match); expected a prior written by "
                           "`demist train prior`")
-    section = cfg.first_difference(backbone.config, SHARED_SECTIONS, ignore={"data": INPUT_SCALING_KEYS})
+    section = cfg.first_difference(backbone.config, SHARED_SECTIONS, ignore=INPUT_SCALING_KEYS)
     if section is not None:
         raise DemistError(f"{what} {path}: config section [{section}] differs from the prior's "
                           f"({getattr(backbone.config, section)}); expected the same [{section}] as the prior "
                           f"(or {what} none)")
     prior_data = runs["cond_ae"].config.data
-    if any(getattr(prior_data, key) != getattr(cfg.data, key) for key in INPUT_SCALING_KEYS):
+    if any(getattr(prior_data, key) != getattr(cfg.data, key) for key in INPUT_SCALING_KEYS["data"]):
         logger.info("prior %s: its condition autoencoder saw T1w/FLAIR scaled by percentiles %g–%g (margin %g mm); "
                     "the alignment retrains E_cond on %g–%g (margin %g mm)", path, prior_data.percentile_low,
                     prior_data.percentile_high, prior_data.percentile_margin_mm, cfg.data.percentile_low,

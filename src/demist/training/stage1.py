@@ -261,9 +261,9 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     cond, cond_ae = load_autoencoder_run(cond_run, "cond", "--cond-ae")
     cfg = cfg or psr.config
     sections = ("autoencoder", "data")
-    scaling = {"data": INPUT_SCALING_KEYS}  # the alignment retrains E_cond on cfg's scaling (config.py)
-    section = (psr.config.first_difference(cond.config, sections, ignore=scaling)
-               or cfg.first_difference(psr.config, sections, ignore=scaling))
+    # the alignment retrains E_cond on cfg's scaling (config.INPUT_SCALING_KEYS)
+    section = (psr.config.first_difference(cond.config, sections, ignore=INPUT_SCALING_KEYS)
+               or cfg.first_difference(psr.config, sections, ignore=INPUT_SCALING_KEYS))
     if section is not None:
         raise DemistError(f"--psr-ae {psr.path} and --cond-ae {cond.path}: their [{section}] config sections "
                           "differ (from each other or from --config); expected autoencoders trained alike")
