@@ -42,6 +42,7 @@ def test_demo_runs_end_to_end_and_resumes(smoke_demo, smoke_config, caplog):
     plan, report = smoke_demo
     text = report.read_text()
     assert "## Verdict" in text and "ridge" in text and "demist" in text
+    assert "Config `tiny`" in text  # the preset (or TOML file) the DEMIST run was trained with
     assert "| backbone |" in text  # parameter counts per stream
     for figure in ("roc.png", "qualitative.png", "error_map.png"):
         if figure == "roc.png" and "roc.png" not in text:
@@ -118,3 +119,26 @@ def test_a_finished_demo_names_its_stage1_backbone_and_split(smoke_demo) -> None
     written = (plan.out / "predictions" / "demist").rglob("psr.nii.gz")
     scored = {f"{p.parent.parent.name}/{p.parent.name}" for p in written}
     assert set(held_out) == scored and not {k.split("/")[0] for k in held_out} & set(train)
+
+
+def test_demo_command_passes_its_config_file_to_the_demo(tmp_path, monkeypatch) -> None:
+    """`demist demo --config FILE` runs the demo with that file's keys on its base preset (the default is tiny)."""
+    import typer
+    from typer.testing import CliRunner
+
+    import demist.workflows.demo as demo_module
+    from demist.cli.workflows import demo
+
+    seen = {}
+    monkeypatch.setattr(demo_module, "run_demo", lambda plan, config=None, device="auto":
+                        seen.setdefault("config", config) and tmp_path / "report.md")
+    toml = tmp_path / "mine.toml"
+    toml.write_text('base = "tiny"\n[demist]\nsteps = 7\n')
+    app = typer.Typer()
+    app.command("demo")(demo)  # a one-command app: its arguments follow directly
+    for args, preset, steps in ((["--config", str(toml)], "tiny+mine.toml", 7),
+                                ([], "tiny", load_config("tiny").demist.steps)):
+        seen.clear()
+        result = CliRunner().invoke(app, ["--out", str(tmp_path / "d"), *args])
+        assert result.exit_code == 0, result.output
+        assert (seen["config"].preset, seen["config"].demist.steps) == (preset, steps)

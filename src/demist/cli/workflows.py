@@ -42,13 +42,16 @@ def demo(
                                      help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
     prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "
                               "shipped with demist), none (train them on the cohort) or a prior directory."),
+    config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base; a "
+                               "prior must have been pretrained with the same autoencoder and backbone keys."),
     device: str = DEVICE,
 ) -> None:
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
+    from demist.config import load_config
     from demist.workflows.demo import DemoPlan, run_demo
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
-                               mean_samples=mean_samples, prior=prior), device=device)
+                               mean_samples=mean_samples, prior=prior), config=load_config(config), device=device)
     typer.echo(f"report: {report}")
 
 

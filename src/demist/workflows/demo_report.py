@@ -107,7 +107,8 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         "# demist demo report",
         "",
         f"Synthetic cohort: {plan.subjects} subjects (`{plan.manifest}`); trained on {len(train_subjects)} "
-        f"subjects, evaluated on the held-out {', '.join(test_subjects)}. Preset `tiny`"
+        f"subjects, evaluated on the held-out {', '.join(test_subjects)}. "
+        f"Config `{run_json.get('config', {}).get('preset', 'tiny')}`"
         + (f", every stage capped at {plan.max_steps} steps (a smoke run: numbers are meaningless)"
            if plan.max_steps else "") + ". " + _prior_sentence(prior),
         "",
