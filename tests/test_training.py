@@ -337,3 +337,43 @@ def test_alignment_image_term_reaches_only_the_condition_encoder(image_weight: f
     assert torch.allclose(terms["loss"], expected)
     assert all(p.grad is None for p in psr_ae.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cond_ae.encoder.parameters())
+
+
+def test_random_bias_field_is_smooth_shared_by_the_channels_and_deterministic() -> None:
+    from demist.data.augmentation import random_bias_field
+
+    images = torch.rand(3, 2, 24, 24, 24) + 0.5
+    out = random_bias_field(images, 0.05, seed=7)
+    field = out / images
+    assert torch.allclose(field[:, 0], field[:, 1])  # one coil: the same field on T1w and FLAIR
+    assert not torch.allclose(field[0], field[1])  # a field of its own per sample
+    assert torch.equal(out, random_bias_field(images, 0.05, seed=7)) and not torch.equal(
+        out, random_bias_field(images, 0.05, seed=8))
+    log_field = field[:, 0].log()
+    assert 0.01 < log_field.std() < 0.2 and log_field.mean().abs() < 0.05  # a few % around 1, no global gain
+    assert (log_field[:, 1:] - log_field[:, :-1]).abs().max() < 0.05  # smooth: < 5 % from one voxel to the next
+    assert random_bias_field(images, 0.0, seed=7) is images
+
+
+def test_alignment_with_a_bias_field_encodes_the_augmented_condition_against_the_true_target() -> None:
+    from types import SimpleNamespace
+
+    from demist.data.augmentation import random_bias_field
+    from demist.models.autoencoder import COND_CHANNELS, PSR_CHANNELS, build_autoencoder
+    from demist.training.losses import alignment_loss
+    from demist.training.stage1 import alignment_stage
+
+    cfg = load_config("tiny", overrides={"autoencoder": {"channels": [8, 8, 8], "norm_num_groups": 4},
+                                         "align": {"bias_field": 0.05}})
+    torch.manual_seed(0)
+    psr_ae, cond_ae = (build_autoencoder(cfg.autoencoder, c) for c in (PSR_CHANNELS, COND_CHANNELS))
+    batch = {"cond": torch.rand(1, 2, 16, 16, 16), "target": torch.rand(1, 1, 16, 16, 16),
+             "brain": torch.ones(1, 1, 16, 16, 16)}
+    stage = alignment_stage(cfg, psr_ae, cond_ae, SimpleNamespace(batch=lambda step: batch))
+    terms = stage.phases[0].loss({"psr_autoencoder": psr_ae, "cond_autoencoder": cond_ae}, batch, 3, {})
+    mu_y = psr_ae.encode(batch["target"])[0]
+    augmented = random_bias_field(batch["cond"], 0.05, cfg.train.seed * 1_000_003 + 3)
+    assert torch.allclose(terms["align"], alignment_loss(cond_ae.encode(augmented)[0], mu_y))
+    assert not torch.allclose(terms["align"], alignment_loss(cond_ae.encode(batch["cond"])[0], mu_y))
+    with pytest.raises(DemistError, match="align.bias_field"):
+        load_config("tiny", overrides={"align": {"bias_field": -0.1}})

@@ -129,6 +129,13 @@ class AlignConfig:
     # L1 of D_PSR(μ_c) against the true PSR in the brain, through the frozen PSR decoder: the latent distance weighs
     # every latent channel alike, the decoded PSR weighs them as the output does (paper: 0, latent distance only)
     image_weight: float
+    # T1w and FLAIR patches times a random smooth field (coefficients of its log-polynomial in ±bias_field), so that
+    # z_c ignores what a bias correction leaves of a scanner's receive field (paper: 0, no augmentation)
+    bias_field: float
+
+    def __post_init__(self) -> None:
+        if not self.bias_field >= 0:
+            raise DemistError(f"config key align.bias_field: got {self.bias_field}; expected ≥ 0 (0: no augmentation)")
 
 
 @dataclass(frozen=True)
@@ -498,6 +505,7 @@ ADDED_KEYS: dict[str, Any] = {
     "autoencoder.norm": "group",
     "sampling.start_strength": 1.0,
     "align.image_weight": 0.0,
+    "align.bias_field": 0.0,
     "demist.timestep_power": 1.0,
     "demist.ema_decay": 0.0,
     "demist.controlnet_output_head": False,

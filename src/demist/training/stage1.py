@@ -25,6 +25,7 @@ from torch import nn
 
 from demist.config import INPUT_SCALING_KEYS, Config, TrainConfig
 from demist.data.manifest import SessionRecord
+from demist.data.augmentation import random_bias_field
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
@@ -116,6 +117,8 @@ def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: n
     def align_loss(m, batch, step, ctx):
         with torch.no_grad():
             mu_psr = m["psr_autoencoder"].encode(batch["target"])[0]
+        if a.bias_field > 0:  # the target stays the true PSR's latent: z_c must not depend on the field
+            batch = {**batch, "cond": random_bias_field(batch["cond"], a.bias_field, cfg.train.seed * 1_000_003 + step)}
         if a.recon_weight > 0:
             weights = voxel_weights(batch["brain"], s1.background_weight)
             recon, mu_cond, sigma = m["cond_autoencoder"](batch["cond"])
