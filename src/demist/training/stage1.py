@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from demist.config import INPUT_SCALING_KEYS, Config, TrainConfig
-from demist.data.manifest import SessionRecord
 from demist.data.augmentation import random_bias_field
+from demist.data.manifest import SessionRecord
 from demist.data.patches import PatchSampler, load_sessions
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
