@@ -109,3 +109,19 @@ def test_runs_agree_on_a_section_whatever_patch_size_each_stage_chose() -> None:
 def test_a_bad_input_scaling_names_its_key(data, key) -> None:
     with pytest.raises(DemistError, match=key):
         load_config("tiny", overrides={"data": data})
+
+
+def test_the_example_configs_in_docs_load_and_fit_together() -> None:
+    """docs/configs/*.toml are what the docs tell users to run: each loads, and its image hint (if any) downsamples
+    the image exactly as its autoencoder does, and its latent patch is a whole number of voxels."""
+    from demist.inference.memory import downsampling
+
+    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.toml"))
+    assert files
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.preset.endswith(path.name)
+        factor = downsampling(cfg)
+        assert all(p % factor == 0 for p in cfg.data.patch_size), path.name
+        if cfg.demist.uses_image_hint:
+            assert 2 ** (len(cfg.demist.hint_channels) - 1) == factor, path.name
