@@ -112,9 +112,10 @@ def test_a_bad_input_scaling_names_its_key(data, key) -> None:
 
 
 def test_the_example_configs_in_docs_load_and_fit_together() -> None:
-    """docs/configs/*.toml are what the docs tell users to run: each loads, and its image hint (if any) downsamples
-    the image exactly as its autoencoder does, and its latent patch is a whole number of voxels."""
+    """docs/configs/*.toml are what the docs tell users to run: each loads, passes Stage 2's own checks (an image hint
+    downsamples as the autoencoder does), and its patch is a whole number of latent voxels."""
     from demist.inference.memory import downsampling
+    from demist.training.stage2 import stage2_config
 
     files = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.toml"))
     assert files
@@ -123,5 +124,4 @@ def test_the_example_configs_in_docs_load_and_fit_together() -> None:
         assert cfg.preset.endswith(path.name)
         factor = downsampling(cfg)
         assert all(p % factor == 0 for p in cfg.data.patch_size), path.name
-        if cfg.demist.uses_image_hint:
-            assert 2 ** (len(cfg.demist.hint_channels) - 1) == factor, path.name
+        assert stage2_config(cfg, None) == cfg, path.name  # raises on a hint that downsamples otherwise

@@ -118,7 +118,7 @@ def alignment_stage(cfg: Config, psr_autoencoder: nn.Module, cond_autoencoder: n
         with torch.no_grad():
             mu_psr = m["psr_autoencoder"].encode(batch["target"])[0]
         if a.bias_field > 0:  # the target stays the true PSR's latent: z_c must not depend on the field
-            batch = {**batch, "cond": random_bias_field(batch["cond"], a.bias_field, cfg.train.seed * 1_000_003 + step)}
+            batch = {**batch, "cond": random_bias_field(batch["cond"], a.bias_field)}  # seeded as every loss's RNG
         if a.recon_weight > 0:
             weights = voxel_weights(batch["brain"], s1.background_weight)
             recon, mu_cond, sigma = m["cond_autoencoder"](batch["cond"])
