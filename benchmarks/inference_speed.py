@@ -9,12 +9,12 @@ For each architecture (`tiny`, `paper`; random weights: timing does not depend o
   each network on the whole volume at once, DDIM-50.
 
 it times the condition encoder, one sampling step (ControlNet + UNet + cross-attention) and the PSR decoder, and
-projects the total for 4 (a distilled student), 10, 25 and 50 steps rather than sampling for hours. The demist path
-times one tile (1 warm-up call, then 2 timed calls) and multiplies by the number of tiles MONAI's sliding window
-visits; the naive path times the whole volume (for `paper` one call, no warm-up: it takes minutes). Every
-measurement runs in a fresh process
-(multiprocessing spawn) holding all three networks, and reports that process's peak resident memory
-(`ru_maxrss`), so peaks never mix; a naive call whose estimated memory exceeds --max-gib is skipped.
+projects the total for 1, 2 and 4 (distilled students), 10, 25 and 50 steps rather than sampling for hours. The
+demist path times one tile (1 warm-up call, then 2 timed calls) and multiplies by the number of tiles MONAI's sliding
+window visits; the naive path times the whole volume (for `paper` one call, no warm-up: it takes minutes). Every
+measurement runs in a fresh process (multiprocessing spawn) holding all three networks, and reports that process's
+peak resident memory (`ru_maxrss`), so peaks never mix; a naive call whose estimated memory exceeds --max-gib is
+skipped.
 
 With --model RUN (a trained tiny DEMIST run) it also measures quality against steps on one held-out session of the
 run's manifest — PSNR of DDIM / DPM-Solver++ samples with 5–50 steps against the DDPM-1000 sample from the same
@@ -50,7 +50,7 @@ from demist.inference.memory import GIB, call_bytes
 
 FULL_1MM = (160, 192, 160)  # a whole brain on the 1 mm model grid
 QUICK_2MM = (80, 96, 80)  # the same brain on the tiny preset's 2 mm grid
-PROJECTED_STEPS = (4, 10, 25, 50)  # 4: a distilled student (`demist train distill`)
+PROJECTED_STEPS = (1, 2, 4, 10, 25, 50)  # 1, 2, 4: distilled students (`demist train distill --student-steps`)
 NAIVE_STEPS = 50
 QUALITY_STEPS = (5, 10, 20, 50)
 PARTS = ("encode", "step", "decode")

@@ -142,3 +142,14 @@ def test_demo_command_passes_its_config_file_to_the_demo(tmp_path, monkeypatch) 
         result = CliRunner().invoke(app, ["--out", str(tmp_path / "d"), *args])
         assert result.exit_code == 0, result.output
         assert (seen["config"].preset, seen["config"].demist.steps) == (preset, steps)
+
+
+def test_the_demo_says_its_time_estimate_is_tinys_when_it_runs_another_config(tmp_path) -> None:
+    """The up-front estimate is measured for `tiny`; a config file that departs from it is told so, not promised it."""
+    from demist.workflows.demo import time_estimate
+
+    toml = tmp_path / "mine.toml"
+    toml.write_text('base = "tiny"\n[demist]\nsteps = 7\n')
+    assert time_estimate(load_config("tiny"), 12) == "Expect about 12 minutes on 2 CPU cores"
+    other = time_estimate(load_config(toml), 12)
+    assert "tiny+mine.toml may take longer" in other and "about 12 minutes" in other

@@ -105,3 +105,14 @@ def test_an_interrupted_distillation_resumes_to_the_same_student(latent_cohort, 
     resumed = train_distill(teacher.path, tmp_path / "resumed", resume=True, **cfg_steps)
     a, b = whole.weights("streams"), resumed.weights("streams")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_that_sees_the_image_is_distilled_and_its_agreement_measured(latent_cohort, tmp_path):
+    """With the image hint both nets get the evaluation patches' T1w + FLAIR, so the agreement is a number."""
+    cfg = load_config("tiny", overrides={**LATENT_OVERRIDES, "distill": {"steps": 1, "batch_size": 2}})
+    assert cfg.demist.uses_image_hint
+    image_teacher = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path,
+                                 latent_cohort["backbone"].path, cfg, tmp_path / "teacher", device="cpu")
+    student = train_distill(image_teacher.path, tmp_path / "student", student_steps=1, device="cpu")
+    before, after = (student.metrics[f"sample_mse_to_teacher_{k}"] for k in ("before", "after"))
+    assert 0 < before < float("inf") and 0 <= after < float("inf")

@@ -15,6 +15,7 @@ from torch import nn
 
 from demist.config import Config
 from demist.errors import DemistError
+from demist.models.autoencoder import downsampling_factor
 
 GIB = 2**30
 #: Memory of the interpreter, torch and MONAI before any network is built.
@@ -27,7 +28,7 @@ DEFAULT_MAX_MEMORY_GIB = 4.0
 
 def downsampling(cfg: Config) -> int:
     """Image voxels per latent voxel along each axis."""
-    return 2 ** (len(cfg.autoencoder.channels) - 1)
+    return downsampling_factor(cfg.autoencoder)
 
 
 def call_bytes(cfg: Config, part: str, spatial: Sequence[int], plain_attention: bool = False) -> float:

@@ -91,12 +91,16 @@ def student_config(teacher: RunInfo, student_steps: int | None, max_steps: int |
 
 @torch.no_grad()
 def sample_agreement(student: Callable, teacher: Callable, z_c: torch.Tensor, schedule: NoiseSchedule,
-                     cfg: Config, seed: int = 0) -> float:
-    """Latent MSE between the student's N-step DDIM samples and the teacher's own samples, from the same noise."""
+                     cfg: Config, seed: int = 0, student_hint: torch.Tensor | None = None,
+                     teacher_hint: torch.Tensor | None = None) -> float:
+    """Latent MSE between the student's N-step DDIM samples and the teacher's own samples, from the same noise;
+    the hints are each net's `embed_image` of the patches, for nets whose ControlNet also sees the image."""
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn(z_c.shape, generator=generator).to(z_c.device)
-    ours = SAMPLERS[STUDENT_SAMPLER](lambda x, t: student(x, t, z_c), x_T, schedule, cfg.distill.student_steps)
-    theirs = SAMPLERS[cfg.sampling.sampler](lambda x, t: teacher(x, t, z_c), x_T, schedule, cfg.sampling.steps)
+    ours = SAMPLERS[STUDENT_SAMPLER](lambda x, t: student(x, t, z_c, student_hint), x_T, schedule,
+                                     cfg.distill.student_steps)
+    theirs = SAMPLERS[cfg.sampling.sampler](lambda x, t: teacher(x, t, z_c, teacher_hint), x_T, schedule,
+                                            cfg.sampling.steps)
     return float(((ours - theirs) ** 2).mean())
 
 
@@ -152,8 +156,10 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
     stage = Stage(name="distill", modules={"streams": streams},
                   phases=[Phase("student", optimizer, loss, warmup_cosine(optimizer, d.steps))],
                   batch=data.sampler.batch, steps=d.steps)
-    z_eval = torch.cat([b["z_c"] for b in data.sampler.evaluation_batches()])
-    before = _agreement(net, teacher_net, z_eval, schedule, cfg)
+    eval_batches = data.sampler.evaluation_batches()
+    z_eval = torch.cat([b["z_c"] for b in eval_batches])
+    image_eval = torch.cat([b["cond"] for b in eval_batches]) if net.uses_image else None
+    before = _agreement(net, teacher_net, z_eval, image_eval, schedule, cfg)
     logger.info("distill: student %s-%d from the teacher's %s-%d, timesteps %s; %d steps of batch %d",
                 STUDENT_SAMPLER, d.student_steps, cfg.sampling.sampler, cfg.sampling.steps, student_t, d.steps,
                 d.batch_size)
@@ -161,7 +167,7 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
                    weights_metadata=weights_metadata(cfg, DEMIST_STAGE))
     written = None
     if result.is_main_process:
-        after = _agreement(net, teacher_net, z_eval, schedule, cfg)
+        after = _agreement(net, teacher_net, z_eval, image_eval, schedule, cfg)
         logger.info("distill: latent MSE of the student's %d-step samples to the teacher's, %.4g at the start "
                     "(the teacher's streams), %.4g after", d.student_steps, before, after)
         student = cfg.replace(sampling=dataclasses.replace(cfg.sampling, sampler=STUDENT_SAMPLER,
@@ -178,14 +184,17 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
     return written
 
 
-def _agreement(net: DemistNet, teacher_net: DemistNet, z_c: torch.Tensor, schedule: NoiseSchedule,
-               cfg: Config) -> float:
-    if net.uses_image:  # the evaluation batches carry no image patches; the agreement is reported without them
-        return float("nan")
+def _agreement(net: DemistNet, teacher_net: DemistNet, z_c: torch.Tensor, image: torch.Tensor | None,
+               schedule: NoiseSchedule, cfg: Config) -> float:
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device  # after training, wherever the loop put it (a GPU)
+    teacher_net.to(device)
     try:
-        return sample_agreement(net, teacher_net.to(device), z_c.to(device), schedule, cfg)
+        with torch.no_grad():
+            hints = ((None, None) if image is None else
+                     (net.embed_image(image.to(device)), teacher_net.embed_image(image.to(device))))
+        return sample_agreement(net, teacher_net, z_c.to(device), schedule, cfg, student_hint=hints[0],
+                                teacher_hint=hints[1])
     finally:
         net.train(was_training)

@@ -29,6 +29,7 @@ from torch import nn
 from demist.config import STREAM_SWITCHES, Config
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
+from demist.models.autoencoder import downsampling_factor
 from demist.models.demist_net import DemistNet
 from demist.models.from_runs import DEMIST_STAGE
 from demist.runs import RunInfo
@@ -107,7 +108,7 @@ def stage2_config(cfg: Config, max_steps: int | None, streams_off: Collection[st
     if not any(getattr(demist, switch) for switch in switches):
         raise DemistError(f"{' '.join(f'--no-{s}' for s in switches)}: all streams are off, so nothing conditions the "
                           f"backbone; expected at least one of {', '.join(switches)}")
-    factor = 2 ** (len(cfg.autoencoder.channels) - 1)
+    factor = downsampling_factor(cfg.autoencoder)
     if demist.uses_image_hint and 2 ** (len(demist.hint_channels) - 1) != factor:
         raise DemistError(f"config key demist.hint_channels: {list(demist.hint_channels)} downsamples the image "
                           f"{2 ** (len(demist.hint_channels) - 1)}×; expected {factor}× like the autoencoder, i.e. "

@@ -121,6 +121,15 @@ def _step(out: Path, name: str, done: Path, action: Callable[[], object], expect
     return _record(out, name, minutes)
 
 
+def time_estimate(cfg: Config, tiny_minutes: float) -> str:
+    """What the demo says up front about its duration: the step estimates are the `tiny` preset's, and another
+    config's (finer latents, more steps) can take several times longer."""
+    if cfg == load_config("tiny"):
+        return f"Expect about {tiny_minutes:.0f} minutes on 2 CPU cores"
+    return (f"With the tiny preset this takes about {tiny_minutes:.0f} minutes on 2 CPU cores; config {cfg.preset} "
+            "may take longer")
+
+
 def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto") -> Path:
     """Run every step of the demo (see the module docstring); returns the report's path."""
     from demist.baselines.ridge import train_ridge
@@ -142,11 +151,11 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
         raise DemistError(f"--seed {plan.seed}: the prior {prior.path} was pretrained on the cohort of this seed; "
                           "expected another seed (or --prior none)")
     expected = EXPECTED_MINUTES if prior is None else EXPECTED_MINUTES_WITH_PRIOR
-    total = sum(expected.values()) if plan.max_steps is None else 3
+    estimate = time_estimate(cfg, sum(expected.values()) if plan.max_steps is None else 3)
     log.info("demo: %d synthetic subjects at %.0f mm, %d held out; %s; train DEMIST and ridge; synthesize and "
-             "evaluate. Expect about %.0f minutes on 2 CPU cores. Output: %s", plan.subjects, cfg.data.spacing,
-             plan.held_out, "train Stage 1 and the backbone" if prior is None else
-             f"autoencoders and backbone from the prior {prior.path}, align E_cond", total, plan.out)
+             "evaluate. %s. Output: %s", plan.subjects, cfg.data.spacing, plan.held_out,
+             "train Stage 1 and the backbone" if prior is None else
+             f"autoencoders and backbone from the prior {prior.path}, align E_cond", estimate, plan.out)
 
     def step(name: str, done: Path, action: Callable[[], object]) -> float:
         return _step(plan.out, name, done, action, expected.get(name, 1))
