@@ -68,7 +68,8 @@ def evaluate(stage1_dir: Path, cond_ae_dir: Path, sessions) -> dict[str, float]:
             "psr_psnr": psr_metrics["psnr"], "psr_ssim": psr_metrics["ssim"],
             "t1w_psnr": image_metrics(cond[0], session.t1w, brain)["psnr"],
             "flair_psnr": image_metrics(cond[1], session.flair, brain)["psnr"],
-            "align_mse_before": float(((mu_c0 - mu_y) ** 2).mean()), "align_mse_after": float(((mu_c - mu_y) ** 2).mean()),
+            "align_mse_before": float(((mu_c0 - mu_y) ** 2).mean()),
+            "align_mse_after": float(((mu_c - mu_y) ** 2).mean()),
             "align_relative_before": float(((mu_c0 - mu_y) ** 2).mean() / mu_y.var()),
             "align_relative_after": float(((mu_c - mu_y) ** 2).mean() / mu_y.var()),
             "psr_from_cond_latent_psnr": image_metrics(from_cond, session.psr, brain)["psnr"],
@@ -80,7 +81,8 @@ def evaluate(stage1_dir: Path, cond_ae_dir: Path, sessions) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     manifest = args.cohort
     if manifest is None:
@@ -116,7 +118,8 @@ def main() -> None:
           f"{figures['align_mse_after']:.4g} after (relative to var μ_y: {figures['align_relative_before']:.3f} -> "
           f"{figures['align_relative_after']:.3f}); training patches: {figures['train_align_mse_before']:.4g} -> "
           f"{figures['train_align_mse_after']:.4g}")
-    print(f"  D_PSR(μ_c) against PSR (the aligned condition latent alone): {figures['psr_from_cond_latent_psnr']:.2f} dB")
+    print("  D_PSR(μ_c) against PSR (the aligned condition latent alone): "
+          f"{figures['psr_from_cond_latent_psnr']:.2f} dB")
     print(f"  latent scale factor {figures['latent_scale_factor']:.4g}")
     print("  PASS" if figures["psr_psnr"] >= TARGET_PSNR and figures["align_mse_after"] < figures["align_mse_before"]
           else "  FAIL")

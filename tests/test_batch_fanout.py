@@ -58,5 +58,6 @@ def test_two_processes_write_what_one_writes_and_log_the_bad_session(tmp_path: P
     assert log_one == (tmp_path / "two" / "synthesis_log.csv").read_text()
     rows_logged = list(csv.DictReader(log_one.splitlines()))
     assert [r["session"] for r in rows_logged] == ["s1/a", "s2/a", "s3/a", "s4/a", "s5/a"]
-    assert [r["status"] for r in rows_logged] == ["written"] * 4 + ["failed"] and "4 dimensions" in rows_logged[-1]["reason"]
+    assert [r["status"] for r in rows_logged] == ["written"] * 4 + ["failed"]
+    assert "4 dimensions" in rows_logged[-1]["reason"]
     assert not (tmp_path / "two" / "s5").exists()

@@ -126,7 +126,8 @@ def test_manifest_errors(small_manifest, edit, fragment):
     text = small_manifest.read_text()
     if "extra" in fragment:
         lines = text.splitlines()
-        text = "\n".join([lines[0].replace("subject,", "subject,extra,", 1)] + [",".join([l.split(",")[0], "x", *l.split(",")[1:]]) for l in lines[1:]])
+        rows = [",".join([row.split(",")[0], "x", *row.split(",")[1:]]) for row in lines[1:]]
+        text = "\n".join([lines[0].replace("subject,", "subject,extra,", 1)] + rows)
     else:
         text = edit(text)
     small_manifest.write_text(text)

@@ -32,8 +32,8 @@ def test_a_fresh_ftldm_is_exactly_the_backbone_whatever_the_condition():
 
 @pytest.fixture(scope="module")
 def ftldm_run(latent_cohort):
-    return train_ftldm(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG,
-                       latent_cohort["root"] / "ftldm", device="cpu")
+    return train_ftldm(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path,
+                       LATENT_CFG, latent_cohort["root"] / "ftldm", device="cpu")
 
 
 def test_ftldm_fine_tunes_the_whole_unet_and_records_its_parents(latent_cohort, ftldm_run):
@@ -67,7 +67,8 @@ def test_ftldm_trains_from_the_command_line_and_is_a_cv_method(latent_cohort, tm
     app.command("ftldm")(train_command("ftldm"))
     app.command("unused")(lambda: None)  # two commands: typer keeps the subcommand name
     args = ["ftldm", "--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path),
-            "--backbone", str(latent_cohort["backbone"].path), "--config", str(latent_toml_config(tmp_path / "small.toml")),
+            "--backbone", str(latent_cohort["backbone"].path),
+            "--config", str(latent_toml_config(tmp_path / "small.toml")),
             "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "ft")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -16,7 +16,8 @@ from demist.runs import RUN_FILE, load_weights, read_run, save_weights, sha256_f
 
 def toy_state(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {"conv.weight": torch.randn(4, 2, 3, 3, 3, generator=generator), "conv.bias": torch.randn(4, generator=generator),
+    return {"conv.weight": torch.randn(4, 2, 3, 3, 3, generator=generator),
+            "conv.bias": torch.randn(4, generator=generator),
             "steps": torch.tensor([7], dtype=torch.int64)}
 
 

@@ -25,6 +25,12 @@ from demist.training.backbone import train_backbone
 from demist.training.checkpoint import latest_checkpoint
 from demist.training.stage2 import train_demist
 
+
+def trained_inputs(latent_cohort) -> tuple:
+    """The manifest, Stage-1 run and backbone run a Stage-2 training takes."""
+    return latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path
+
+
 def test_backbone_trains_and_writes_a_loadable_run(latent_cohort):
     run = latent_cohort["backbone"]
     assert (run.method, run.stage, run.prediction_type) == ("demist", "backbone", "sample")
@@ -40,9 +46,11 @@ def test_backbone_trains_and_writes_a_loadable_run(latent_cohort):
     assert run.metrics["eval_denoising_mse_after"]["mean"] < run.metrics["eval_denoising_mse_before"]["mean"]
 
 
+
 def test_unknown_training_subjects_are_refused(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="subjects s9: not in manifest"):
-        train_backbone(latent_cohort["manifest"], latent_cohort["stage1"].path, LATENT_CFG, tmp_path / "bb", subjects=["s9"])
+        train_backbone(latent_cohort["manifest"], latent_cohort["stage1"].path, LATENT_CFG, tmp_path / "bb",
+                       subjects=["s9"])
 
 
 class RecordingNet(stage2.DemistNet):
@@ -63,8 +71,7 @@ def demist_run(latent_cohort):
     file = latent_cohort["backbone"].path / "unet.safetensors"
     before = (sha256_file(file), file.stat().st_mtime_ns)
     try:
-        run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG,
-                           latent_cohort["root"] / "demist", device="cpu")
+        run = train_demist(*trained_inputs(latent_cohort), LATENT_CFG, latent_cohort["root"] / "demist", device="cpu")
     finally:
         patch.undo()
     return run, RecordingNet.last, before
@@ -157,7 +164,7 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
 
 
 def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
-    run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "abl",
+    run = train_demist(*trained_inputs(latent_cohort), LATENT_CFG, tmp_path / "abl",
                        max_steps=1, device="cpu", streams_off=["controlnet"], subjects=["s2"])
     assert run.method == "demist-no-controlnet"
     assert run.config.demist.controlnet is False and run.config.demist.steps == 1
@@ -168,7 +175,7 @@ def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
 
 def test_finetuning_the_condition_encoder_adds_the_alignment_term(latent_cohort, tmp_path):
     cfg = LATENT_CFG.replace(demist=dataclasses.replace(LATENT_CFG.demist, finetune_cond_encoder=True))
-    run = train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, cfg, tmp_path / "ft",
+    run = train_demist(*trained_inputs(latent_cohort), cfg, tmp_path / "ft",
                        max_steps=1, device="cpu", streams_off=["controlnet"])
     curve = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert curve[0]["align"] > 0
@@ -180,7 +187,7 @@ def test_finetuning_the_condition_encoder_adds_the_alignment_term(latent_cohort,
 
 def test_all_streams_off_is_refused(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="all streams are off"):
-        train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "x",
+        train_demist(*trained_inputs(latent_cohort), LATENT_CFG, tmp_path / "x",
                      streams_off=["crossattn", "controlnet", "lora"])
 
 
@@ -193,25 +200,26 @@ def bundle_file(folder: Path) -> Path:
 
 def test_bundle_backbone_refused_with_a_stage1_not_initialised_from_the_bundle(latent_cohort, tmp_path):
     with pytest.raises(DemistError, match="was not initialised from the bundle autoencoder"):
-        train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, bundle_file(tmp_path), LATENT_CFG, tmp_path / "x",
-                     device="cpu")
+        train_demist(latent_cohort["manifest"], latent_cohort["stage1"].path, bundle_file(tmp_path), LATENT_CFG,
+                     tmp_path / "x", device="cpu")
 
 
 def test_bundle_backbone_trains_with_epsilon_and_records_the_file(latent_cohort, tmp_path):
     stage1 = random_stage1_run(tmp_path / "bundled", init_bundle="/models/autoencoder.pt", seed=1)  # another PSR latent
     bundle = bundle_file(tmp_path)
-    run = train_demist(latent_cohort["manifest"], stage1.path, bundle, LATENT_CFG, tmp_path / "run", max_steps=1, device="cpu",
-                       streams_off=["crossattn"])
+    run = train_demist(latent_cohort["manifest"], stage1.path, bundle, LATENT_CFG, tmp_path / "run", max_steps=1,
+                       device="cpu", streams_off=["crossattn"])
     assert run.prediction_type == "epsilon" and run.config.diffusion.prediction_type == "epsilon"
     assert "backbone" not in run.parents
     assert run.training["backbone_bundle"]["sha256"] == sha256_file(bundle)
     assert build_inference_networks(run).prediction_type == "epsilon"
     with pytest.raises(DemistError, match="was pretrained in the latent of another PSR autoencoder"):
-        train_demist(latent_cohort["manifest"], stage1.path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "y", device="cpu")
+        train_demist(latent_cohort["manifest"], stage1.path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "y",
+                     device="cpu")
 
 
 def test_interrupted_training_resumes_to_the_same_weights(latent_cohort, demist_run, tmp_path, monkeypatch):
-    args = (latent_cohort["manifest"], latent_cohort["stage1"].path, latent_cohort["backbone"].path, LATENT_CFG, tmp_path / "resumed")
+    args = (*trained_inputs(latent_cohort), LATENT_CFG, tmp_path / "resumed")
     interrupt_latent_batches(monkeypatch, at_step=2)
     with pytest.raises(Interrupted):
         train_demist(*args, device="cpu")
@@ -229,8 +237,8 @@ def test_commands_train_through_the_command_line(latent_cohort, tmp_path):
     app.command("backbone")(backbone_command)
     app.command("demist")(train_command("demist"))
     config = latent_toml_config(tmp_path / "small.toml")
-    common = ["--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path), "--config", str(config),
-              "--max-steps", "1", "--device", "cpu"]
+    common = ["--manifest", str(latent_cohort["manifest"]), "--stage1", str(latent_cohort["stage1"].path),
+              "--config", str(config), "--max-steps", "1", "--device", "cpu"]
     result = CliRunner().invoke(app, ["backbone", *common, "--out", str(tmp_path / "bb")])
     assert result.exit_code == 0, result.output
     assert "backbone:" in result.output and read_run(tmp_path / "bb").stage == "backbone"

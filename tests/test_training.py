@@ -36,7 +36,8 @@ TOY_SCRIPT = textwrap.dedent('''
     from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out"); parser.add_argument("--steps", type=int); parser.add_argument("--crash-at", type=int, default=-1)
+    parser.add_argument("--out"); parser.add_argument("--steps", type=int)
+    parser.add_argument("--crash-at", type=int, default=-1)
     parser.add_argument("--accumulation", type=int, default=1); parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -57,10 +58,12 @@ TOY_SCRIPT = textwrap.dedent('''
 
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     stage = Stage("toy", {"net": net}, [Phase("net", opt, loss, warmup_cosine(opt, args.steps))], batch, args.steps)
-    cfg = TrainConfig(seed=0, mixed_precision="no", gradient_accumulation=args.accumulation, checkpoint_every=2, log_every=1)
+    cfg = TrainConfig(seed=0, mixed_precision="no", gradient_accumulation=args.accumulation, checkpoint_every=2,
+                      log_every=1)
     result = train(stage, args.out, cfg, device="cpu", resume=args.resume, weights_metadata={"config": "toy"})
     rank = int(os.environ.get("RANK", "0"))
-    save_weights(os.path.join(args.out, f"final-rank{rank}.safetensors"), net.state_dict(), {"processes": str(result.processes)})
+    save_weights(os.path.join(args.out, f"final-rank{rank}.safetensors"), net.state_dict(),
+                 {"processes": str(result.processes)})
 ''')
 
 

@@ -106,7 +106,8 @@ class Stage1Config:
     kl_weight: float
     edge_weight: float
     adv_weight: float
-    adv_start: int  # step at which the discriminator and the adversarial term switch on (the condition AE: same fraction)
+    # step at which the discriminator and the adversarial term switch on (the condition AE: same fraction)
+    adv_start: int
     background_weight: float  # weight of voxels outside the brain mask in the reconstruction loss
     disc_channels: int
     disc_layers: int

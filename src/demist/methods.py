@@ -209,8 +209,8 @@ def load_synthesizer(run_dir: str | Path, **options: Any):  # -> demist.inferenc
     method = METHODS.get(run.method) or (METHODS["demist"] if run.method.startswith("demist-no-") else None)
     if method is None or run.stage != method.stage:
         raise DemistError(
-            f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; expected the run "
-            "directory of `demist train demist`, of `demist train ftldm` or of a baseline")
+            f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; "
+            "expected the run directory of `demist train demist`, of `demist train ftldm` or of a baseline")
     return method.load(run, **{k: v for k, v in options.items() if k in method.load_options and v is not None})
 
 

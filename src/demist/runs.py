@@ -80,7 +80,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except FileNotFoundError:
         raise DemistError(f"{path}: weights file not found") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: same meaning for the user
-        raise DemistError(f"{path}: not a readable safetensors file ({exc}); expected weights written by demist") from None
+        raise DemistError(f"{path}: not a readable safetensors file ({exc}); "
+                          "expected weights written by demist") from None
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def read_run(run_dir: str | Path, stages: str | Sequence[str] | None = None, wha
     try:
         payload = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DemistError(f"{label}: {RUN_FILE} is not readable JSON ({exc}); expected a file written by demist") from None
+        raise DemistError(f"{label}: {RUN_FILE} is not readable JSON ({exc}); "
+                          "expected a file written by demist") from None
     if not isinstance(payload, dict) or payload.get("format") != RUN_FORMAT:
         raise DemistError(f"{label}: {RUN_FILE} is not a demist run description; expected format {RUN_FORMAT!r}")
     version = payload.get("format_version")
@@ -226,4 +228,5 @@ def _warn_changed_parents(parents: Mapping[str, Mapping[str, str]], label: str) 
     for role, parent in parents.items():
         path = Path(parent.get("path", "")) / RUN_FILE
         if path.is_file() and sha256_file(path) != parent.get("sha256"):
-            logger.warning("%s: its parent %s (%s) has changed since this run was built on it", label, role, path.parent)
+            logger.warning("%s: its parent %s (%s) has changed since this run was built on it", label, role,
+                           path.parent)

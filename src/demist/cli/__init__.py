@@ -51,7 +51,8 @@ def _mount_subcommands() -> None:
         app.command(name)(command)
     for name, command in training.items():
         train.train_app.command(name)(command)
-    app.add_typer(train.train_app, name="train", help="Train Stage 1, the backbone, DEMIST, its distilled student or a baseline.")
+    app.add_typer(train.train_app, name="train",
+                  help="Train Stage 1, the backbone, DEMIST, its distilled student or a baseline.")
 
 
 def main() -> None:

@@ -21,9 +21,12 @@ def synthesize_command(
     t1w: Optional[Path] = typer.Option(None, "--t1w", help="T1w (MPRAGE) NIfTI, skull-stripped or with --mask."),
     flair: Optional[Path] = typer.Option(None, "--flair", help="FLAIR NIfTI (any grid covering the same anatomy)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output PSR NIfTI (on the T1w's grid)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask; needed when the inputs are not skull-stripped."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Batch form: synthesize every session of a manifest."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Batch form: writes OUT/<subject>/<session>/psr.nii.gz."),
+    mask: Optional[Path] = typer.Option(None, "--mask",
+                                        help="Brain mask; needed when the inputs are not skull-stripped."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest",
+                                            help="Batch form: synthesize every session of a manifest."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir",
+                                           help="Batch form: writes OUT/<subject>/<session>/psr.nii.gz."),
     bids: Optional[Path] = typer.Option(None, "--bids", help="BIDS form: every session `demist preprocess --bids` "
                                         "prepared, written as DIR/derivatives/demist/.../*_desc-demist_PSRmap.nii.gz "
                                         "with a JSON sidecar."),

@@ -127,8 +127,8 @@ def stage1(
 def prior_command(
     out: Path = typer.Option(..., "--out", help="Folder for the prior's cohort, its runs and the prior (OUT/prior)."),
     config: str = CONFIG,
-    subjects: Optional[int] = typer.Option(None, "--subjects", min=2,
-                                           help="Synthetic subjects to pretrain on (default: the shipped prior's, 40)."),
+    subjects: Optional[int] = typer.Option(
+        None, "--subjects", min=2, help="Synthetic subjects to pretrain on (default: the shipped prior's, 40)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prior's synthetic cohort, apart from the "
                                        "seeds of the cohorts you evaluate on (default: the shipped prior's, 1000)."),
     max_steps: Optional[int] = MAX_STEPS,

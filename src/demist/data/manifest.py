@@ -80,10 +80,12 @@ def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair")) -
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise DemistError(f"manifest {path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+        raise DemistError(f"manifest {path}: missing column(s) {', '.join(missing)}; "
+                          f"found {', '.join(header) or 'none'}")
     unknown = [c for c in header if c not in MANIFEST_COLUMNS]
     if unknown:
-        raise DemistError(f"manifest {path}: unknown column(s) {', '.join(unknown)}; allowed: {', '.join(MANIFEST_COLUMNS)}")
+        raise DemistError(f"manifest {path}: unknown column(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(MANIFEST_COLUMNS)}")
     root = path.parent
     records: list[SessionRecord] = []
     seen: set[str] = set()

@@ -22,7 +22,8 @@ from demist.errors import DemistError
 logger = logging.getLogger(__name__)
 
 
-def load_sessions(records: Sequence[SessionRecord], data_cfg: DataConfig, need_target: bool = True) -> list[PreparedSession]:
+def load_sessions(records: Sequence[SessionRecord], data_cfg: DataConfig,
+                  need_target: bool = True) -> list[PreparedSession]:
     """Prepare every session of a manifest (a progress bar when there are many)."""
     from tqdm.auto import tqdm
 

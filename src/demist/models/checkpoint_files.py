@@ -10,7 +10,8 @@ import torch
 from demist.errors import DemistError
 
 
-def read_state_dict(path: str | Path, what: str, wrappers: Sequence[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, what: str,
+                    wrappers: Sequence[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
     """A state dict of tensors from `path` (torch.save with tensors only, or safetensors).
 
     `what` names the file in errors ("backbone checkpoint"); `wrappers` are container keys to look inside.

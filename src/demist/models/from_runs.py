@@ -117,7 +117,8 @@ def load_frozen_backbone(backbone: str | Path, cfg: Config, stage1: Stage1Parts,
         if stage1_bundle_init(stage1.run) is None:
             raise DemistError(f"--backbone {path}: is a MONAI bundle checkpoint, but the PSR autoencoder of --stage1 "
                               f"{stage1.run.path} was not initialised from the bundle autoencoder (or no record says "
-                              "so); expected a Stage-1 run trained with --init-bundle, or a `demist train backbone` run")
+                              "so); expected a Stage-1 run trained with --init-bundle, or a `demist train backbone` "
+                              "run")
         unet, report = load_backbone_checkpoint(path, cfg.unet, cfg.autoencoder.latent_channels, use_flash_attention)
         if cfg.diffusion.prediction_type != BUNDLE_PREDICTION_TYPE:
             logger.info("--backbone %s: a bundle UNet predicts %s; config diffusion.prediction_type %s replaced",

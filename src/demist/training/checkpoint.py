@@ -2,9 +2,9 @@
 
 Weights are safetensors with string metadata (`demist.runs.save_weights`: the resolved config travels with every
 file). A checkpoint is one folder `checkpoints/step-<N>/` holding each module's weights and `training_state.pt`
-(optimizer and scheduler states, step, seed); it is assembled under a temporary name and renamed into place, so a run killed at any moment
-leaves either the previous checkpoint or the new one, never half of one. The random state needs no saving: the loop
-reseeds before every loss evaluation from (seed, step, shard, phase).
+(optimizer and scheduler states, step, seed); it is assembled under a temporary name and renamed into place, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never half of one. The random state
+needs no saving: the loop reseeds before every loss evaluation from (seed, step, shard, phase).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 The diffusion stages learn in the latent of the frozen Stage-1 encoders. Encoding every training patch anew, window
 by window, cost more than the diffusion step itself. Here each session is encoded once, whole, in overlapping
 windows of the autoencoders' training patch size (`encode_volume`), the way `demist synthesize` encodes a volume
-(there in tiles, bf16 where the CPU has it), so the diffusion stages learn on latents like those they will meet. A patch is then
-a latent crop plus the image crop it covers (for the edge term), drawn as a pure function of (seed, step, shard)
-like `PatchSampler`, so resume stays exact.
+(there in tiles, bf16 where the CPU has it), so the diffusion stages learn on latents like those they will meet. A
+patch is then a latent crop plus the image crop it covers (for the edge term), drawn as a pure function of (seed,
+step, shard) like `PatchSampler`, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def encode_sessions(sessions: Sequence[PreparedSession], encoders: dict[str, tup
         out.append(LatentSession(session.key, kept, latents))
     for model, _ in encoders.values():
         model.cpu()
-    logger.info("encoded %d sessions into latents of %s voxels (first session)", len(out),
-                "x".join(str(s) for s in next(iter(out[0].latents.values())).shape[1:]) if out and out[0].latents else "-")
+    first = "x".join(str(s) for s in next(iter(out[0].latents.values())).shape[1:]) if out and out[0].latents else "-"
+    logger.info("encoded %d sessions into latents of %s voxels (first session)", len(out), first)
     return out
 
 

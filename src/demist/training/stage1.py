@@ -233,7 +233,8 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
     run = None
     if result.is_main_process:
         psnr = patch_psnr(autoencoder.eval(), evaluation_batches(sampler), key)
-        logger.info("%s: PSNR %.2f dB inside the brain on evaluation patches of the training sessions", stage.name, psnr)
+        logger.info("%s: PSNR %.2f dB inside the brain on evaluation patches of the training sessions", stage.name,
+                    psnr)
         run = write_run(out, method="demist", stage=stage.name, config=cfg,
                         components={"autoencoder": autoencoder.state_dict()},
                         training=training_record(result, sessions, init_bundle=str(init_bundle or "") or None),
