@@ -22,6 +22,7 @@ from pathlib import Path
 
 from demist.config import load_config
 from demist.data.phantom import generate_cohort
+from demist.inference.base import MEAN_SAMPLES
 from demist.methods import parse_methods
 from demist.workflows.cv import run_cv
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--prior", default="embedded", help="embedded, none or a prior directory (see demist cv)")
     parser.add_argument("--cpu-minutes", type=float, default=BUDGET_CPU_MIN,
                         help="training budget of each method per fold, in CPU-minutes")
+    parser.add_argument("--mean-samples", type=int, default=MEAN_SAMPLES,
+                        help="DEMIST's demist-meanK row averages this many samples (0 or 1: no such row)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -85,10 +88,11 @@ def main() -> None:
         print(f"{name}: {getattr(config, section).steps} steps ({args.cpu_minutes:g} CPU-minutes per fold)")
     table = run_cv(cohort / "manifest.csv", args.out / "cv", parse_methods(args.methods), load_config(config_file),
                    folds=args.folds, seed=args.seed, max_steps=args.max_steps, device=args.device, prior=args.prior,
-                   method_configs=configs)
+                   method_configs=configs, mean_samples=args.mean_samples)
 
     print(f"\ncommand: python benchmarks/cv_comparison.py --out {args.out} --subjects {args.subjects} "
-          f"--folds {args.folds} --methods {args.methods} --prior {args.prior} --cpu-minutes {args.cpu_minutes:g}"
+          f"--folds {args.folds} --methods {args.methods} --prior {args.prior} --cpu-minutes {args.cpu_minutes:g} "
+          f"--mean-samples {args.mean_samples}"
           + (f" --max-steps {args.max_steps}" if args.max_steps else ""))
     print(f"config: {config_file}\n")
     print(table.read_text())

@@ -131,3 +131,27 @@ def test_folds_run_as_separate_processes_and_collected_give_the_same_table(manif
     assert (tmp_path / "split" / "per_session.csv").read_text() == (tmp_path / "single" / "per_session.csv").read_text()
     wrong = subprocess.run(base + ["--fold", "2"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "--fold 2: expected a fold from 0 to 1" in wrong.stderr
+
+
+def test_demist_in_a_fold_brings_its_reference_rows_and_the_mean_of_k_samples(manifest, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from demist.methods import parse_methods
+
+    smoke = CONFIG.replace(data=dataclasses.replace(CONFIG.data, patch_size=(32, 32, 32)),
+                           sampling=dataclasses.replace(CONFIG.sampling, steps=2))
+    summary = run_cv(manifest, tmp_path / "cv", parse_methods("demist"), smoke, folds=2, fold=0, max_steps=2,
+                     prior="embedded", device="cpu", mean_samples=2)
+    scored = json.loads(summary.read_text())["methods"]
+    assert {"demist", "demist-mean2", "ae-ceiling", "aligned-condition"} <= set(scored)
+    predictions = tmp_path / "cv" / "fold-0" / "predictions"
+    single = sorted((predictions / "demist").rglob("psr.nii.gz"))
+    assert single
+    for path in single:
+        mean = nib.load(predictions / "demist-mean2" / path.relative_to(predictions / "demist"))
+        one = nib.load(path)
+        assert np.array_equal(mean.affine, one.affine) and mean.shape == one.shape
+        assert not np.array_equal(mean.get_fdata(), one.get_fdata())  # two samples averaged, not the first one again
+    timings = json.loads((tmp_path / "cv" / "fold-0" / "timings.json").read_text())
+    assert "synthesize demist-mean2" in timings

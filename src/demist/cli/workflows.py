@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from demist.cli.options import DEVICE
+from demist.inference.base import MEAN_SAMPLES
 from demist.methods import METHODS
 
 
@@ -38,7 +39,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of the split."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
-    mean_samples: int = typer.Option(3, "--mean-samples", min=0,
+    mean_samples: int = typer.Option(MEAN_SAMPLES, "--mean-samples", min=0,
                                      help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
     prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "
                               "shipped with demist), none (train them on the cohort) or a prior directory."),
@@ -70,6 +71,9 @@ def cv(
     fold: Optional[int] = typer.Option(None, "--fold", min=0, help="Run only this fold (0-based), as an independent "
                                        "job; merge the finished folds with --collect."),
     collect: bool = typer.Option(False, "--collect", help="Only merge the finished folds in --out into the table."),
+    mean_samples: int = typer.Option(MEAN_SAMPLES, "--mean-samples", min=0,
+                                     help="With DEMIST among the methods: samples averaged in the demist-meanK row "
+                                     "(0 or 1: no such row)."),
     device: str = DEVICE,
 ) -> None:
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
@@ -87,5 +91,5 @@ def cv(
     from demist.methods import parse_methods
 
     result = run_cv(manifest, out, parse_methods(methods), load_config(config), folds=folds, seed=seed,
-                    max_steps=max_steps, device=device, prior=prior, fold=fold)
+                    max_steps=max_steps, device=device, prior=prior, fold=fold, mean_samples=mean_samples)
     typer.echo(f"fold {fold} evaluated: {result}" if fold is not None else result.read_text())

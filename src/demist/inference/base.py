@@ -17,6 +17,13 @@ from demist.data.preprocess import PreparedSession
 #: Diagnostic rows scored beside the methods (`inference.references`): the PSR autoencoder's ceiling and the aligned
 #: condition latent decoded without diffusion. They are never a method, nor the best method a test compares with.
 REFERENCES = ("ae-ceiling", "aligned-condition")
+#: Samples averaged in the "demist-meanK" row that the demo and the cross-validation score beside the single sample.
+MEAN_SAMPLES = 3
+
+
+def mean_row(samples: int) -> str:
+    """The name of the row that averages `samples` DEMIST samples per session."""
+    return f"demist-mean{samples}"
 
 
 class Synthesizer(Protocol):

@@ -4,10 +4,10 @@ Layout of DIR: `splits.json` (seeded, reused on rerun); per fold `fold-K/stage1/
 per fold and shared by every method that needs them), `fold-K/runs/<method>/`, `fold-K/predictions/<method>/`,
 `fold-K/evaluation/`, `fold-K/timings.json` (minutes of each step that ran); then `per_session.csv`, `table.md`
 (with the per-lesion AUC of each method, mean ± SD over folds) and `table.csv` over all folds. When DEMIST is among the
-methods, the reference rows `ae-ceiling` and `aligned-condition` of its run are scored beside it (never tested
-against). Each step
-is skipped when its output is finished and resumed from its last checkpoint when it is not, so an interrupted
-cross-validation continues where it stopped.
+methods, the reference rows `ae-ceiling` and `aligned-condition` of its run, and with `mean_samples` > 1 the mean of
+that many of its samples (`demist-meanK`), are scored beside it (the reference rows are never tested against).
+Each step is skipped when its output is finished and resumed from its last checkpoint when it is not, so an
+interrupted cross-validation continues where it stopped.
 
 Folds can also run as independent jobs (`demist cv --fold K`, e.g. one Slurm array task each, all with the same
 options) and be merged when all have finished (`demist cv --out DIR --collect`); the table is the same as one run's.
@@ -43,6 +43,7 @@ class CVPlan:
     device: str
     prior: object  # a demist.prior.Prior, or None: each fold trains Stage 1 and the backbone
     method_configs: Mapping[str, Config] = field(default_factory=dict)
+    mean_samples: int = 0  # > 1: the first DEMIST run's mean of this many samples is scored as `demist-meanK`
 
     def config_of(self, method: Method) -> Config:
         """The config `method` trains with: its own (an ablation takes its method's), else the shared one."""
@@ -51,7 +52,8 @@ class CVPlan:
 
 def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config, folds: int = 5, seed: int = 0,
            max_steps: int | None = None, device: str = "auto", prior: str = "none",
-           fold: int | None = None, method_configs: Mapping[str, Config] | None = None) -> Path:
+           fold: int | None = None, method_configs: Mapping[str, Config] | None = None,
+           mean_samples: int = 0) -> Path:
     """Cross-validate `methods`; returns the path of the Table-1-like markdown table.
 
     With a `prior` ("embedded" or a prior directory), each fold's Stage 1 is the alignment on the prior's
@@ -59,7 +61,8 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     job, e.g. one task of a Slurm array) and its evaluation summary's path is returned; `collect_cv` then merges the
     finished folds into the table. `method_configs` gives a method (and its ablations) a config of its own for its
     training, e.g. its step count, so that every method gets the same CPU budget; Stage 1 and the backbone use
-    `config`."""
+    `config`. With `mean_samples` > 1, the first DEMIST run's mean of that many samples per session is scored too
+    (`demist-meanK`), as in the demo."""
     from demist.data.manifest import load_manifest, subjects_of
     from demist.evaluation.crossval import load_or_create_splits
     from demist.prior import check_cohort_apart, resolve_prior
@@ -79,7 +82,8 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     unknown = sorted(set(method_configs or {}) - {name for m in methods for name in (m.name, m.ablation_of)})
     if unknown:
         raise DemistError(f"method configs for {', '.join(unknown)}: not among the methods cross-validated")
-    plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen, dict(method_configs or {}))
+    plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen, dict(method_configs or {}),
+                  mean_samples)
     for k in range(len(splits)) if fold is None else (fold,):
         run_fold(plan, k, splits[k], records)
     if fold is not None:
@@ -98,7 +102,8 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
     config, device, max_steps, manifest = plan.config, plan.device, plan.max_steps, plan.manifest
     fold = plan.out / f"fold-{k}"
     train_subjects = [s for s in subjects_of(records) if s not in set(test_subjects)]
-    test_keys = [r.key for r in select_subjects(records, test_subjects)]
+    held_out = select_subjects(records, test_subjects)
+    test_keys = [r.key for r in held_out]
     log.info("fold %d: %d training subjects, %d held-out sessions", k, len(train_subjects), len(test_keys))
     stage1 = fold / "stage1" / "stage1"
     backbone = fold / "backbone" if plan.prior is None else plan.prior.backbone
@@ -117,6 +122,10 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
         with timed(fold, "backbone"):
             train_backbone(manifest, stage1, config, backbone, max_steps=max_steps, device=device,
                            resume=True, subjects=train_subjects)
+
+    def unfinished(predictions_dir: Path) -> bool:
+        return any(not output_path(predictions_dir, r.subject, r.session).exists() for r in held_out)
+
     predictions = {}
     for method in plan.methods:
         run = fold / "runs" / method.name
@@ -126,21 +135,27 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
                 method.train(TrainJob(manifest, plan.config_of(method), run, stage1=stage1, backbone=backbone,
                                       subjects=train_subjects, max_steps=max_steps, device=device, resume=True))
         predictions[method.name] = fold / "predictions" / method.name
-        pending = [r for r in select_subjects(records, test_subjects)
-                   if not output_path(predictions[method.name], r.subject, r.session).exists()]
-        with timed(fold, f"synthesize {method.name}") if pending else nullcontext():
+        with timed(fold, f"synthesize {method.name}") if unfinished(predictions[method.name]) else nullcontext():
             summary = synthesize_manifest(load_synthesizer(run, device=device), manifest,
                                           predictions[method.name], sessions=test_keys)
         if summary.failed:
             raise DemistError(f"fold {k}: {method.name} failed on {', '.join(summary.failed)}")
     demist_runs = [m.name for m in plan.methods if m.name.startswith("demist")]
-    if demist_runs:  # the reference rows of the (first) DEMIST run
-        from demist.inference.base import REFERENCES
+    if demist_runs:  # the reference rows, and the mean of K samples, of the (first) DEMIST run
+        from demist.inference.base import REFERENCES, mean_row
         from demist.inference.references import synthesize_references
 
+        demist = load_synthesizer(fold / "runs" / demist_runs[0], device=device)
+        if plan.mean_samples > 1:
+            row = mean_row(plan.mean_samples)
+            predictions[row] = fold / "predictions" / row
+            with timed(fold, f"synthesize {row}") if unfinished(predictions[row]) else nullcontext():
+                summary = synthesize_manifest(demist, manifest, predictions[row], samples=plan.mean_samples,
+                                              sessions=test_keys)
+            if summary.failed:
+                raise DemistError(f"fold {k}: {row} failed on {', '.join(summary.failed)}")
         references = {name: fold / "predictions" / name for name in REFERENCES}
-        for name, summary in synthesize_references(load_synthesizer(fold / "runs" / demist_runs[0], device=device),
-                                                   manifest, references, sessions=test_keys).items():
+        for name, summary in synthesize_references(demist, manifest, references, sessions=test_keys).items():
             if summary.failed:
                 raise DemistError(f"fold {k}: reference row {name} failed on {', '.join(summary.failed)}")
         predictions.update(references)

@@ -20,6 +20,7 @@ from typing import Callable
 from demist.atomic import atomic_write
 from demist.config import Config, load_config
 from demist.errors import DemistError
+from demist.inference.base import MEAN_SAMPLES, REFERENCES, mean_row
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "
                     "evaluation": 1}
 #: With a prior, Stage 1 is the alignment alone and the backbone is the prior's.
 EXPECTED_MINUTES_WITH_PRIOR = {**EXPECTED_MINUTES, "stage1": 3, "backbone": 0}
-#: Samples averaged in the demo's "demist-meanK" row (beside the single sample) unless the plan says otherwise.
-MEAN_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,6 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.evaluation.evaluate import evaluate_predictions
     from demist.inference.batch import synthesize_manifest
     from demist.methods import load_synthesizer
-    from demist.inference.base import REFERENCES
     from demist.inference.references import synthesize_references
     from demist.prior import align_to_prior, resolve_prior
     from demist.training.backbone import train_backbone
@@ -189,7 +187,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
         plan.manifest, cfg, ridge, subjects=train_subjects))
     start, written = time.perf_counter(), 0
     demist_synthesizer = load_synthesizer(demist, device=device)
-    mean_rows = [(f"demist-mean{plan.mean_samples}", demist_synthesizer, plan.mean_samples)
+    mean_rows = [(mean_row(plan.mean_samples), demist_synthesizer, plan.mean_samples)
                  ] if plan.mean_samples > 1 else []
     for method, synthesizer, samples in (("demist", demist_synthesizer, 1), *mean_rows,
                                          ("ridge", load_synthesizer(ridge, device=device), 1)):
