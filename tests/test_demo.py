@@ -77,6 +77,31 @@ def test_demo_runs_end_to_end_and_resumes(smoke_demo, smoke_config, caplog):
     assert "stage1 already done" in caplog.text and "demist already done" in caplog.text
 
 
+def test_a_demo_with_distill_scores_the_student_a_run_built_on_its_demist(smoke_demo, smoke_config, tmp_path):
+    import shutil
+
+    from demist.runs import read_run
+
+    finished, _ = smoke_demo  # a copy of it: the rerun with --distill adds the student and its rows only
+    shutil.copytree(finished.out, tmp_path / "demo")
+    plan = dataclasses.replace(finished, out=tmp_path / "demo", mean_samples=2, distill=True)
+    smoke_config = smoke_config.replace(distill=dataclasses.replace(smoke_config.distill, student_steps=1))
+    text = run_demo(plan, smoke_config, device="cpu").read_text()
+    student = read_run(plan.run("student"), "demist")
+    assert student.parents["teacher"]["path"] == str(plan.run("demist"))
+    steps = smoke_config.distill.student_steps
+    assert student.config.sampling.steps == steps and f"**Distilled student** ({steps} DDIM step" in text
+    for row in ("demist-student", "demist-student-mean2", "demist-mean2"):
+        assert sorted((plan.out / "predictions" / row).rglob("psr.nii.gz")) and f"| {row} |" in text, row
+    path = next((plan.out / "predictions" / "demist-student").rglob("psr.nii.gz"))
+    key = path.relative_to(plan.out / "predictions" / "demist-student").parent
+    t1w, single = nib.load(plan.out / "cohort" / key / "t1w.nii.gz"), nib.load(path)
+    mean = nib.load(plan.out / "predictions" / "demist-student-mean2" / key / "psr.nii.gz")
+    assert np.array_equal(single.affine, t1w.affine) and np.array_equal(mean.affine, t1w.affine)
+    assert not np.array_equal(single.get_fdata(), mean.get_fdata())  # two student samples averaged
+    assert "distill" in json.loads((plan.out / "timings.json").read_text())
+
+
 def test_reference_rows_decode_the_true_and_the_condition_latent(smoke_demo, smoke_config):
     """ae-ceiling is D_PSR(E_PSR(y)) and aligned-condition D_PSR(z_c), through DEMIST's own encode/decode path; the
     ceiling refuses a session without a true PSR."""

@@ -41,6 +41,9 @@ def demo(
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
     mean_samples: int = typer.Option(MEAN_SAMPLES, "--mean-samples", min=0,
                                      help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
+    distill: bool = typer.Option(False, "--distill", help="Also distil DEMIST into a few-step student (demist train "
+                                 "distill, the config's [distill]; about 15-30 more minutes on 2 cores) and score it "
+                                 "and the mean of its samples."),
     prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "
                               "shipped with demist), none (train them on the cohort) or a prior directory."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base; a "
@@ -52,7 +55,8 @@ def demo(
     from demist.workflows.demo import DemoPlan, run_demo
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
-                               mean_samples=mean_samples, prior=prior), config=load_config(config), device=device)
+                               mean_samples=mean_samples, distill=distill, prior=prior), config=load_config(config),
+                      device=device)
     typer.echo(f"report: {report}")
 
 

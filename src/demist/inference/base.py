@@ -21,9 +21,9 @@ REFERENCES = ("ae-ceiling", "aligned-condition")
 MEAN_SAMPLES = 3
 
 
-def mean_row(samples: int) -> str:
-    """The name of the row that averages `samples` DEMIST samples per session."""
-    return f"demist-mean{samples}"
+def mean_row(samples: int, of: str = "demist") -> str:
+    """The name of the row that averages `samples` samples per session of the row `of`."""
+    return f"{of}-mean{samples}"
 
 
 class Synthesizer(Protocol):

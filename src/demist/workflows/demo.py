@@ -4,8 +4,9 @@ Generate a 2 mm cohort, hold out some subjects, train `tiny` Stage 1 and DEMIST 
 synthesize the held-out sessions with both, evaluate them with the paper's protocol and write `report.md`. By default
 the autoencoders and the frozen backbone come from the prior shipped with demist (pretrained on a synthetic cohort of
 its own, as the paper's backbone is pretrained elsewhere), so Stage 1 is the alignment; `--prior none` trains them on
-the cohort instead. Every step leaves a finished directory behind and is skipped when rerun, so an interrupted demo
-continues where it stopped.
+the cohort instead. With `distill`, DEMIST is also distilled into a few-step student (`runs/student`, the config's
+[distill]) that is scored beside it. Every step leaves a finished directory behind and is skipped when rerun, so an
+interrupted demo continues where it stopped, and a finished demo rerun with `--distill` adds only the student.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from demist.atomic import atomic_write
 from demist.config import Config, load_config
 from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES, REFERENCES, mean_row
+from demist.workflows.demo_report import STUDENT_ROW
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "
                     "evaluation": 1}
 #: With a prior, Stage 1 is the alignment alone and the backbone is the prior's.
 EXPECTED_MINUTES_WITH_PRIOR = {**EXPECTED_MINUTES, "stage1": 3, "backbone": 0}
+#: With --distill: the few-step student of the demo's DEMIST (`demist train distill`, the preset's [distill]).
+EXPECTED_DISTILL_MINUTES = 30
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class DemoPlan:
     seed: int
     max_steps: int | None  # None: the preset's budgets
     mean_samples: int = MEAN_SAMPLES  # the "demist-meanK" row averages this many samples; 0 leaves the row out
+    distill: bool = False  # also distil DEMIST into a few-step student and score it (and the mean of its samples)
     prior: str = "embedded"  # "embedded", "none" or a prior directory (see demist.prior)
 
     @property
@@ -140,6 +145,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.inference.references import synthesize_references
     from demist.prior import align_to_prior, resolve_prior
     from demist.training.backbone import train_backbone
+    from demist.training.distill import train_distill
     from demist.training.stage1 import train_stage1
     from demist.training.stage2 import train_demist
 
@@ -148,7 +154,9 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     if prior is not None and plan.seed == prior.cohort_seed:
         raise DemistError(f"--seed {plan.seed}: the prior {prior.path} was pretrained on the cohort of this seed; "
                           "expected another seed (or --prior none)")
-    expected = EXPECTED_MINUTES if prior is None else EXPECTED_MINUTES_WITH_PRIOR
+    expected = dict(EXPECTED_MINUTES if prior is None else EXPECTED_MINUTES_WITH_PRIOR)
+    if plan.distill:
+        expected["distill"] = EXPECTED_DISTILL_MINUTES
     estimate = time_estimate(cfg, sum(expected.values()) if plan.max_steps is None else 3)
     log.info("demo: %d synthetic subjects at %.0f mm, %d held out; %s; train DEMIST and ridge; synthesize and "
              "evaluate. %s. Output: %s", plan.subjects, cfg.data.spacing, plan.held_out,
@@ -182,14 +190,22 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     minutes["demist"] = step("demist", demist / "run.json", lambda: train_demist(
         plan.manifest, plan.stage1, backbone, cfg, demist, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
+    student = plan.run("student")
+    if plan.distill:
+        minutes["distill"] = step("distill", student / "run.json", lambda: train_distill(
+            demist, student, manifest=plan.manifest, student_steps=cfg.distill.student_steps, max_steps=steps,
+            device=device, resume=True))
     ridge = plan.run("ridge")
     minutes["ridge"] = step("ridge", ridge / "run.json", lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
     start, written = time.perf_counter(), 0
     demist_synthesizer = load_synthesizer(demist, device=device)
-    mean_rows = [(mean_row(plan.mean_samples), demist_synthesizer, plan.mean_samples)
-                 ] if plan.mean_samples > 1 else []
-    for method, synthesizer, samples in (("demist", demist_synthesizer, 1), *mean_rows,
+    sampled = [("demist", demist_synthesizer)]
+    if plan.distill:
+        sampled.append((STUDENT_ROW, load_synthesizer(student, device=device)))
+    mean_rows = [(mean_row(plan.mean_samples, of=row), synthesizer, plan.mean_samples)
+                 for row, synthesizer in sampled] if plan.mean_samples > 1 else []
+    for method, synthesizer, samples in (*((row, synthesizer, 1) for row, synthesizer in sampled), *mean_rows,
                                          ("ridge", load_synthesizer(ridge, device=device), 1)):
         summary = synthesize_manifest(synthesizer, plan.manifest, plan.predictions(method), samples=samples,
                                       sessions=test_keys)
@@ -206,7 +222,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
                             else _recorded(plan.out, "synthesis"))
     evaluation = plan.out / "evaluation"
     start = time.perf_counter()
-    rows = ("demist", *(row for row, _, _ in mean_rows), "ridge", *REFERENCES)
+    rows = (*(row for row, _ in sampled), *(row for row, _, _ in mean_rows), "ridge", *REFERENCES)
     results = evaluate_predictions(plan.manifest, {row: plan.predictions(row) for row in rows},
                                    evaluation, psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm,
                                    bootstrap=cfg.evaluation.bootstrap, sessions=test_keys)

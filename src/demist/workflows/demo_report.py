@@ -17,6 +17,9 @@ RUN_LOSSES = {"stage1/psr_ae": "autoencoder", "stage1/cond_ae": "autoencoder", "
 TARGET_LESION_AUC = 0.85
 TARGET_GAIN_OVER_CONDITION_DB = 1.0
 TARGET_DEMO_MINUTES = 30.0
+#: The row of the demo's distilled student (`demist demo --distill`), and beside it the mean of K of its samples.
+STUDENT_ROW = "demist-student"
+TARGET_STUDENT_GAP_DB = 0.5  # a distilled sampler may lose at most this much PSNR against its teacher's sampler
 
 
 def _lesion_auc(results: Mapping[str, Any], source: str) -> float | None:
@@ -25,9 +28,10 @@ def _lesion_auc(results: Mapping[str, Any], source: str) -> float | None:
     return None if entry is None else float(entry["combined"]["auc"])
 
 
-def _verdict(results: Mapping[str, Any]) -> list[str]:
+def _verdict(results: Mapping[str, Any], student_steps: int | None = None) -> list[str]:
     """Plain sentences with numbers: DEMIST against the ridge floor, against decoding the aligned condition, and
-    against the autoencoder's ceiling (the reference rows), each with the demo's target."""
+    against the autoencoder's ceiling (the reference rows), each with the demo's target; with a distilled student
+    (`student_steps` DDIM steps), the student against DEMIST's own sampler."""
     metrics = results["metrics"]
     mean = lambda row, metric: metrics[row][metric]["mean"]  # noqa: E731
     if "demist" not in metrics or "ridge" not in metrics:
@@ -57,6 +61,18 @@ def _verdict(results: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **Mean of {row[len('demist-mean'):]} samples**: {mean(row, 'psnr'):.2f} dB / SSIM "
                      f"{mean(row, 'ssim'):.3f} (one sample: {mean('demist', 'psnr'):.2f} / "
                      f"{mean('demist', 'ssim'):.3f}).")
+    if STUDENT_ROW in metrics:
+        gap = mean(STUDENT_ROW, "psnr") - mean("demist", "psnr")
+        auc = _lesion_auc(results, STUDENT_ROW)
+        steps = f"{student_steps} DDIM step{'' if student_steps == 1 else 's'}" if student_steps else "DDIM"
+        line = (f"- **Distilled student** ({steps}, `runs/student`; target: within "
+                f"{TARGET_STUDENT_GAP_DB:g} dB PSNR of DEMIST's own sampler): {mean(STUDENT_ROW, 'psnr'):.2f} dB / "
+                f"SSIM {mean(STUDENT_ROW, 'ssim'):.3f}" + (f" / AUC {auc:.3f}" if auc is not None else "")
+                + f" ({gap:+.2f} dB)")
+        for row in (r for r in metrics if r.startswith(f"{STUDENT_ROW}-mean")):
+            line += (f"; mean of {row[len(STUDENT_ROW) + len('-mean'):]} student samples {mean(row, 'psnr'):.2f} dB "
+                     f"/ SSIM {mean(row, 'ssim'):.3f}")
+        lines.append(line + ".")
     return lines
 
 
@@ -82,6 +98,12 @@ def _minutes_table(minutes: Mapping[str, float]) -> list[str]:
     """One row: each step's minutes (as recorded when it ran), and the total."""
     return ["| " + " | ".join(minutes) + " | total |", "|" + "---:|" * (len(minutes) + 1),
             "| " + " | ".join(f"{m:.1f}" for m in minutes.values()) + f" | {sum(minutes.values()):.1f} |"]
+
+
+def _student_steps(plan: Any) -> int | None:
+    """DDIM steps of the demo's distilled student, if it has one."""
+    run = plan.run("student") / "run.json"
+    return int(json.loads(run.read_text())["config"]["sampling"]["steps"]) if run.is_file() else None
 
 
 def _prior_sentence(prior: Any) -> str:
@@ -117,7 +139,7 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         "Reference rows are diagnostics scored like methods, not outputs of DEMIST: `ae-ceiling` decodes the true "
         "PSR's latent, `aligned-condition` decodes z_c without the diffusion model.",
         "",
-        *(_verdict(results) or ["No comparison available."]),
+        *(_verdict(results, _student_steps(plan)) or ["No comparison available."]),
         "",
         "## Time per step (minutes, this machine)",
         "",
