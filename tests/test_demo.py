@@ -84,12 +84,11 @@ def test_a_demo_with_distill_scores_the_student_a_run_built_on_its_demist(smoke_
 
     finished, _ = smoke_demo  # a copy of it: the rerun with --distill adds the student and its rows only
     shutil.copytree(finished.out, tmp_path / "demo")
-    plan = dataclasses.replace(finished, out=tmp_path / "demo", mean_samples=2, distill=True)
-    smoke_config = smoke_config.replace(distill=dataclasses.replace(smoke_config.distill, student_steps=1))
+    steps = 1  # --student-steps; the smoke config's own 4 do not fit its 3-step teacher sampler
+    plan = dataclasses.replace(finished, out=tmp_path / "demo", mean_samples=2, distill=True, student_steps=steps)
     text = run_demo(plan, smoke_config, device="cpu").read_text()
     student = read_run(plan.run("student"), "demist")
     assert student.parents["teacher"]["path"] == str(plan.run("demist"))
-    steps = smoke_config.distill.student_steps
     assert student.config.sampling.steps == steps and f"**Distilled student** ({steps} DDIM step" in text
     for row in ("demist-student", "demist-student-mean2", "demist-mean2"):
         assert sorted((plan.out / "predictions" / row).rglob("psr.nii.gz")) and f"| {row} |" in text, row
@@ -167,6 +166,27 @@ def test_demo_command_passes_its_config_file_to_the_demo(tmp_path, monkeypatch) 
         result = CliRunner().invoke(app, ["--out", str(tmp_path / "d"), *args])
         assert result.exit_code == 0, result.output
         assert (seen["config"].preset, seen["config"].demist.steps) == (preset, steps)
+
+
+def test_demo_command_passes_distill_and_refuses_student_steps_without_it(tmp_path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    import demist.workflows.demo as demo_module
+    from demist.cli.workflows import demo
+    from demist.errors import DemistError
+
+    plans = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda plan, config=None, device="auto":
+                        plans.append(plan) or tmp_path / "report.md")
+    app = typer.Typer()
+    app.command("demo")(demo)
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "d"), "--distill", "--student-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (plans[0].distill, plans[0].student_steps) == (True, 2)
+    refused = CliRunner().invoke(app, ["--out", str(tmp_path / "e"), "--student-steps", "2"])
+    assert isinstance(refused.exception, DemistError) and "without --distill" in str(refused.exception)
+    assert len(plans) == 1  # nothing ran
 
 
 def test_the_demo_says_its_time_estimate_is_tinys_when_it_runs_another_config(tmp_path) -> None:

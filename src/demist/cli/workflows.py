@@ -44,6 +44,8 @@ def demo(
     distill: bool = typer.Option(False, "--distill", help="Also distil DEMIST into a few-step student (demist train "
                                  "distill, the config's [distill]; about 15-30 more minutes on 2 cores) and score it "
                                  "and the mean of its samples."),
+    student_steps: Optional[int] = typer.Option(None, "--student-steps", min=1, help="With --distill: the student's "
+                                                "DDIM steps (default: the config's distill.student_steps)."),
     prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "
                               "shipped with demist), none (train them on the cohort) or a prior directory."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base; a "
@@ -51,11 +53,16 @@ def demo(
     device: str = DEVICE,
 ) -> None:
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
+    if student_steps is not None and not distill:
+        from demist.errors import DemistError
+
+        raise DemistError(f"--student-steps {student_steps}: without --distill there is no student; expected both")
     from demist.config import load_config
     from demist.workflows.demo import DemoPlan, run_demo
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
-                               mean_samples=mean_samples, distill=distill, prior=prior), config=load_config(config),
+                               mean_samples=mean_samples, distill=distill, student_steps=student_steps,
+                               prior=prior), config=load_config(config),
                       device=device)
     typer.echo(f"report: {report}")
 

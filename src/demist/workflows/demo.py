@@ -46,6 +46,7 @@ class DemoPlan:
     max_steps: int | None  # None: the preset's budgets
     mean_samples: int = MEAN_SAMPLES  # the "demist-meanK" row averages this many samples; 0 leaves the row out
     distill: bool = False  # also distil DEMIST into a few-step student and score it (and the mean of its samples)
+    student_steps: int | None = None  # the student's DDIM steps; None: the config's distill.student_steps
     prior: str = "embedded"  # "embedded", "none" or a prior directory (see demist.prior)
 
     @property
@@ -193,8 +194,8 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     student = plan.run("student")
     if plan.distill:
         minutes["distill"] = step("distill", student / "run.json", lambda: train_distill(
-            demist, student, manifest=plan.manifest, student_steps=cfg.distill.student_steps, max_steps=steps,
-            device=device, resume=True))
+            demist, student, manifest=plan.manifest, student_steps=plan.student_steps or cfg.distill.student_steps,
+            max_steps=steps, device=device, resume=True))
     ridge = plan.run("ridge")
     minutes["ridge"] = step("ridge", ridge / "run.json", lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
