@@ -62,8 +62,8 @@ def demo(
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
                                mean_samples=mean_samples, distill=distill, student_steps=student_steps,
-                               prior=prior), config=load_config(config),
-                      device=device)
+                               prior=prior),
+                      config=load_config(config), device=device)
     typer.echo(f"report: {report}")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from demist.atomic import atomic_write
+from demist.inference.base import mean_row
 
 #: Each training run of the demo and the name its main loss is logged under (the loop logs a phase's loss by name).
 RUN_LOSSES = {"stage1/psr_ae": "autoencoder", "stage1/cond_ae": "autoencoder", "stage1/stage1": "align",
@@ -28,10 +29,11 @@ def _lesion_auc(results: Mapping[str, Any], source: str) -> float | None:
     return None if entry is None else float(entry["combined"]["auc"])
 
 
-def _verdict(results: Mapping[str, Any], student_steps: int | None = None) -> list[str]:
+def _verdict(results: Mapping[str, Any], mean_samples: int, student_steps: int | None = None) -> list[str]:
     """Plain sentences with numbers: DEMIST against the ridge floor, against decoding the aligned condition, and
-    against the autoencoder's ceiling (the reference rows), each with the demo's target; with a distilled student
-    (`student_steps` DDIM steps), the student against DEMIST's own sampler."""
+    against the autoencoder's ceiling (the reference rows), each with the demo's target; the mean of `mean_samples`
+    samples beside one; with a distilled student (`student_steps` DDIM steps), the student against DEMIST's own
+    sampler."""
     metrics = results["metrics"]
     mean = lambda row, metric: metrics[row][metric]["mean"]  # noqa: E731
     if "demist" not in metrics or "ridge" not in metrics:
@@ -56,9 +58,8 @@ def _verdict(results: Mapping[str, Any], student_steps: int | None = None) -> li
         lines.append(f"- **Ceiling**: the true PSR through the PSR autoencoder, D_PSR(E_PSR(y)), scores "
                      f"{mean('ae-ceiling', 'psnr'):.2f} dB / SSIM {mean('ae-ceiling', 'ssim'):.3f}; no method that "
                      "decodes with D_PSR can do better.")
-    means = [row for row in metrics if row.startswith("demist-mean")]
-    for row in means:
-        lines.append(f"- **Mean of {row[len('demist-mean'):]} samples**: {mean(row, 'psnr'):.2f} dB / SSIM "
+    if (row := mean_row(mean_samples)) in metrics:
+        lines.append(f"- **Mean of {mean_samples} samples**: {mean(row, 'psnr'):.2f} dB / SSIM "
                      f"{mean(row, 'ssim'):.3f} (one sample: {mean('demist', 'psnr'):.2f} / "
                      f"{mean('demist', 'ssim'):.3f}).")
     if STUDENT_ROW in metrics:
@@ -69,9 +70,9 @@ def _verdict(results: Mapping[str, Any], student_steps: int | None = None) -> li
                 f"{TARGET_STUDENT_GAP_DB:g} dB PSNR of DEMIST's own sampler): {mean(STUDENT_ROW, 'psnr'):.2f} dB / "
                 f"SSIM {mean(STUDENT_ROW, 'ssim'):.3f}" + (f" / AUC {auc:.3f}" if auc is not None else "")
                 + f" ({gap:+.2f} dB)")
-        for row in (r for r in metrics if r.startswith(f"{STUDENT_ROW}-mean")):
-            line += (f"; mean of {row[len(STUDENT_ROW) + len('-mean'):]} student samples {mean(row, 'psnr'):.2f} dB "
-                     f"/ SSIM {mean(row, 'ssim'):.3f}")
+        if (row := mean_row(mean_samples, of=STUDENT_ROW)) in metrics:
+            line += (f"; mean of {mean_samples} student samples {mean(row, 'psnr'):.2f} dB / SSIM "
+                     f"{mean(row, 'ssim'):.3f}")
         lines.append(line + ".")
     return lines
 
@@ -139,7 +140,7 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
         "Reference rows are diagnostics scored like methods, not outputs of DEMIST: `ae-ceiling` decodes the true "
         "PSR's latent, `aligned-condition` decodes z_c without the diffusion model.",
         "",
-        *(_verdict(results, _student_steps(plan)) or ["No comparison available."]),
+        *(_verdict(results, plan.mean_samples, _student_steps(plan)) or ["No comparison available."]),
         "",
         "## Time per step (minutes, this machine)",
         "",
