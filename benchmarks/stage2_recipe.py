@@ -1,13 +1,16 @@
 """Does each departure from the paper's Stage-2 recipe pay? DEMIST variants on a finished demo's Stage 1 and backbone.
 
-Every variant is the `tiny` preset with some [demist] keys set back to the paper's value (or another setting); each
-trains for the same steps on the demo's training subjects (same Stage 1, frozen backbone and seed), synthesizes the
-demo's held-out sessions through `demist synthesize`'s path, and is scored by `demist evaluate` (PSNR, SSIM, MSE
-inside the brain; per-lesion lesion-vs-NAWM AUC) beside the reference rows: the ridge floor, the autoencoder's
-ceiling D_PSR(E_PSR(y)) and the aligned condition decoded, D_PSR(z_c). Finished runs are reused when rerun.
+Every variant is the demo's config (`--config`, default the `tiny` preset) with some [demist] keys set back to the
+paper's value (or another setting); each trains for the same steps on the demo's training subjects (same Stage 1,
+frozen backbone and seed), synthesizes the demo's held-out sessions through `demist synthesize`'s path, and is scored
+by `demist evaluate` (PSNR, SSIM, MSE inside the brain; per-lesion lesion-vs-NAWM AUC) beside the reference rows: the
+ridge floor, the autoencoder's ceiling D_PSR(E_PSR(y)) and the aligned condition decoded, D_PSR(z_c).
+Finished runs are reused when rerun.
 
     python benchmarks/stage2_recipe.py --demo demo --out /tmp/recipe                   # every variant
     python benchmarks/stage2_recipe.py --demo demo --out /tmp/recipe --variants recipe,paper-init --steps 300
+    python benchmarks/stage2_recipe.py --demo demo-2x --config docs/configs/tiny-2x-hint.toml --out /tmp/recipe-2x \
+        --variants recipe,input-perturbation
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from demist.inference.references import synthesize_references
 from demist.training.stage2 import train_demist
 from finished_demo import add_demo_arguments, chosen, finished_demo
 
-#: [demist] keys of each variant, on top of the tiny preset (which is "recipe").
+#: [demist] keys of each variant, on top of the demo's config (which is "recipe").
 VARIANTS = {
     "recipe": {},
     "image-hint": {"controlnet_hint": "latent+image"},
@@ -39,6 +42,7 @@ VARIANTS = {
     "ema": {"ema_decay": 0.995},
     "noisy-timesteps": {"timestep_power": 0.5},
     "ema+noisy-timesteps": {"ema_decay": 0.995, "timestep_power": 0.5},
+    "input-perturbation": {"input_perturbation": 0.1},
 }
 
 
@@ -47,12 +51,13 @@ def main() -> None:
     add_demo_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps per variant (default: the preset's).")
+    parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps per variant (default: the config's).")
+    parser.add_argument("--config", default="tiny", help="The demo's config: tiny or a TOML file (as given to it).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = chosen(parser, "--variants", args.variants, VARIANTS)
 
-    base = load_config("tiny")
+    base = load_config(args.config)
     demo = finished_demo(args)
     manifest, stage1, backbone = demo.manifest, demo.stage1, demo.backbone()
     train_subjects, test_keys = demo.split()

@@ -302,6 +302,27 @@ def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_unifo
     assert abs(float((uniform < total // 2).float().mean()) - 0.5) < 0.02
 
 
+def test_input_perturbation_moves_the_input_not_the_target_and_zero_keeps_the_paper_draw():
+    from demist.diffusion.schedule import NoiseSchedule
+    from demist.training.latent_diffusion import sample_noising
+
+    schedule = NoiseSchedule.from_config(LATENT_CFG.diffusion, "epsilon")  # ε target: the perturbation must not reach
+    z0 = torch.randn(4, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    x_paper, t_paper, target_paper = sample_noising(z0, schedule)
+    torch.manual_seed(0)
+    x_zero, _, _ = sample_noising(z0, schedule, input_perturbation=0.0)
+    torch.manual_seed(0)
+    x_pert, t_pert, target_pert = sample_noising(z0, schedule, input_perturbation=0.1)
+    assert torch.equal(x_zero, x_paper)  # γ = 0 draws nothing extra: the paper's x_t, bit for bit
+    assert torch.equal(t_pert, t_paper) and torch.equal(target_pert, target_paper)
+    alpha_bar = schedule.alphas_cumprod[t_paper].view(-1, 1, 1, 1, 1)
+    extra = (x_pert - x_paper) / (1 - alpha_bar).sqrt()  # γ·ξ, the part of x_t's noise the target does not know
+    assert 0.07 < float(extra.std()) < 0.13
+    with pytest.raises(DemistError, match="demist.input_perturbation"):
+        dataclasses.replace(LATENT_CFG.demist, input_perturbation=-0.1)
+
+
 def test_precision_and_memory_budget_reach_the_synthesizer_and_bad_values_are_refused(demist_run):
     from demist.methods import load_synthesizer
 

@@ -207,6 +207,9 @@ class DemistConfig:
     # Training timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) [paper: 1, uniform]. p < 1 draws the noisy timesteps, where only
     # the condition can decide the sample, more often (p = 0.5: density rising linearly in t).
     timestep_power: float
+    # Input perturbation γ against exposure bias [paper: 0]: the network sees x_t noised with ε + γ·ξ (ξ ~ N(0, I)) and
+    # is trained on the target of ε alone, so it learns to undo the small errors of its own earlier sampling steps.
+    input_perturbation: float
     # Decay of an exponential moving average of the trained weights, which the run keeps [paper: 0, none].
     ema_decay: float
     # A 1×1×1 conv from the ControlNet's last full-resolution output to the network's output [paper: false], so that
@@ -236,6 +239,9 @@ class DemistConfig:
         if not self.timestep_power > 0:
             raise DemistError(f"config key demist.timestep_power: got {self.timestep_power}; "
                               "expected a positive number (1: uniform timesteps)")
+        if not 0.0 <= self.input_perturbation < 1.0:
+            raise DemistError(f"config key demist.input_perturbation: got {self.input_perturbation}; expected a number "
+                              "in [0, 1) (0: none)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise DemistError(f"config key demist.ema_decay: got {self.ema_decay}; expected a number in [0, 1) "
                               "(0: no moving average)")
@@ -508,6 +514,7 @@ ADDED_KEYS: dict[str, Any] = {
     "align.image_weight": 0.0,
     "align.bias_field": 0.0,
     "demist.timestep_power": 1.0,
+    "demist.input_perturbation": 0.0,
     "demist.ema_decay": 0.0,
     "demist.controlnet_output_head": False,
     "demist.hint_bf16": False,

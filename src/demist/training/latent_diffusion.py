@@ -50,17 +50,19 @@ def check_against_stage1(cfg: Config, stage1: RunInfo, unet_levels: int) -> None
                           f"{multiple} (autoencoder and UNet downsampling)")
 
 
-def sample_noising(z0: torch.Tensor, schedule: NoiseSchedule,
-                   timestep_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_noising(z0: torch.Tensor, schedule: NoiseSchedule, timestep_power: float = 1.0,
+                   input_perturbation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, t, target) for a batch of clean latents: Gaussian noise and timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) (p = 1:
-    uniform), from the seeded RNG."""
+    uniform), from the seeded RNG. With `input_perturbation` γ > 0, x_t is noised with ε + γ·ξ while the target is
+    that of ε (input perturbation against exposure bias)."""
     if timestep_power == 1.0:
         t = torch.randint(0, schedule.num_train_timesteps, (z0.shape[0],), device=z0.device)
     else:
         u = torch.rand(z0.shape[0], device=z0.device) ** timestep_power
         t = (u * schedule.num_train_timesteps).long().clamp(max=schedule.num_train_timesteps - 1)
     noise = torch.randn_like(z0, dtype=torch.float32)
-    return schedule.add_noise(z0, noise, t), t, schedule.training_target(z0, noise, t)
+    seen = noise if input_perturbation == 0.0 else noise + input_perturbation * torch.randn_like(noise)
+    return schedule.add_noise(z0, seen, t), t, schedule.training_target(z0, noise, t)
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def demist_stage(cfg: Config, streams: TrainableStreams, cond_encoder: LatentEnc
     def streams_loss(m, batch, step, ctx):
         z_y = batch["z_y"].float()
         z_c = batch["z_c"].float() if cond_encoder is None else m["cond_encoder"](batch["cond"]).float()
-        x_t, t, target = sample_noising(z_y, schedule, d.timestep_power)
+        x_t, t, target = sample_noising(z_y, schedule, d.timestep_power, d.input_perturbation)
         prediction = m["streams"](x_t, t, z_c, batch.get("cond"))
         terms = {"diffusion": ((prediction.float() - target) ** 2).mean()}
         total = terms["diffusion"]
