@@ -43,6 +43,7 @@ VARIANTS = {
     "noisy-timesteps": {"timestep_power": 0.5},
     "ema+noisy-timesteps": {"ema_decay": 0.995, "timestep_power": 0.5},
     "input-perturbation": {"input_perturbation": 0.1},
+    "finetune-cond": {"finetune_cond_encoder": True},
 }
 
 
