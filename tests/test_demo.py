@@ -198,3 +198,18 @@ def test_the_demo_says_its_time_estimate_is_tinys_when_it_runs_another_config(tm
     assert time_estimate(load_config("tiny"), 12) == "Expect about 12 minutes on 2 CPU cores"
     other = time_estimate(load_config(toml), 12)
     assert "tiny+mine.toml may take longer" in other and "about 12 minutes" in other
+
+
+def test_the_up_front_estimate_uses_the_bf16_figures_only_with_a_prior_on_a_bf16_cpu() -> None:
+    """The figures measured on a CPU with native bf16 cover the demo with the prior; without a prior only the slower
+    CPU's were measured, and they stand on any CPU."""
+    from demist.workflows.demo import (EXPECTED_MINUTES, EXPECTED_MINUTES_WITH_PRIOR, EXPECTED_MINUTES_WITH_PRIOR_BF16,
+                                       expected_minutes)
+
+    assert expected_minutes(prior=False, distill=False, native_bf16=True) == EXPECTED_MINUTES
+    assert expected_minutes(prior=True, distill=False, native_bf16=False) == EXPECTED_MINUTES_WITH_PRIOR
+    fast = expected_minutes(prior=True, distill=True, native_bf16=True)
+    slow = expected_minutes(prior=True, distill=True, native_bf16=False)
+    assert {k: v for k, v in fast.items() if k != "distill"} == EXPECTED_MINUTES_WITH_PRIOR_BF16
+    assert sum(fast.values()) < sum(slow.values()) / 2 and fast["distill"] < slow["distill"]
+    assert "distill" not in expected_minutes(prior=True, distill=False, native_bf16=True)
