@@ -135,7 +135,7 @@ def _step(out: Path, name: str, done: Path, action: Callable[[], object], expect
     if done.exists():
         log.info("demo: %s already done (%s)", name, done)
         return _recorded(out, name)
-    log.info("demo: %s (about %.0f min) ...", name, expected)
+    log.info("demo: %s (%s) ...", name, "under a minute" if expected < 1 else f"about {expected:.0f} min")
     start = time.perf_counter()
     action()
     minutes = (time.perf_counter() - start) / 60
