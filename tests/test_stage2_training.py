@@ -282,18 +282,22 @@ def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
         stage2.stage2_config(bad, None)
 
 
+def seeded_noising(z0: torch.Tensor, schedule, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 2's (x_t, t, target) draw from the global RNG seeded with 0, so that draws can be compared."""
+    from demist.training.latent_diffusion import sample_noising
+
+    torch.manual_seed(0)
+    return sample_noising(z0, schedule, **options)
+
+
 def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_uniform_draw():
     from demist.diffusion.schedule import NoiseSchedule
-    from demist.training.latent_diffusion import sample_noising
 
     schedule = NoiseSchedule.from_config(LATENT_CFG.diffusion)
     z0 = torch.zeros(20000, 1, 1, 1, 1)
-    torch.manual_seed(0)
-    _, uniform, _ = sample_noising(z0, schedule)
-    torch.manual_seed(0)
-    _, paper, _ = sample_noising(z0, schedule, timestep_power=1.0)
-    torch.manual_seed(0)
-    _, biased, _ = sample_noising(z0, schedule, timestep_power=0.5)
+    uniform = seeded_noising(z0, schedule)[1]
+    paper = seeded_noising(z0, schedule, timestep_power=1.0)[1]
+    biased = seeded_noising(z0, schedule, timestep_power=0.5)[1]
     total = schedule.num_train_timesteps
     assert torch.equal(paper, uniform)  # p = 1 is the paper's draw, unchanged
     assert int(biased.min()) >= 0 and int(biased.max()) <= total - 1
@@ -304,16 +308,12 @@ def test_timestep_power_draws_noisy_timesteps_more_often_and_one_keeps_the_unifo
 
 def test_input_perturbation_moves_the_input_not_the_target_and_zero_keeps_the_paper_draw():
     from demist.diffusion.schedule import NoiseSchedule
-    from demist.training.latent_diffusion import sample_noising
 
     schedule = NoiseSchedule.from_config(LATENT_CFG.diffusion, "epsilon")  # ε target: the perturbation must not reach
     z0 = torch.randn(4, 2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    x_paper, t_paper, target_paper = sample_noising(z0, schedule)
-    torch.manual_seed(0)
-    x_zero, _, _ = sample_noising(z0, schedule, input_perturbation=0.0)
-    torch.manual_seed(0)
-    x_pert, t_pert, target_pert = sample_noising(z0, schedule, input_perturbation=0.1)
+    x_paper, t_paper, target_paper = seeded_noising(z0, schedule)
+    x_zero = seeded_noising(z0, schedule, input_perturbation=0.0)[0]
+    x_pert, t_pert, target_pert = seeded_noising(z0, schedule, input_perturbation=0.1)
     assert torch.equal(x_zero, x_paper)  # γ = 0 draws nothing extra: the paper's x_t, bit for bit
     assert torch.equal(t_pert, t_paper) and torch.equal(target_pert, target_paper)
     alpha_bar = schedule.alphas_cumprod[t_paper].view(-1, 1, 1, 1, 1)
