@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from demist.cli.options import DEVICE
+from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES
 from demist.methods import METHODS
 
@@ -54,8 +55,6 @@ def demo(
 ) -> None:
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
     if student_steps is not None and not distill:
-        from demist.errors import DemistError
-
         raise DemistError(f"--student-steps {student_steps}: without --distill there is no student; expected both")
     from demist.config import load_config
     from demist.workflows.demo import DemoPlan, run_demo
@@ -88,7 +87,6 @@ def cv(
     device: str = DEVICE,
 ) -> None:
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
-    from demist.errors import DemistError
     from demist.workflows.cv import collect_cv, run_cv
 
     if collect:
