@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from demist.inference.tiling import tiled
+from demist.inference.tiling import aligned_overlap, tiled
 
 
 def linear_field(shape=(1, 2, 24, 28, 20)) -> torch.Tensor:
@@ -46,3 +46,20 @@ def test_keyword_arguments_reach_every_tile():
     out = tiled(model, x, (8, 8, 8), 0.25, scale=2.0)
     assert len(seen) > 1 and set(seen) == {2.0}
     torch.testing.assert_close(out, torch.full_like(x, 2.0))
+
+
+def test_a_downsampling_model_lands_on_its_output_grid_at_any_overlap():
+    """4× block averaging (like an encoder, local to its 4³ block) tiled at an overlap whose stride (11) is not a
+    multiple of 4 equals the untiled result once tiles start on multiples of 4; MONAI's own stride puts tiles off it."""
+    x = torch.randn(1, 1, 40, 44, 36, dtype=torch.float64)
+    pool = lambda t: torch.nn.functional.avg_pool3d(t, 4)  # noqa: E731
+    torch.testing.assert_close(tiled(pool, x, (16, 16, 16), 0.3, downsample=4), pool(x), rtol=0, atol=1e-12)
+    assert not torch.allclose(tiled(pool, x, (16, 16, 16), 0.3), pool(x), atol=1e-3)
+
+
+def test_aligned_overlap_rounds_the_stride_down_to_a_multiple():
+    # MONAI's stride is int(edge * (1 - overlap)): 16 * 0.7 = 11.2 -> 11, rounded down to 8; 64 * 0.7 -> 44 stays
+    edges = (16, 64, 12)
+    strides = [int(edge * (1 - o)) for edge, o in zip(edges, aligned_overlap(edges, 0.3, 4))]
+    assert strides == [8, 44, 8] and all(1 - stride / edge >= 0.3 for stride, edge in zip(strides, edges))
+    assert aligned_overlap((8,), 0.0, 4) == [0.0]  # a stride of the whole tile: no overlap

@@ -43,8 +43,8 @@ def demo(
     mean_samples: int = typer.Option(MEAN_SAMPLES, "--mean-samples", min=0,
                                      help="Samples averaged in the report's demist-meanK row (0 or 1: no such row)."),
     distill: bool = typer.Option(False, "--distill", help="Also distil DEMIST into a few-step student (demist train "
-                                 "distill, the config's [distill]; about 15-30 more minutes on 2 cores) and score it "
-                                 "and the mean of its samples."),
+                                 "distill, the config's distill settings; about 15-30 more minutes on 2 cores) and "
+                                 "score it and the mean of its samples."),
     student_steps: Optional[int] = typer.Option(None, "--student-steps", min=1, help="With --distill: the student's "
                                                 "DDIM steps (default: the config's distill.student_steps)."),
     prior: str = typer.Option("embedded", "--prior", help="embedded (autoencoders and backbone from the prior "

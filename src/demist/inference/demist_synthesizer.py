@@ -134,7 +134,8 @@ class DemistSynthesizer:
                 return self.cond_autoencoder.encode(self._layout(x))[0].float()
 
         window = self._window("encode", tuple(condition.shape[2:]))
-        return tiled(encode, condition, window, AUTOENCODER_OVERLAP) * self.latent_scale_factor
+        return tiled(encode, condition, window, AUTOENCODER_OVERLAP, downsample=downsampling(self.config)
+                     ) * self.latent_scale_factor
 
     def encode_target(self, psr: torch.Tensor) -> torch.Tensor:
         """z_y: the PSR encoder's mean of (B, 1, …) PSR / psr_range, times the latent scale factor (reference rows)."""
@@ -143,7 +144,8 @@ class DemistSynthesizer:
                 return self.psr_autoencoder.encode(self._layout(x))[0].float()
 
         window = self._window("encode", tuple(psr.shape[2:]))
-        return tiled(encode, psr, window, AUTOENCODER_OVERLAP) * self.latent_scale_factor
+        return tiled(encode, psr, window, AUTOENCODER_OVERLAP, downsample=downsampling(self.config)
+                     ) * self.latent_scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """PSR / psr_range from a (scaled) PSR latent."""
@@ -166,7 +168,7 @@ class DemistSynthesizer:
         factor = downsampling(self.config)
         latent = tuple(s // factor for s in condition.shape[2:])
         tile = tuple(factor * t for t in self._latent_tile(latent))
-        return tiled(embed, condition, tile, self.config.sampling.tile_overlap)
+        return tiled(embed, condition, tile, self.config.sampling.tile_overlap, downsample=factor)
 
     def denoiser(self, z_c: torch.Tensor, image_hint: torch.Tensor | None = None):
         """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c (and the image hint),

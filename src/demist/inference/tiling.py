@@ -23,11 +23,13 @@ def tiled(
     tile: Sequence[int],
     overlap: float,
     progress: bool = False,
+    downsample: int = 1,
     **kwargs,
 ) -> torch.Tensor:
     """Apply `fn` to overlapping tiles of `x` (B, C, D, H, W) and blend the outputs; `kwargs` go to `fn`.
 
-    A tile larger than the volume is cut down to the volume, so small inputs run in one piece.
+    A tile larger than the volume is cut down to the volume, so small inputs run in one piece. `downsample`: input
+    voxels per output voxel of `fn` (an encoder's factor); tiles then start on multiples of it (see `aligned_overlap`).
     """
     size = tuple(min(int(t), int(s)) for t, s in zip(tile, x.shape[2:]))
     if size == tuple(x.shape[2:]):
@@ -37,10 +39,24 @@ def tiled(
         roi_size=size,
         sw_batch_size=1,
         predictor=fn,
-        overlap=overlap,
+        overlap=aligned_overlap(size, overlap, downsample) if downsample > 1 else overlap,
         mode="gaussian",
         sigma_scale=BLEND_SIGMA,
         padding_mode="constant",
         progress=progress,
         **kwargs,
     )
+
+
+def aligned_overlap(tile: Sequence[int], overlap: float, multiple: int) -> list[float]:
+    """Per-axis overlaps at least `overlap` whose stride between tiles is a multiple of `multiple`.
+
+    MONAI steps int(tile·(1 − overlap)) input voxels from tile to tile. A downsampling `fn` whose tiles start off its
+    output grid has each tile's output placed a fraction of an output voxel away from where it belongs (an encoder at
+    overlap 1/3 on 32³ windows: 18.7 dB instead of 24.5 on the demo), so the stride is rounded down to a multiple.
+    """
+    overlaps = []
+    for edge in tile:
+        stride = max(multiple, int(edge * (1 - overlap)) // multiple * multiple)
+        overlaps.append(0.0 if stride >= edge else 1 - (stride + 0.5) / edge)  # +0.5: int() lands on the stride
+    return overlaps
