@@ -116,3 +116,16 @@ def test_a_teacher_that_sees_the_image_is_distilled_and_its_agreement_measured(l
     student = train_distill(image_teacher.path, tmp_path / "student", student_steps=1, device="cpu")
     before, after = (student.metrics[f"sample_mse_to_teacher_{k}"] for k in ("before", "after"))
     assert 0 < before < float("inf") and 0 <= after < float("inf")
+
+
+def test_a_teacher_whose_sampler_is_not_the_plain_one_is_refused(teacher):
+    """The student learns the plain sampler's landing points: a teacher that starts from z_c or anchors is refused."""
+    import dataclasses
+
+    from demist.training.distill import student_config
+
+    for change, message in (({"anchor_sigma": 1.0}, "anchors its samples"), ({"start_strength": 0.5}, "noised z_c")):
+        config = teacher.config.replace(sampling=dataclasses.replace(teacher.config.sampling, **change))
+        with pytest.raises(DemistError, match=message):
+            student_config(dataclasses.replace(teacher, config=config), None, None)
+    assert student_config(teacher, None, None).distill == teacher.config.distill

@@ -163,6 +163,24 @@ def test_start_strength_samples_from_the_noised_condition_latent(demist_run, mon
         load_synthesizer(demist_run[0].path, device="cpu", start_strength=0.001, steps=5)
 
 
+def test_anchor_sigma_anchors_the_synthesizer_denoiser_and_refuses_a_negative_width(demist_run):
+    from demist.methods import load_synthesizer
+
+    plain = load_synthesizer(demist_run[0].path, device="cpu")
+    anchored = load_synthesizer(demist_run[0].path, device="cpu", anchor_sigma=1.5)
+    assert (plain.anchor_sigma, anchored.anchor_sigma) == (0.0, 1.5)  # the run's config says 0: the paper's sampler
+    generator = torch.Generator().manual_seed(0)
+    z_c, x_a, x_b = (torch.randn(1, 8, 8, 8, 8, generator=generator) for _ in range(3))
+    first, later = torch.tensor([999]), torch.tensor([400])
+    hint = plain.image_hint(torch.randn(1, 2, 32, 32, 32, generator=generator))
+    model_plain, model_anchored = plain.denoiser(z_c, hint), anchored.denoiser(z_c, hint)
+    with torch.no_grad():
+        torch.testing.assert_close(model_anchored(x_a, first), model_plain(x_a, first), rtol=0, atol=1e-5)
+        assert not torch.allclose(model_anchored(x_b, later), model_plain(x_b, later), atol=1e-4)
+    with pytest.raises(DemistError, match="--anchor-sigma: got -1"):
+        load_synthesizer(demist_run[0].path, device="cpu", anchor_sigma=-1.0)
+
+
 def test_ablation_flag_and_subjects_are_recorded(latent_cohort, tmp_path):
     run = train_demist(*trained_inputs(latent_cohort), LATENT_CFG, tmp_path / "abl",
                        max_steps=1, device="cpu", streams_off=["controlnet"], subjects=["s2"])

@@ -262,9 +262,19 @@ class SamplingConfig:
     # 1.0: sampling starts from pure noise at T (the paper). s < 1: from z_c noised to timestep round(s·(T−1)), so the
     # diffusion refines the aligned condition instead of re-sampling around it (SDEdit).
     start_strength: float
+    # 0 (the paper): the sampler as it is. σ > 0: every x̂0 takes its Gaussian low-pass (σ latent voxels) from the
+    # trajectory's first x̂0, the network's estimate of the conditional mean (`diffusion.anchoring`).
+    anchor_sigma: float
 
     def __post_init__(self) -> None:
         check_start_strength(self.start_strength, "config key sampling.start_strength")
+        check_anchor_sigma(self.anchor_sigma, "config key sampling.anchor_sigma")
+
+
+def check_anchor_sigma(value: float, name: str) -> None:
+    """An anchor width is a number of latent voxels >= 0; `name` says where it came from."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1e3:
+        raise DemistError(f"{name}: got {value!r}; expected a width in latent voxels, >= 0 (0: the paper's sampler)")
 
 
 def check_start_strength(value: float, name: str) -> None:
@@ -511,6 +521,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.percentile_margin_mm": 0.0,
     "autoencoder.norm": "group",
     "sampling.start_strength": 1.0,
+    "sampling.anchor_sigma": 0.0,
     "align.image_weight": 0.0,
     "align.bias_field": 0.0,
     "demist.timestep_power": 1.0,

@@ -150,7 +150,7 @@ def _translation(module: Callable[[], ModuleType], trainer: str, synthesizer: st
     return train, load
 
 
-LATENT_OPTIONS = ("device", "sampler", "steps", "start_strength", "max_memory", "precision")
+LATENT_OPTIONS = ("device", "sampler", "steps", "start_strength", "max_memory", "precision", "anchor_sigma")
 
 
 def _methods() -> dict[str, Method]:

@@ -35,6 +35,10 @@ def synthesize_command(
     start_strength: Optional[float] = typer.Option(
         None, "--start-strength", help="DEMIST/FT-LDM: 1 starts sampling from pure noise (the paper); s < 1 from the "
         "aligned condition latent noised to s·T (SDEdit). Default: the model's config (1)."),
+    anchor_sigma: Optional[float] = typer.Option(
+        None, "--anchor-sigma", help="DEMIST/FT-LDM: 0 is the paper's sampler; σ > 0 keeps the low-pass (σ latent "
+        "voxels) of every step's x0 estimate at the first step's, the network's conditional mean. Default: the "
+        "model's config (0)."),
     max_memory: Optional[float] = typer.Option(
         None, "--max-memory", help="DEMIST/FT-LDM: GiB one synthesis may use (default 4). Bounds the autoencoder "
         "windows where the model allows it (channel norm: in one piece when it fits); the UNet always runs at its "
@@ -79,7 +83,7 @@ def synthesize_command(
     if bids is not None:
         _bids_manifest(bids)  # before the model is loaded: fail fast
     synthesizer = load_synthesizer(model, sampler=sampler, steps=steps, device=device, start_strength=start_strength,
-                                   max_memory=max_memory, precision=precision)
+                                   max_memory=max_memory, precision=precision, anchor_sigma=anchor_sigma)
     if bids is not None:
         _synthesize_bids(synthesizer, model, bids, samples, seed)
         return

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from demist.config import Config, check_start_strength
+from demist.config import Config, check_anchor_sigma, check_start_strength
 from demist.data.preprocess import PreparedSession
 from demist.devices import bf16_autocast, has_native_bf16, resolve_device
+from demist.diffusion.anchoring import anchored
 from demist.diffusion.samplers import SAMPLERS, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
@@ -61,6 +62,7 @@ class DemistSynthesizer:
     use_bf16: bool = True
     start: int | None = None  # first timestep; None: T−1 from pure noise, else from z_c noised to it (SDEdit)
     max_memory_gib: float = DEFAULT_MAX_MEMORY_GIB
+    anchor_sigma: float = 0.0  # > 0: x̂0's low-pass kept at the trajectory's first estimate (`diffusion.anchoring`)
     # NDHWC tensors: under bf16 on a CPU with AMX the autoencoders run 2.5× and a sampling step 1.6× faster than
     # NCDHW, in fp32 no faster (docs/inference.md). None: exactly where bf16 runs.
     channels_last: bool | None = None
@@ -75,12 +77,13 @@ class DemistSynthesizer:
     @classmethod
     def from_run(cls, run: RunInfo, sampler: str | None = None, steps: int | None = None,
                  device: str = "auto", start_strength: float | None = None, max_memory: float | None = None,
-                 precision: str = "auto") -> "DemistSynthesizer":
+                 precision: str = "auto", anchor_sigma: float | None = None) -> "DemistSynthesizer":
         """Rebuild every network of a Stage-2 run and its parents (Stage 1, backbone) for inference.
 
         `start_strength` (default: the config's `sampling.start_strength`) below 1 starts sampling from z_c noised
-        to timestep round(strength·(T−1)) instead of from pure noise. `max_memory` (GiB, default 4) bounds the
-        tiles; `precision="fp32"` turns bf16 autocast off."""
+        to timestep round(strength·(T−1)) instead of from pure noise. `anchor_sigma` (default: the config's
+        `sampling.anchor_sigma`) above 0 anchors every x̂0's low-pass to the trajectory's first. `max_memory` (GiB,
+        default 4) bounds the tiles; `precision="fp32"` turns bf16 autocast off."""
         if precision not in PRECISIONS:
             raise DemistError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
         if max_memory is not None and not max_memory > 0:
@@ -92,6 +95,9 @@ class DemistSynthesizer:
         strength = cfg.sampling.start_strength if start_strength is None else float(start_strength)
         if start_strength is not None:
             check_start_strength(strength, "--start-strength")
+        anchor = cfg.sampling.anchor_sigma if anchor_sigma is None else anchor_sigma
+        if anchor_sigma is not None:
+            check_anchor_sigma(anchor, "--anchor-sigma")
         total = cfg.diffusion.num_train_timesteps
         start = None if strength == 1.0 else int(round(strength * (total - 1)))
         if steps is None:  # the config's, but never more than the timesteps from `start` down to 0
@@ -108,7 +114,8 @@ class DemistSynthesizer:
                    cond_autoencoder=nets.cond_autoencoder, schedule=schedule,
                    latent_scale_factor=float(nets.latent_scale_factor), sampler=sampler, steps=int(steps),
                    device=torch_device, use_bf16=precision == "auto", start=start,
-                   max_memory_gib=DEFAULT_MAX_MEMORY_GIB if max_memory is None else float(max_memory))
+                   max_memory_gib=DEFAULT_MAX_MEMORY_GIB if max_memory is None else float(max_memory),
+                   anchor_sigma=float(anchor))
 
     # -- the three networks, each tiled --------------------------------------------------------------------------
 
@@ -187,7 +194,7 @@ class DemistSynthesizer:
             stacked = torch.cat([x_t, z_c, *([image_hint] if image_hint is not None else [])], dim=1)
             return tiled(tile_fn, stacked, tile, self.config.sampling.tile_overlap, t=t)
 
-        return model
+        return anchored(model, self.schedule, self.anchor_sigma) if self.anchor_sigma > 0 else model
 
     @torch.no_grad()
     def predict(self, session: PreparedSession, samples: int = 1, seed: int = 0,

@@ -84,6 +84,9 @@ def student_config(teacher: RunInfo, student_steps: int | None, max_steps: int |
     if cfg.sampling.start_strength != 1.0:
         raise DemistError(f"--teacher {teacher.path}: samples from a noised z_c (sampling.start_strength "
                           f"{cfg.sampling.start_strength}); expected a teacher that samples from pure noise (1.0)")
+    if cfg.sampling.anchor_sigma != 0.0:
+        raise DemistError(f"--teacher {teacher.path}: anchors its samples (sampling.anchor_sigma "
+                          f"{cfg.sampling.anchor_sigma}); expected a teacher with the plain sampler (0)")
     distill = dataclasses.replace(cfg.distill, **({"student_steps": student_steps} if student_steps else {}),
                                   **({"steps": max_steps} if max_steps is not None else {}))
     return cfg.replace(distill=distill)
