@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from demist.inference.tiling import aligned_overlap, tiled
+from demist.inference.tiling import tiled
+from demist.models.autoencoder import aligned_overlap, encode_volume
 
 
 def linear_field(shape=(1, 2, 24, 28, 20)) -> torch.Tensor:
@@ -63,3 +64,20 @@ def test_aligned_overlap_rounds_the_stride_down_to_a_multiple():
     strides = [int(edge * (1 - o)) for edge, o in zip(edges, aligned_overlap(edges, 0.3, 4))]
     assert strides == [8, 44, 8] and all(1 - stride / edge >= 0.3 for stride, edge in zip(strides, edges))
     assert aligned_overlap((8,), 0.0, 4) == [0.0]  # a stride of the whole tile: no overlap
+
+
+def test_an_autoencoder_window_of_an_odd_number_of_latent_voxels_still_encodes_on_the_latent_grid():
+    """A 36³ window (9 latent voxels) at overlap 0.5 steps 18 image voxels, off a 4× encoder's grid unless aligned."""
+    from types import SimpleNamespace
+
+    from monai.networks.nets.autoencoderkl import AEKLDownsample
+
+    class PoolEncoder(torch.nn.Module):  # a 4× encoder that is local to its 4³ block
+        encoder = SimpleNamespace(blocks=[AEKLDownsample(3, 1), AEKLDownsample(3, 1)])
+
+        def encode(self, x):
+            return torch.nn.functional.avg_pool3d(x, 4), None
+
+    x = torch.randn(1, 1, 72, 76, 64, dtype=torch.float64)
+    torch.testing.assert_close(encode_volume(PoolEncoder(), x, (36, 36, 36)), torch.nn.functional.avg_pool3d(x, 4),
+                               rtol=0, atol=1e-12)

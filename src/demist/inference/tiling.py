@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from monai.inferers import sliding_window_inference
 
+from demist.models.autoencoder import aligned_overlap
+
 #: Standard deviation of the Gaussian blending window, as a fraction of the tile size.
 BLEND_SIGMA = 0.125
 
@@ -47,16 +49,3 @@ def tiled(
         **kwargs,
     )
 
-
-def aligned_overlap(tile: Sequence[int], overlap: float, multiple: int) -> list[float]:
-    """Per-axis overlaps at least `overlap` whose stride between tiles is a multiple of `multiple`.
-
-    MONAI steps int(tile·(1 − overlap)) input voxels from tile to tile. A downsampling `fn` whose tiles start off its
-    output grid has each tile's output placed a fraction of an output voxel away from where it belongs (an encoder at
-    overlap 1/3 on 32³ windows: 18.7 dB instead of 24.5 on the demo), so the stride is rounded down to a multiple.
-    """
-    overlaps = []
-    for edge in tile:
-        stride = max(multiple, int(edge * (1 - overlap)) // multiple * multiple)
-        overlaps.append(0.0 if stride >= edge else 1 - (stride + 0.5) / edge)  # +0.5: int() lands on the stride
-    return overlaps

@@ -201,18 +201,32 @@ def _factor(model: AutoencoderKL) -> int:
     return 2 ** sum(isinstance(b, AEKLDownsample) for b in model.encoder.blocks)
 
 
-def _windows(function, volume: torch.Tensor, window: Sequence[int], overlap: float) -> torch.Tensor:
+def _windows(function, volume: torch.Tensor, window: Sequence[int], overlap: float | list[float]) -> torch.Tensor:
     from monai.inferers import sliding_window_inference
 
     return sliding_window_inference(volume, tuple(int(w) for w in window), 4, function, overlap=overlap,
                                     mode="gaussian", padding_mode="constant", cval=0.0, progress=False)
 
 
+def aligned_overlap(tile: Sequence[int], overlap: float, multiple: int) -> list[float]:
+    """Per-axis overlaps at least `overlap` whose stride between tiles is a multiple of `multiple`.
+
+    MONAI steps int(tile·(1 − overlap)) input voxels from tile to tile. A downsampling network whose tiles start off its
+    output grid has each tile's output placed a fraction of an output voxel away from where it belongs (an encoder at
+    overlap 1/3 on 32³ windows: 18.7 dB instead of 24.5 on the demo), so the stride is rounded down to a multiple.
+    """
+    overlaps = []
+    for edge in tile:
+        stride = max(multiple, int(edge * (1 - overlap)) // multiple * multiple)
+        overlaps.append(0.0 if stride >= edge else 1 - (stride + 0.5) / edge)  # +0.5: int() lands on the stride
+    return overlaps
+
+
 def encode_windowed(model: AutoencoderKL, image: torch.Tensor, window: Sequence[int], overlap: float = 0.5
                     ) -> torch.Tensor:
     """μ of (B, C, D, H, W) computed in `window`-sized pieces (the field of view the autoencoder's GroupNorm was
-    trained on); differentiable, for a condition encoder that is fine-tuned."""
-    return _windows(lambda x: model.encode(x)[0], image, window, overlap)
+    trained on), each starting on the latent grid; differentiable, for a condition encoder that is fine-tuned."""
+    return _windows(lambda x: model.encode(x)[0], image, window, aligned_overlap(window, overlap, _factor(model)))
 
 
 @torch.no_grad()
