@@ -33,15 +33,17 @@ def anchored(model: Model, schedule: NoiseSchedule, sigma: float) -> Model:
     """`model` (x_t, t) -> its prediction, with each x̂0's low-pass replaced by that of its trajectory's first x̂0;
     the output is in the model's prediction type. A call at a timestep not below the previous call's starts a new
     trajectory (samplers step down in t), so every sample of a session is anchored to its own first estimate."""
-    state: dict[str, object] = {}
+    anchor: torch.Tensor | None = None
+    last_step = -1
 
     def anchored_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal anchor, last_step
         x0, _ = schedule.predict_x0_eps(model(x_t, t), x_t, t)
         step = int(t.max())
-        if "anchor" not in state or step >= int(state["t"]):  # type: ignore[call-overload]
-            state["anchor"] = lowpass(x0, sigma)
-        state["t"] = step
-        x0 = x0 - lowpass(x0, sigma) + state["anchor"]
+        if anchor is None or step >= last_step:
+            anchor = lowpass(x0, sigma)
+        last_step = step
+        x0 = x0 - lowpass(x0, sigma) + anchor
         signal, noise = schedule.signal_and_noise_scales(t, x_t)
         return schedule.training_target(x0, (x_t.float() - signal * x0) / noise, t)
 
