@@ -39,11 +39,11 @@ def anchored(model: Model, schedule: NoiseSchedule, sigma: float) -> Model:
     def anchored_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal anchor, last_step
         x0, _ = schedule.predict_x0_eps(model(x_t, t), x_t, t)
-        step = int(t.max())
+        step, low = int(t.max()), lowpass(x0, sigma)
         if anchor is None or step >= last_step:
-            anchor = lowpass(x0, sigma)
+            anchor = low
         last_step = step
-        x0 = x0 - lowpass(x0, sigma) + anchor
+        x0 = x0 - low + anchor
         signal, noise = schedule.signal_and_noise_scales(t, x_t)
         return schedule.training_target(x0, (x_t.float() - signal * x0) / noise, t)
 

@@ -209,7 +209,8 @@ def _windows(function, volume: torch.Tensor, window: Sequence[int], overlap: flo
 
 
 def aligned_overlap(tile: Sequence[int], overlap: float, multiple: int) -> list[float]:
-    """Per-axis overlaps at least `overlap` whose stride between tiles is a multiple of `multiple`.
+    """Per-axis overlaps for MONAI whose stride between tiles is a multiple of `multiple` and whose effective overlap
+    (1 − stride / tile) is at least `overlap`.
 
     MONAI steps int(tile·(1 − overlap)) input voxels from tile to tile. A downsampling network whose tiles start off its
     output grid has each tile's output placed a fraction of an output voxel away from where it belongs (an encoder at
