@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.workflows.demo import DemoPlan
 
@@ -44,3 +46,9 @@ def print_scores(plan: DemoPlan, rows: Mapping[str, Path], out: Path, psr_range:
         metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
               f"{extra[name]:.1f} |")
+
+
+def psnr_pair(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
+    """PSNR (data range 1: PSR / psr_range) inside the brain, raw and with the mean error removed."""
+    error = (prediction - truth)[brain]
+    return float(10 * np.log10(1 / np.mean(error ** 2))), float(10 * np.log10(1 / np.var(error)))

@@ -25,13 +25,7 @@ import torch
 from demist.data.manifest import load_manifest
 from demist.data.preprocess import prepare_session
 from demist.methods import load_synthesizer
-from finished_demo import add_demo_arguments, finished_demo
-
-
-def psnr_pair(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
-    """PSNR (data range 1: PSR / psr_range) inside the brain, raw and with the mean error removed."""
-    error = (prediction - truth)[brain]
-    return float(10 * np.log10(1 / np.mean(error ** 2))), float(10 * np.log10(1 / np.var(error)))
+from finished_demo import add_demo_arguments, finished_demo, psnr_pair
 
 
 def main() -> None:
