@@ -7,8 +7,8 @@ On a finished demo's split (fast: no network is trained):
    on the same training sessions: what a nonlinear map of the same local information reaches. It is a yardstick
    for the deep models here, not a demist method.
 2. **Every row of the demo** (DEMIST, its mean of K, ridge, the two reference rows) and the boosting, scored by
-   `demist evaluate` (PSNR, SSIM, per-lesion AUC) and, beside that, the PSNR with each session's mean error inside
-   the brain removed, and those mean errors (PSR units). The phantom gives each subject a PSR level that
+   `demist evaluate` (PSNR, SSIM, per-lesion AUC, and `psnr_centred`: the PSNR with each session's mean error inside
+   the brain removed), with those mean errors (PSR units). The phantom gives each subject a PSR level that
    percentile-scaled images show only in part, so on 3 held-out sessions the raw PSNR ranks rows largely by how
    they guessed that level (docs/alignment.md).
 3. With `--unet-steps N`: **a plain image-space regression network** (MONAI's `BasicUNet`, 1.4 M parameters, 64³
@@ -46,7 +46,7 @@ from demist.data.preprocess import PreparedSession, prepare_session, psr_to_nati
 from demist.devices import bf16_autocast
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import OUTPUT_NAME
-from finished_demo import add_demo_arguments, finished_demo, psnr_pair
+from finished_demo import add_demo_arguments, finished_demo
 
 #: The demo's rows, in the report's order; rows the demo did not write are skipped.
 DEMO_ROWS = ("demist", "demist-mean3", "ridge", "aligned-condition", "ae-ceiling")
@@ -158,16 +158,14 @@ def main() -> None:
     print("| row | PSNR | SSIM | per-lesion AUC | PSNR, level removed | mean error per session (PSR) |\n"
           "|---|---:|---:|---:|---:|---|")
     for name, folder in rows.items():
-        levelled, errors = [], []
+        errors = []
         for key, record in truth.items():
             brain = np.asarray(nib.load(record.brain_mask).dataobj) > 0.5
-            target = np.asarray(nib.load(record.psr).dataobj, dtype=np.float64) / psr_range
-            prediction = np.asarray(nib.load(folder / key / OUTPUT_NAME).dataobj, dtype=np.float64) / psr_range
-            levelled.append(psnr_pair(prediction, target, brain)[1])
-            errors.append(float((prediction - target)[brain].mean()) * psr_range)
+            target = np.asarray(nib.load(record.psr).dataobj, dtype=np.float64)
+            errors.append(float((np.asarray(nib.load(folder / key / OUTPUT_NAME).dataobj) - target)[brain].mean()))
         metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
-              f"{np.mean(levelled):.2f} | {', '.join(f'{e:+.4f}' for e in errors)} |")
+              f"{metrics['psnr_centred']['mean']:.2f} | {', '.join(f'{e:+.4f}' for e in errors)} |")
 
     level_table(sessions, ridge)
     print(f"\n{(time.perf_counter() - start) / 60:.1f} min wall, {(time.process_time() - cpu) / 60:.1f} CPU-min, "

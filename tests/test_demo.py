@@ -63,6 +63,7 @@ def test_demo_runs_end_to_end_and_resumes(smoke_demo, smoke_config, caplog):
         assert np.allclose(nib.load(path).affine, t1w.affine), row
         assert f"| {row} |" in text, row
     assert "What the diffusion stage adds" in text and "**Ceiling**" in text and "Mean of 3 samples" in text
+    assert "PSNR with each session's mean error removed" in text and "| PSNR_CENTRED" in text
 
     timings = json.loads((plan.out / "timings.json").read_text())
     assert set(timings) == {"cohort", "stage1", "backbone", "demist", "ridge", "synthesis", "evaluation"}

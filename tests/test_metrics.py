@@ -55,10 +55,26 @@ def test_masked_metrics_use_only_brain_voxels(volumes):
     assert worse["psnr"] < result["psnr"] and worse["ssim"] < result["ssim"]
 
 
+def test_centred_psnr_removes_the_level_and_nothing_else(volumes):
+    pred, target, mask = volumes
+    result = image_metrics(pred, target, mask)
+    p, t = pred[mask].astype(np.float64), target[mask].astype(np.float64)
+    assert result["psnr_centred"] == pytest.approx(
+        peak_signal_noise_ratio(t, p - np.mean(p - t), data_range=1.0), rel=1e-6)
+    assert result["psnr_centred"] >= result["psnr"]
+    # A level added inside the brain lowers the raw PSNR and leaves the centred one where it was...
+    shifted = image_metrics(np.where(mask, pred + 0.05, pred), target, mask)
+    assert shifted["psnr"] < result["psnr"] - 2  # the noise SD is 0.05 too: the MSE about doubles
+    assert shifted["psnr_centred"] == pytest.approx(result["psnr_centred"], rel=1e-5)
+    # ...while a change of the map's shape lowers both.
+    blurred = image_metrics(np.where(mask, 0.5 * pred + 0.25, pred), target, mask)
+    assert blurred["psnr_centred"] < result["psnr_centred"]
+
+
 def test_perfect_prediction(volumes):
     _, target, mask = volumes
     result = image_metrics(target, target, mask)
-    assert result["psnr"] == math.inf
+    assert result["psnr"] == math.inf and result["psnr_centred"] == math.inf
     assert result["mse"] == 0 and result["l1"] == 0
     assert result["ssim"] == pytest.approx(1.0, abs=1e-9)
     assert result["ncc"] == pytest.approx(1.0, abs=1e-9)

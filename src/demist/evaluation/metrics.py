@@ -1,4 +1,4 @@
-"""Image-similarity metrics inside the brain: PSNR, SSIM, MSE, L1 and NCC.
+"""Image-similarity metrics inside the brain: PSNR (raw and centred), SSIM, MSE, L1 and NCC.
 
 Every metric is computed on arrays already scaled to [0, 1] by a *fixed* physical range (PSR / `psr_range`), so
 numbers are comparable across subjects and return to PSR units by multiplying by that range. Nothing here
@@ -12,10 +12,10 @@ from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structu
 
 from demist.errors import DemistError
 
-METRICS = ("psnr", "ssim", "mse", "l1", "ncc")
+METRICS = ("psnr", "psnr_centred", "ssim", "mse", "l1", "ncc")
 """The keys of `image_metrics`, in report order."""
 
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ncc": True, "mse": False, "l1": False}
+HIGHER_IS_BETTER = {"psnr": True, "psnr_centred": True, "ssim": True, "ncc": True, "mse": False, "l1": False}
 
 # SSIM settings of Wang et al. (2004) as commonly used for 3D MRI synthesis: an 11-voxel Gaussian window.
 SSIM_SIGMA = 1.5
@@ -100,6 +100,9 @@ def image_metrics(
 
     - mse  = mean((pred − target)²)                    (`skimage.metrics.mean_squared_error` on the voxels)
     - psnr = 10·log10(data_range² / mse) in dB; `inf` when the prediction is exact
+    - psnr_centred = the psnr of `pred` minus its mean error inside the mask: what is left once the session's level
+      is taken out. A subject's overall PSR level is only partly visible in T1w/FLAIR, so on a few sessions the
+      raw psnr ranks methods largely by how they guessed it (docs/predictability.md); this one ranks the map.
     - l1   = mean(|pred − target|)
     - ncc  = Pearson correlation of the voxels; NaN if either image is constant inside the mask
     - ssim = mean of the 3D SSIM map inside the mask (see `_masked_ssim` for the window and constants)
@@ -118,8 +121,12 @@ def image_metrics(
     t = target[mask].astype(np.float64)
     mse = float(mean_squared_error(t, p))
     psnr = float("inf") if mse == 0 else float(peak_signal_noise_ratio(t, p, data_range=data_range))
+    centred = p - np.mean(p - t)
+    psnr_centred = float("inf") if np.array_equal(centred, t) else float(
+        peak_signal_noise_ratio(t, centred, data_range=data_range))
     return {
         "psnr": psnr,
+        "psnr_centred": psnr_centred,
         "ssim": _masked_ssim(pred, target, mask, data_range),
         "mse": mse,
         "l1": float(np.mean(np.abs(p - t))),

@@ -86,7 +86,9 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         "",
         f"Metrics are computed on PSR divided by the fixed physical range {psr_range:g} (1.0 = PSR {psr_range:g}), "
         f"with data range {summary['data_range']:g}: one scale for every subject and method, never rescaled per "
-        f"image. PSNR 30 dB ≙ RMSE {psr_range * 10 ** -1.5:.4f} PSR; MSE ×{psr_range ** 2:g} gives PSR².",
+        f"image. PSNR 30 dB ≙ RMSE {psr_range * 10 ** -1.5:.4f} PSR; MSE ×{psr_range ** 2:g} gives PSR². "
+        "PSNR_CENTRED is the PSNR once each session's mean error inside the mask is removed: the map without the "
+        "session's level.",
         "",
         summary_markdown(summary["metrics"], summary["paired_tests"] or None, across="sessions").rstrip(),
         "",

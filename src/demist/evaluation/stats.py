@@ -141,7 +141,7 @@ def summary_markdown(
 
     `across` names what the SD runs over ("folds" for `summarise_folds`, "sessions" for `summarise_sessions`).
     """
-    digits = {"psnr": 2, "ssim": 4, "mse": 5, "l1": 4, "ncc": 4, **(digits or {})}
+    digits = {"psnr": 2, "psnr_centred": 2, "ssim": 4, "mse": 5, "l1": 4, "ncc": 4, **(digits or {})}
     metrics = list(next(iter(summary.values())).keys()) if summary else []
     arrows = {m: "↑" if HIGHER_IS_BETTER.get(m, True) else "↓" for m in metrics}
     lines = ["| method | " + " | ".join(f"{m.upper()} {arrows[m]}" for m in metrics) + " |",

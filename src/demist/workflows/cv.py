@@ -218,11 +218,14 @@ def write_cv_tables(out: Path, rows: list[dict], lesion_auc: dict[int, dict[str,
     """Mean ± SD across folds, paired t-tests against the best other method (reference rows take no part); markdown
     (with the per-lesion AUC per method over folds, when given), CSV and per-session CSV."""
     from demist.atomic import atomic_path, atomic_write
+    from demist.evaluation.metrics import METRICS
     from demist.evaluation.stats import paired_tests, summarise_folds, summary_markdown, write_summary_csv
     from demist.inference.base import REFERENCES
 
-    summary = summarise_folds(rows)
-    tests = paired_tests([row for row in rows if row["method"] not in REFERENCES])
+    # the metrics every row has: folds evaluated before a metric was added still collect, without that metric
+    metrics = [m for m in METRICS if all(m in row for row in rows)]
+    summary = summarise_folds(rows, metrics)
+    tests = paired_tests([row for row in rows if row["method"] not in REFERENCES], metrics)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(out / "per_session.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
