@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
+from skimage.metrics import peak_signal_noise_ratio
 
 from demist.evaluation.evaluate import evaluate_predictions
+from demist.evaluation.metrics import centred_psnr
 from demist.workflows.demo import DemoPlan
 
 
@@ -49,6 +51,7 @@ def print_scores(plan: DemoPlan, rows: Mapping[str, Path], out: Path, psr_range:
 
 
 def psnr_pair(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> tuple[float, float]:
-    """PSNR (data range 1: PSR / psr_range) inside the brain, raw and with the mean error removed."""
-    error = (prediction - truth)[brain]
-    return float(10 * np.log10(1 / np.mean(error ** 2))), float(10 * np.log10(1 / np.var(error)))
+    """PSNR (data range 1: PSR / psr_range) inside the brain, raw and centred (`demist evaluate`'s psnr and
+    psnr_centred, without its SSIM)."""
+    p, t = prediction[brain].astype(np.float64), truth[brain].astype(np.float64)
+    return float(peak_signal_noise_ratio(t, p, data_range=1.0)), centred_psnr(p, t)

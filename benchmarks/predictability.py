@@ -135,8 +135,8 @@ def main() -> None:
     train_subjects, test_keys = demo.split()
     records = load_manifest(demo.manifest)
     sessions = [prepare_session(r, ridge.config.data) for r in records]
-    train = [s for s in sessions if s.key.split("/")[0] in set(train_subjects)]
-    test = [s for s in sessions if s.key in set(test_keys)]
+    train = [s for s in sessions if s.key.split("/")[0] in train_subjects]
+    test = [s for s in sessions if s.key in test_keys]
 
     boosting = boosted(train, ridge, args.seed)
     yardsticks = {"gbm": lambda session: predict_volume(boosting, session, ridge)}
@@ -154,7 +154,7 @@ def main() -> None:
     result = evaluate_predictions(demo.manifest, rows, args.out / "evaluation", psr_range=psr_range,
                                   sessions=test_keys, bootstrap=100, progress=False)
 
-    truth = {r.key: r for r in records if r.key in set(test_keys)}
+    truth = {r.key: r for r in records if r.key in test_keys}
     print("| row | PSNR | SSIM | per-lesion AUC | PSNR, level removed | mean error per session (PSR) |\n"
           "|---|---:|---:|---:|---:|---|")
     for name, folder in rows.items():

@@ -90,6 +90,15 @@ def _masked_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, data_ra
     return float(ssim_map[interior][inside].mean(dtype=np.float64))
 
 
+def centred_psnr(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> float:
+    """PSNR of `pred` minus its mean error against `target` (voxel arrays): the map without its level; `inf` when
+    nothing but a level separates them."""
+    centred = pred - np.mean(pred - target)
+    if np.array_equal(centred, target):
+        return float("inf")
+    return float(peak_signal_noise_ratio(target, centred, data_range=data_range))
+
+
 def image_metrics(
     pred: np.ndarray, target: np.ndarray, mask: np.ndarray, data_range: float = 1.0
 ) -> dict[str, float]:
@@ -121,9 +130,7 @@ def image_metrics(
     t = target[mask].astype(np.float64)
     mse = float(mean_squared_error(t, p))
     psnr = float("inf") if mse == 0 else float(peak_signal_noise_ratio(t, p, data_range=data_range))
-    centred = p - np.mean(p - t)
-    psnr_centred = float("inf") if np.array_equal(centred, t) else float(
-        peak_signal_noise_ratio(t, centred, data_range=data_range))
+    psnr_centred = centred_psnr(p, t, data_range)
     return {
         "psnr": psnr,
         "psnr_centred": psnr_centred,
