@@ -85,7 +85,7 @@ def test_train_demist_has_one_ablation_flag_per_stream_switch():
     import inspect
 
     from demist.cli.methods import train_command
-    from demist.config import STREAM_SWITCHES
+    from demist.config_sections import STREAM_SWITCHES
 
     flags = {name: p.default for name, p in inspect.signature(train_command("demist")).parameters.items()
              if name.startswith("no_")}

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from helpers import brain_session
-from demist.config import TrainConfig, load_config
+from demist.config import load_config
+from demist.config_sections import TrainConfig
 from demist.data.manifest import load_manifest
 from demist.data.patches import PatchSampler
 from demist.errors import DemistError
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # global RNG (noise on the input), so an exact resume also needs the loop's per-step reseeding.
 TOY_SCRIPT = textwrap.dedent('''
     import argparse, os, signal, torch
-    from demist.config import TrainConfig
+    from demist.config_sections import TrainConfig
     from demist.runs import save_weights
     from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 

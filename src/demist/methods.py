@@ -13,7 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from demist.config import STREAM_SWITCHES, Config
+from demist.config import Config
+from demist.config_sections import STREAM_SWITCHES
 from demist.errors import DemistError
 
 #: The shared per-cohort runs a method can build on.

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from demist.cli.options import BACKBONE, CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME, STAGE1, TENSORBOARD
-from demist.config import STREAM_SWITCHES
+from demist.config_sections import STREAM_SWITCHES
 from demist.methods import METHODS, TrainJob
 
 #: The methods that get a `demist train` command (the ablations are `demist train demist --no-<switch>`).

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from demist.config import DataConfig
+from demist.config_sections import DataConfig
 from demist.data.manifest import SessionRecord
 from demist.data.preprocess import PreparedSession, prepare_session
 from demist.errors import DemistError

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from demist.config import DataConfig
+from demist.config_sections import DataConfig
 from demist.data.manifest import SessionRecord
 from demist.data.nifti import load_image, load_mask
 from demist.data.space import ModelGrid, into_grid, model_grid_for, onto_model_grid

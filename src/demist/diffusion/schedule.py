@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from demist.config import DiffusionConfig
+from demist.config_sections import DiffusionConfig
 from demist.errors import DemistError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

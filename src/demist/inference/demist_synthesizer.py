@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from demist.config import Config, check_anchor_sigma, check_start_strength
+from demist.config import Config
+from demist.config_sections import check_anchor_sigma, check_start_strength
 from demist.data.preprocess import PreparedSession
 from demist.devices import bf16_autocast, has_native_bf16, resolve_device
 from demist.diffusion.anchoring import anchored

@@ -27,7 +27,7 @@ import torch
 from monai.networks.nets import AutoencoderKL
 from monai.networks.nets.autoencoderkl import AEKLDownsample
 
-from demist.config import AutoencoderConfig
+from demist.config_sections import AutoencoderConfig
 from demist.errors import DemistError
 from demist.models.checkpoint_files import read_state_dict as read_state_dict_file
 

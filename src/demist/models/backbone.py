@@ -20,7 +20,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from demist.config import UNetConfig
+from demist.config_sections import UNetConfig
 from demist.errors import DemistError
 from demist.models.checkpoint_files import read_state_dict as read_state_dict_file
 

@@ -24,7 +24,7 @@ from monai.networks.nets import ControlNet, DiffusionModelUNet
 from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
 
-from demist.config import UNetConfig
+from demist.config_sections import UNetConfig
 from demist.models.backbone import unet_kwargs
 
 _CONTROLNET_ONLY = "controlnet_"  # MONAI's prefix for the ControlNet's own modules (gates, embedding)

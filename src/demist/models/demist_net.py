@@ -19,7 +19,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from demist.config import STREAM_SWITCHES, DemistConfig, UNetConfig
+from demist.config_sections import STREAM_SWITCHES, DemistConfig, UNetConfig
 from demist.devices import bf16_autocast
 from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention

@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from demist.config import UNetConfig
+from demist.config_sections import UNetConfig
 from demist.models.backbone import unet_kwargs
 
 INPUT_CONV = "conv_in.conv"

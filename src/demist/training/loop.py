@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from demist.config import TrainConfig
+from demist.config_sections import TrainConfig
 from demist.devices import resolve_device, resolve_mixed_precision
 from demist.errors import DemistError
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

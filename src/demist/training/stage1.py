@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from demist.config import INPUT_SCALING_KEYS, Config, TrainConfig
+from demist.config import INPUT_SCALING_KEYS, Config
+from demist.config_sections import TrainConfig
 from demist.data.augmentation import random_bias_field
 from demist.data.manifest import SessionRecord
 from demist.data.patches import PatchSampler, load_sessions

@@ -26,7 +26,8 @@ from typing import Any, Collection, Iterable, Sequence
 import torch
 from torch import nn
 
-from demist.config import STREAM_SWITCHES, Config
+from demist.config import Config
+from demist.config_sections import STREAM_SWITCHES
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.models.autoencoder import downsampling_factor

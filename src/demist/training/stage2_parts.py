@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from demist.config import STREAM_SWITCHES
+from demist.config_sections import STREAM_SWITCHES
 from demist.models.demist_net import STREAMS, DemistNet
 
 
