@@ -19,7 +19,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """--demo and the cohort settings it was run with (they fix its split)."""
     parser.add_argument("--demo", type=Path, required=True, help="A finished demo (its DEMIST run names the backbone).")
     parser.add_argument("--subjects", type=int, default=14, help="As given to the demo.")
-    parser.add_argument("--held-out", type=int, default=3, help="As given to the demo.")
+    parser.add_argument("--held-out", type=int, default=3,
+                        help="As given to the demo (a demo that recorded its split.json is split as recorded).")
     parser.add_argument("--seed", type=int, default=0, help="As given to the demo.")
 
 

@@ -146,6 +146,39 @@ def test_a_finished_demo_names_its_stage1_backbone_and_split(smoke_demo) -> None
     assert set(held_out) == scored and not {k.split("/")[0] for k in held_out} & set(train)
 
 
+def test_a_demo_folder_keeps_its_split_and_refuses_a_rerun_with_another(smoke_demo) -> None:
+    """The split is recorded on the first run and read back by every later plan of the folder (benchmarks build on
+    it); a rerun that asks for other held-out subjects would mix finished runs of two splits, so it is refused."""
+    from demist.errors import DemistError
+
+    plan, _ = smoke_demo
+    train, held_out = plan.subject_split()
+    assert json.loads(plan.split_file.read_text()) == {"train": train, "held_out": held_out}
+    reseeded = dataclasses.replace(plan, seed=plan.seed + 1)
+    assert reseeded.subject_split() == (train, held_out)  # what benchmarks read: the recorded split
+    named = dataclasses.replace(plan, held_out_subjects=tuple(held_out))
+    assert named.record_split() == (train, held_out)
+    other = dataclasses.replace(plan, held_out_subjects=(train[0],))
+    with pytest.raises(DemistError, match=f"held-out subjects {held_out[0]}.*asks for {train[0]}"):
+        other.record_split()
+
+
+def test_named_held_out_subjects_are_held_out_and_checked(smoke_demo) -> None:
+    """--held-out-subjects holds out exactly the named subjects (duplicates once); an unknown subject, or naming every
+    subject, is a clear error."""
+    from demist.errors import DemistError
+    from demist.workflows.demo import named_split
+
+    plan, _ = smoke_demo
+    subjects = sorted({*plan.subject_split()[0], *plan.subject_split()[1]})
+    train, test = named_split(plan.manifest, [subjects[-1], subjects[0], subjects[0]])
+    assert test == [subjects[0], subjects[-1]] and train == subjects[1:-1]
+    with pytest.raises(DemistError, match="sub-099 not in the cohort"):
+        named_split(plan.manifest, ["sub-099"])
+    with pytest.raises(DemistError, match="all 3 subjects"):
+        named_split(plan.manifest, subjects)
+
+
 def test_demo_command_passes_its_config_file_to_the_demo(tmp_path, monkeypatch) -> None:
     """`demist demo --config FILE` runs the demo with that file's keys on its base preset (the default is tiny)."""
     import typer
@@ -169,7 +202,8 @@ def test_demo_command_passes_its_config_file_to_the_demo(tmp_path, monkeypatch) 
         assert (seen["config"].preset, seen["config"].demist.steps) == (preset, steps)
 
 
-def test_demo_command_passes_distill_and_refuses_student_steps_without_it(tmp_path, monkeypatch) -> None:
+def test_demo_command_passes_distill_and_held_out_subjects_and_refuses_student_steps_without_distill(
+        tmp_path, monkeypatch) -> None:
     import typer
     from typer.testing import CliRunner
 
@@ -184,7 +218,10 @@ def test_demo_command_passes_distill_and_refuses_student_steps_without_it(tmp_pa
     app.command("demo")(demo)
     result = CliRunner().invoke(app, ["--out", str(tmp_path / "d"), "--distill", "--student-steps", "2"])
     assert result.exit_code == 0, result.output
-    assert (plans[0].distill, plans[0].student_steps) == (True, 2)
+    assert (plans[0].distill, plans[0].student_steps, plans[0].held_out_subjects) == (True, 2, ())
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "f"), "--held-out-subjects", "sub-004,sub-001"])
+    assert result.exit_code == 0 and plans[1].held_out_subjects == ("sub-004", "sub-001")
+    plans.pop()
     refused = CliRunner().invoke(app, ["--out", str(tmp_path / "e"), "--student-steps", "2"])
     assert isinstance(refused.exception, DemistError) and "without --distill" in str(refused.exception)
     assert len(plans) == 1  # nothing ran

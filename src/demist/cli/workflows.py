@@ -37,6 +37,9 @@ def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, runs, predictions and report."),
     subjects: int = typer.Option(14, "--subjects", help="Synthetic subjects to generate."),
     held_out: int = typer.Option(3, "--held-out", help="Subjects kept out of training, for evaluation."),
+    held_out_subjects: str = typer.Option("", "--held-out-subjects", help="Comma-separated subjects to hold out "
+                                          "(e.g. sub-001,sub-003,sub-004) instead of --held-out drawn by --seed, so "
+                                          "that demos of different cohort sizes are scored on the same subjects."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of the split."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
@@ -61,7 +64,7 @@ def demo(
 
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
                                mean_samples=mean_samples, distill=distill, student_steps=student_steps,
-                               prior=prior),
+                               prior=prior, held_out_subjects=tuple(s for s in held_out_subjects.split(",") if s)),
                       config=load_config(config), device=device)
     typer.echo(f"report: {report}")
 

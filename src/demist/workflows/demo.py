@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from demist.atomic import atomic_write
 from demist.config import Config, load_config
@@ -65,6 +65,7 @@ class DemoPlan:
     distill: bool = False  # also distil DEMIST into a few-step student and score it (and the mean of its samples)
     student_steps: int | None = None  # the student's DDIM steps; None: the config's distill.student_steps
     prior: str = "embedded"  # "embedded", "none" or a prior directory (see demist.prior)
+    held_out_subjects: tuple[str, ...] = ()  # named held-out subjects; empty: `held_out` of them drawn by `seed`
 
     @property
     def manifest(self) -> Path:
@@ -89,12 +90,41 @@ class DemoPlan:
             return Path(read_run(demist, "demist", what="demo DEMIST run").parents["backbone"]["path"])
         return self.run("backbone")
 
+    @property
+    def split_file(self) -> Path:
+        return self.out / "split.json"
+
+    def subject_split(self) -> tuple[list[str], list[str]]:
+        """(training subjects, held-out subjects) of the generated cohort: as this demo folder recorded them when it
+        was first split, else as the plan asks (named subjects, or `held_out` drawn by `seed`)."""
+        if self.split_file.is_file():
+            recorded = json.loads(self.split_file.read_text())
+            return list(recorded["train"]), list(recorded["held_out"])
+        if self.held_out_subjects:
+            return named_split(self.manifest, self.held_out_subjects)
+        return split_subjects(self.manifest, self.held_out, self.seed)
+
     def split(self) -> tuple[list[str], list[str]]:
         """(training subjects, held-out session keys) of a generated cohort."""
         from demist.data.manifest import load_manifest, select_subjects
 
-        train, test = split_subjects(self.manifest, self.held_out, self.seed)
+        train, test = self.subject_split()
         return train, [r.key for r in select_subjects(load_manifest(self.manifest), test)]
+
+    def record_split(self) -> tuple[list[str], list[str]]:
+        """The plan's split, written to `split.json` the first time; a rerun into a folder split otherwise is refused,
+        because its finished steps (skipped on a rerun) were trained on the other split."""
+        asked = (named_split(self.manifest, self.held_out_subjects) if self.held_out_subjects
+                 else split_subjects(self.manifest, self.held_out, self.seed))
+        if self.split_file.is_file():
+            recorded = self.subject_split()
+            if sorted(recorded[1]) != sorted(asked[1]):
+                raise DemistError(
+                    f"--out {self.out}: its runs were trained with held-out subjects {', '.join(recorded[1])}; this "
+                    f"run asks for {', '.join(asked[1])}; expected the same split, or a new --out")
+            return recorded
+        atomic_write(self.split_file, json.dumps({"train": asked[0], "held_out": asked[1]}, indent=1) + "\n")
+        return asked
 
 
 def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str], list[str]]:
@@ -114,6 +144,23 @@ def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str],
     first = patients[:1] or order[:1]
     test = first + [s for s in order if s not in first][: held_out - 1]
     return [s for s in subjects if s not in test], sorted(test)
+
+
+def named_split(manifest: Path, held_out: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Training and held-out subjects when the held-out ones are named (`--held-out-subjects`), so that demos of
+    different cohort sizes can be scored on the same subjects."""
+    from demist.data.manifest import load_manifest, subjects_of
+
+    subjects = subjects_of(load_manifest(manifest))
+    test = sorted(set(held_out))
+    unknown = [s for s in test if s not in subjects]
+    if unknown:
+        raise DemistError(f"--held-out-subjects: {', '.join(unknown)} not in the cohort; expected some of "
+                          f"{', '.join(subjects)}")
+    if len(test) >= len(subjects):
+        raise DemistError(f"--held-out-subjects: all {len(subjects)} subjects named; expected at least one left to "
+                          "train on")
+    return [s for s in subjects if s not in test], test
 
 
 def _record(out: Path, name: str, minutes: float) -> float:
@@ -177,8 +224,9 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     native_bf16 = torch_device.type == "cpu" and has_native_bf16(torch_device)  # the estimates are CPU minutes
     expected = expected_minutes(prior is not None, plan.distill, native_bf16)
     estimate = time_estimate(cfg, sum(expected.values()) if plan.max_steps is None else 3)
-    log.info("demo: %d synthetic subjects at %.0f mm, %d held out; %s; train DEMIST and ridge; synthesize and "
-             "evaluate. %s. Output: %s", plan.subjects, cfg.data.spacing, plan.held_out,
+    log.info("demo: %d synthetic subjects at %.0f mm, %s held out; %s; train DEMIST and ridge; synthesize and "
+             "evaluate. %s. Output: %s", plan.subjects, cfg.data.spacing,
+             ", ".join(plan.held_out_subjects) or plan.held_out,
              "train Stage 1 and the backbone" if prior is None else
              f"autoencoders and backbone from the prior {prior.path}, align E_cond", estimate, plan.out)
 
@@ -188,7 +236,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     minutes: dict[str, float] = {}
     minutes["cohort"] = step("cohort", plan.manifest, lambda: generate_cohort(
         plan.out / "cohort", plan.subjects, spacing=cfg.data.spacing, seed=plan.seed))
-    train_subjects, test_subjects = split_subjects(plan.manifest, plan.held_out, plan.seed)
+    train_subjects, test_subjects = plan.record_split()
     records = load_manifest(plan.manifest)
     train_records = select_subjects(records, train_subjects)
     test_keys = [r.key for r in select_subjects(records, test_subjects)]
