@@ -100,6 +100,9 @@ class DemoPlan:
         if self.split_file.is_file():
             recorded = json.loads(self.split_file.read_text())
             return list(recorded["train"]), list(recorded["held_out"])
+        return self._asked_split()
+
+    def _asked_split(self) -> tuple[list[str], list[str]]:
         if self.held_out_subjects:
             return named_split(self.manifest, self.held_out_subjects)
         return split_subjects(self.manifest, self.held_out, self.seed)
@@ -114,8 +117,7 @@ class DemoPlan:
     def record_split(self) -> tuple[list[str], list[str]]:
         """The plan's split, written to `split.json` the first time; a rerun into a folder split otherwise is refused,
         because its finished steps (skipped on a rerun) were trained on the other split."""
-        asked = (named_split(self.manifest, self.held_out_subjects) if self.held_out_subjects
-                 else split_subjects(self.manifest, self.held_out, self.seed))
+        asked = self._asked_split()
         if self.split_file.is_file():
             recorded = self.subject_split()
             if sorted(recorded[1]) != sorted(asked[1]):
