@@ -46,9 +46,15 @@ def print_scores(plan: DemoPlan, rows: Mapping[str, Path], out: Path, psr_range:
                                   progress=False)
     print(f"| {first_column} | PSNR | SSIM | per-lesion AUC | {extra_label} |\n|---|---:|---:|---:|---:|")
     for name in rows:
-        metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
+        metrics, auc = result["metrics"][name], lesion_auc(result, name)
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
               f"{extra[name]:.1f} |")
+
+
+def lesion_auc(result: Mapping, row: str) -> float:
+    """A row's per-lesion AUC from `evaluate_predictions`' result; NaN when the sessions hold no lesions to score."""
+    per_row = (result.get("lesion_contrast") or {}).get("auc", {})
+    return float(per_row.get(row, {}).get("combined", {}).get("auc", float("nan")))
 
 
 def psnr_pair(prediction: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> tuple[float, float]:

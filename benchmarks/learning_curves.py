@@ -29,7 +29,7 @@ from demist.config import load_config
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.methods import METHODS, TrainJob, load_synthesizer
-from finished_demo import add_demo_arguments, chosen, finished_demo
+from finished_demo import add_demo_arguments, chosen, finished_demo, lesion_auc
 
 #: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
 #: DEMIST steps on latents).
@@ -121,14 +121,13 @@ def main() -> None:
     results = evaluate_predictions(demo.manifest, {**predictions, **references}, args.out / "evaluation",
                                    psr_range=cfg.data.psr_range, ring_mm=cfg.evaluation.ring_mm, bootstrap=200,
                                    sessions=test_keys, progress=False)
-    lesion = (results.get("lesion_contrast") or {}).get("auc", {})
     rows = []
     for name in predictions:
         method, steps = name.rsplit("-", 1)
         metrics = results["metrics"][name]
         rows.append({"method": method, "steps": int(steps), "cpu_minutes": cpu_minutes[name],
                      "psnr": metrics["psnr"]["mean"], "ssim": metrics["ssim"]["mean"], "mse": metrics["mse"]["mean"],
-                     "lesion_auc": lesion.get(name, {}).get("combined", {}).get("auc", float("nan"))})
+                     "lesion_auc": lesion_auc(results, name)})
     with open(args.out / "learning_curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -143,7 +142,7 @@ def main() -> None:
               f"{r['lesion_auc']:10.3f}")
     for name, value in reference_psnr.items():
         print(f"{name:17s} {'':8s} {value:8.2f} {results['metrics'][name]['ssim']['mean']:6.3f} "
-              f"{lesion.get(name, {}).get('combined', {}).get('auc', float('nan')):10.3f}")
+              f"{lesion_auc(results, name):10.3f}")
     print(f"figure: {args.out / 'learning_curves.png'}")
 
 

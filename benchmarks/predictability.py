@@ -46,7 +46,7 @@ from demist.data.preprocess import PreparedSession, prepare_session, psr_to_nati
 from demist.devices import bf16_autocast
 from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import OUTPUT_NAME
-from finished_demo import add_demo_arguments, finished_demo
+from finished_demo import add_demo_arguments, finished_demo, lesion_auc
 
 #: The demo's rows, in the report's order; rows the demo did not write are skipped.
 DEMO_ROWS = ("demist", "demist-mean3", "ridge", "aligned-condition", "ae-ceiling")
@@ -163,7 +163,7 @@ def main() -> None:
             brain = np.asarray(nib.load(record.brain_mask).dataobj) > 0.5
             target = np.asarray(nib.load(record.psr).dataobj, dtype=np.float64)
             errors.append(float((np.asarray(nib.load(folder / key / OUTPUT_NAME).dataobj) - target)[brain].mean()))
-        metrics, auc = result["metrics"][name], result["lesion_contrast"]["auc"][name]["combined"]["auc"]
+        metrics, auc = result["metrics"][name], lesion_auc(result, name)
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
               f"{metrics['psnr_centred']['mean']:.2f} | {', '.join(f'{e:+.4f}' for e in errors)} |")
 

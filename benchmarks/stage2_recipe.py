@@ -29,7 +29,7 @@ from demist.methods import load_synthesizer
 from demist.inference.base import REFERENCES
 from demist.inference.references import synthesize_references
 from demist.training.stage2 import train_demist
-from finished_demo import add_demo_arguments, chosen, finished_demo
+from finished_demo import add_demo_arguments, chosen, finished_demo, lesion_auc
 
 #: [demist] keys of each variant, on top of the demo's config (which is "recipe").
 VARIANTS = {
@@ -90,12 +90,11 @@ def main() -> None:
     results = evaluate_predictions(manifest, predictions, args.out / "evaluation", psr_range=base.data.psr_range,
                                    ring_mm=base.evaluation.ring_mm, bootstrap=200, sessions=test_keys,
                                    progress=False)
-    lesion = (results.get("lesion_contrast") or {}).get("auc", {})
     print(f"\n{len(test_keys)} held-out sessions; inside the brain, PSR/{base.data.psr_range} (data range 1); "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'row':18s} {'PSNR dB':>8s} {'SSIM':>7s} {'MSE':>9s} {'lesion AUC':>10s} {'train CPU-min':>13s}")
     for row, values in results["metrics"].items():
-        auc = lesion.get(row, {}).get("combined", {}).get("auc", float("nan"))
+        auc = lesion_auc(results, row)
         print(f"{row:18s} {values['psnr']['mean']:8.2f} {values['ssim']['mean']:7.3f} {values['mse']['mean']:9.5f} "
               f"{auc:10.3f} {cpu_minutes.get(row, float('nan')):13.1f}")
 

@@ -150,17 +150,46 @@ def test_a_demo_folder_keeps_its_split_and_refuses_a_rerun_with_another(smoke_de
     """The split is recorded on the first run and read back by every later plan of the folder (benchmarks build on
     it); a rerun that asks for other held-out subjects would mix finished runs of two splits, so it is refused."""
     from demist.errors import DemistError
+    from demist.workflows.demo import split_subjects
 
     plan, _ = smoke_demo
-    train, held_out = plan.subject_split()
+    train, held_out = split_subjects(plan.manifest, plan.held_out, plan.seed)
     assert json.loads(plan.split_file.read_text()) == {"train": train, "held_out": held_out}
     reseeded = dataclasses.replace(plan, seed=plan.seed + 1)
+    assert split_subjects(plan.manifest, plan.held_out, reseeded.seed)[1] != held_out  # the seed alone draws another
     assert reseeded.subject_split() == (train, held_out)  # what benchmarks read: the recorded split
     named = dataclasses.replace(plan, held_out_subjects=tuple(held_out))
     assert named.record_split() == (train, held_out)
     other = dataclasses.replace(plan, held_out_subjects=(train[0],))
     with pytest.raises(DemistError, match=f"held-out subjects {held_out[0]}.*asks for {train[0]}"):
         other.record_split()
+
+
+def test_a_folder_from_before_split_json_is_checked_against_its_stage1_run(smoke_demo, tmp_path) -> None:
+    """A finished demo without split.json: a rerun that would train on other subjects than its Stage-1 run is refused;
+    the same split is recorded; a fresh folder records a named split as asked."""
+    from demist.errors import DemistError
+
+    plan, _ = smoke_demo
+    train, held_out = plan.subject_split()
+    old = dataclasses.replace(plan, out=tmp_path / "old")
+    old.out.mkdir()
+    for part in ("cohort", "runs"):
+        (old.out / part).symlink_to(plan.out / part)
+    with pytest.raises(DemistError, match=f"trained on {', '.join(train)}; this run would train on"):
+        dataclasses.replace(old, held_out_subjects=(train[0],)).record_split()
+    assert not old.split_file.exists()
+    assert dataclasses.replace(old, held_out_subjects=tuple(held_out)).record_split() == (train, held_out)
+    assert json.loads(old.split_file.read_text()) == {"train": train, "held_out": held_out}
+
+    fresh = dataclasses.replace(plan, out=tmp_path / "fresh", held_out_subjects=(train[0],))
+    fresh.out.mkdir()
+    (fresh.out / "cohort").symlink_to(plan.out / "cohort")
+    assert fresh.record_split() == (sorted([*train[1:], *held_out]), [train[0]])
+    assert json.loads(fresh.split_file.read_text())["held_out"] == [train[0]]
+    fresh.split_file.write_text("{not json")
+    with pytest.raises(DemistError, match="split.json: unreadable .*expected"):
+        fresh.subject_split()
 
 
 def test_named_held_out_subjects_are_held_out_and_checked(smoke_demo) -> None:
@@ -173,9 +202,10 @@ def test_named_held_out_subjects_are_held_out_and_checked(smoke_demo) -> None:
     subjects = sorted({*plan.subject_split()[0], *plan.subject_split()[1]})
     train, test = named_split(plan.manifest, [subjects[-1], subjects[0], subjects[0]])
     assert test == [subjects[0], subjects[-1]] and train == subjects[1:-1]
-    with pytest.raises(DemistError, match="sub-099 not in the cohort"):
+    assert named_split(plan.manifest, [f" {subjects[0]}"])[1] == [subjects[0]]  # "sub-001, sub-003" as typed
+    with pytest.raises(DemistError, match="'sub-099' not in the cohort"):
         named_split(plan.manifest, ["sub-099"])
-    with pytest.raises(DemistError, match="all 3 subjects"):
+    with pytest.raises(DemistError, match="3 of 3 subjects named"):
         named_split(plan.manifest, subjects)
 
 
@@ -224,6 +254,8 @@ def test_demo_command_passes_distill_and_held_out_subjects_and_refuses_student_s
     plans.pop()
     refused = CliRunner().invoke(app, ["--out", str(tmp_path / "e"), "--student-steps", "2"])
     assert isinstance(refused.exception, DemistError) and "without --distill" in str(refused.exception)
+    both = CliRunner().invoke(app, ["--out", str(tmp_path / "g"), "--held-out", "2", "--held-out-subjects", "sub-001"])
+    assert isinstance(both.exception, DemistError) and "expected one of them" in str(both.exception)
     assert len(plans) == 1  # nothing ran
 
 

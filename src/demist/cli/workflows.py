@@ -36,7 +36,8 @@ def phantom(
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, runs, predictions and report."),
     subjects: int = typer.Option(14, "--subjects", help="Synthetic subjects to generate."),
-    held_out: int = typer.Option(3, "--held-out", help="Subjects kept out of training, for evaluation."),
+    held_out: Optional[int] = typer.Option(None, "--held-out", min=1, help="Subjects kept out of training, for "
+                                           "evaluation (default 3), drawn by --seed with an MS patient among them."),
     held_out_subjects: str = typer.Option("", "--held-out-subjects", help="Comma-separated subjects to hold out "
                                           "(e.g. sub-001,sub-003,sub-004) instead of --held-out drawn by --seed, so "
                                           "that demos of different cohort sizes are scored on the same subjects."),
@@ -59,12 +60,16 @@ def demo(
     """The end-to-end demo: cohort, Stage 1, backbone, DEMIST, ridge floor, synthesis, evaluation, report.md."""
     if student_steps is not None and not distill:
         raise DemistError(f"--student-steps {student_steps}: without --distill there is no student; expected both")
+    named = tuple(s.strip() for s in held_out_subjects.split(",") if s.strip())
+    if held_out is not None and named:
+        raise DemistError(f"--held-out {held_out} and --held-out-subjects {held_out_subjects}: expected one of them")
     from demist.config import load_config
-    from demist.workflows.demo import DemoPlan, run_demo
+    from demist.workflows.demo import DEFAULT_HELD_OUT, DemoPlan, run_demo
 
+    held_out = DEFAULT_HELD_OUT if held_out is None else held_out
     report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
                                mean_samples=mean_samples, distill=distill, student_steps=student_steps,
-                               prior=prior, held_out_subjects=tuple(s for s in held_out_subjects.split(",") if s)),
+                               prior=prior, held_out_subjects=named),
                       config=load_config(config), device=device)
     typer.echo(f"report: {report}")
 

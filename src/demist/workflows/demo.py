@@ -26,6 +26,9 @@ from demist.workflows.demo_report import STUDENT_ROW
 
 log = logging.getLogger(__name__)
 
+#: Subjects the demo holds out unless told otherwise (`--held-out`, `--held-out-subjects`).
+DEFAULT_HELD_OUT = 3
+
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
 EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "ridge": 0.5, "synthesis": 10,
                     "evaluation": 1}
@@ -97,10 +100,18 @@ class DemoPlan:
     def subject_split(self) -> tuple[list[str], list[str]]:
         """(training subjects, held-out subjects) of the generated cohort: as this demo folder recorded them when it
         was first split, else as the plan asks (named subjects, or `held_out` drawn by `seed`)."""
-        if self.split_file.is_file():
+        recorded = self._recorded_split()
+        return recorded if recorded is not None else self._asked_split()
+
+    def _recorded_split(self) -> tuple[list[str], list[str]] | None:
+        if not self.split_file.is_file():
+            return None
+        try:
             recorded = json.loads(self.split_file.read_text())
-            return list(recorded["train"]), list(recorded["held_out"])
-        return self._asked_split()
+            return [str(s) for s in recorded["train"]], [str(s) for s in recorded["held_out"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DemistError(f"{self.split_file}: unreadable ({type(exc).__name__}: {exc}); expected "
+                              '{"train": [subjects], "held_out": [subjects]} as the demo writes it') from None
 
     def _asked_split(self) -> tuple[list[str], list[str]]:
         if self.held_out_subjects:
@@ -116,17 +127,33 @@ class DemoPlan:
 
     def record_split(self) -> tuple[list[str], list[str]]:
         """The plan's split, written to `split.json` the first time; a rerun into a folder split otherwise is refused,
-        because its finished steps (skipped on a rerun) were trained on the other split."""
+        because its finished steps (skipped on a rerun) were trained on the other split. A folder from before
+        `split.json` is checked against the subjects its Stage-1 run was trained on."""
         asked = self._asked_split()
-        if self.split_file.is_file():
-            recorded = self.subject_split()
+        recorded = self._recorded_split()
+        if recorded is not None:
             if sorted(recorded[1]) != sorted(asked[1]):
                 raise DemistError(
                     f"--out {self.out}: its runs were trained with held-out subjects {', '.join(recorded[1])}; this "
-                    f"run asks for {', '.join(asked[1])}; expected the same split, or a new --out")
+                    f"run asks for {', '.join(asked[1])}; expected the same split (--held-out-subjects "
+                    f"{','.join(recorded[1])}), or a new --out")
             return recorded
+        trained = self._stage1_subjects()
+        if trained is not None and trained != sorted(asked[0]):
+            raise DemistError(
+                f"--out {self.out}: its Stage-1 run was trained on {', '.join(trained)}; this run would train on "
+                f"{', '.join(asked[0])}; expected the same split, or a new --out")
         atomic_write(self.split_file, json.dumps({"train": asked[0], "held_out": asked[1]}, indent=1) + "\n")
         return asked
+
+    def _stage1_subjects(self) -> list[str] | None:
+        """The subjects of a finished Stage-1 run in this folder (sorted), or None when there is none yet."""
+        if not (self.stage1 / "run.json").is_file():
+            return None
+        from demist.runs import read_run
+
+        sessions = read_run(self.stage1, "stage1", what="demo Stage-1 run").training.get("sessions", [])
+        return sorted({key.split("/")[0] for key in sessions})
 
 
 def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str], list[str]]:
@@ -153,15 +180,20 @@ def named_split(manifest: Path, held_out: Sequence[str]) -> tuple[list[str], lis
     different cohort sizes can be scored on the same subjects."""
     from demist.data.manifest import load_manifest, subjects_of
 
-    subjects = subjects_of(load_manifest(manifest))
-    test = sorted(set(held_out))
+    records = load_manifest(manifest)
+    subjects = subjects_of(records)
+    test = sorted({s.strip() for s in held_out if s.strip()})
     unknown = [s for s in test if s not in subjects]
     if unknown:
-        raise DemistError(f"--held-out-subjects: {', '.join(unknown)} not in the cohort; expected some of "
+        raise DemistError(f"--held-out-subjects: {', '.join(map(repr, unknown))} not in the cohort; expected some of "
                           f"{', '.join(subjects)}")
-    if len(test) >= len(subjects):
-        raise DemistError(f"--held-out-subjects: all {len(subjects)} subjects named; expected at least one left to "
-                          "train on")
+    if not test or len(test) >= len(subjects):
+        raise DemistError(f"--held-out-subjects: {len(test)} of {len(subjects)} subjects named; expected at least one "
+                          "held out and one left to train on")
+    groups = {r.subject: r.group for r in records}
+    if all(groups[s] == "HC" for s in test):
+        log.warning("--held-out-subjects %s: all healthy controls, so the lesion analysis has no lesions to score",
+                    ",".join(test))
     return [s for s in subjects if s not in test], test
 
 
