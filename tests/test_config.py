@@ -41,6 +41,13 @@ def test_override_file_changes_only_its_keys(tmp_path: Path):
         ("not toml [", "not valid TOML"),
         ('base = "tiny"\n[demist]\ntimestep_power = 0.0\n', "demist.timestep_power: got 0.0"),
         ('base = "tiny"\n[demist]\nema_decay = 1.0\n', "demist.ema_decay: got 1.0"),
+        ('base = "tiny"\n[train]\nlog_every = 0\n', "train.log_every: got 0; expected an integer >= 1"),
+        ('base = "tiny"\n[train]\ncheckpoint_every = 0\n', "train.checkpoint_every: got 0"),
+        ('base = "tiny"\n[data]\npsr_range = 0.0\n', "data.psr_range: got 0.0; expected a number > 0"),
+        ('base = "tiny"\n[data]\nspacing = -2.0\n', "data.spacing: got -2.0"),
+        ('base = "tiny"\n[data]\npatch_size = [32, 0, 32]\n', "data.patch_size: got [32, 0, 32]"),
+        ('base = "tiny"\n[demist]\nbatch_size = 0\n', "demist.batch_size: got 0"),
+        ('base = "tiny"\n[align]\nlearning_rate = 0.0\n', "align.learning_rate: got 0.0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text, fragment):

@@ -197,12 +197,22 @@ def test_a_prediction_elsewhere_in_space_raises(cohort, tmp_path):
         evaluate_predictions(cohort["manifest"], {"far": tmp_path / "far"}, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("case", ["no_files", "not_a_folder", "reserved_name", "unknown_session", "psr_range"])
-def test_bad_arguments_raise(cohort, tmp_path, case):
+@pytest.mark.parametrize("case, message", [
+    ("no_files", "empty.*none of the 3 sessions"),
+    ("not_a_folder", "ghost.*not a folder"),
+    ("reserved_name", "oracle.*reserved"),
+    ("unknown_session", "ms1/zz.*not in the manifest"),
+    ("psr_range", r"psr_range=0\.0; expected a positive PSR value"),
+    ("out_is_a_file", "--out .*out: is a file; expected a folder"),
+])
+def test_bad_arguments_raise(cohort, tmp_path, case, message):
     (tmp_path / "empty").mkdir()
     predictions = {"noisy": cohort["root"] / "noisy"}
     kwargs = {}
-    if case == "no_files":
+    out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("an earlier results file")
+    elif case == "no_files":
         predictions["empty"] = tmp_path / "empty"
     elif case == "not_a_folder":
         predictions = {"ghost": tmp_path / "missing"}
@@ -212,9 +222,9 @@ def test_bad_arguments_raise(cohort, tmp_path, case):
         kwargs = {"sessions": ["ms1/zz"]}
     else:
         kwargs = {"psr_range": 0.0}
-    with pytest.raises(DemistError, match={"no_files": "empty.*none of the 3 sessions"}.get(case)):
-        evaluate_predictions(cohort["manifest"], predictions, tmp_path / "out", progress=False, **kwargs)
-    assert not (tmp_path / "out").exists()  # nothing written before the inputs are known to be usable
+    with pytest.raises(DemistError, match=message):
+        evaluate_predictions(cohort["manifest"], predictions, out, progress=False, **kwargs)
+    assert out.is_file() if case == "out_is_a_file" else not out.exists()  # nothing written on bad input
 
 
 def test_prediction_dir_arguments():

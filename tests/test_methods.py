@@ -65,6 +65,30 @@ def test_runs_load_through_the_registry_and_the_python_api_keeps_the_t1w_grid(sm
     assert np.all(result.psr.get_fdata()[~inside] == 0)
 
 
+def test_the_python_api_checks_images_as_files_are_checked(small_manifest, tmp_path):
+    import nibabel as nib
+
+    from demist import Demist
+
+    METHODS["constant"].train(TrainJob(small_manifest, CONFIG, tmp_path / "c"))
+    demist = Demist.load(tmp_path / "c", device="cpu")
+    images = ellipsoid_session(seed=4)
+    t1w, flair, mask = images["t1w"], images["flair"], images["brain_mask"]
+    data = flair.get_fdata(dtype=np.float32).copy()
+    data[3, 3, 3] = np.nan
+    with pytest.raises(DemistError, match="flair image: 1 voxels are NaN"):
+        demist.synthesize(t1w, nib.Nifti1Image(data, flair.affine))
+    with pytest.raises(DemistError, match="t1w image: got str; expected a nibabel Nifti1Image"):
+        demist.synthesize("t1w.nii.gz", flair)
+    with pytest.raises(DemistError, match="t1w image: has 4 dimensions"):
+        demist.synthesize(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), t1w.affine), flair)
+    with pytest.raises(DemistError, match="mask image: empty"):
+        demist.synthesize(t1w, flair, nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine))
+    squeezed = nib.Nifti1Image(t1w.get_fdata(dtype=np.float32)[..., None], t1w.affine)  # (X, Y, Z, 1) is a volume
+    result = demist.synthesize(squeezed, flair, mask)
+    np.testing.assert_allclose(result.psr.affine, t1w.affine)
+
+
 def test_a_run_that_cannot_synthesize_is_refused_by_name(tmp_path: Path):
     from demist.runs import write_run
 

@@ -141,8 +141,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,message", [
     (["--t1w", "a.nii.gz"], "one session needs both --t1w and --flair"),
     (["--t1w", "a.nii.gz", "--flair", "b.nii.gz", "--manifest", "m.csv"], "one form"),
-    ([], "give --t1w and --flair"),
-    (["--bids", "b"], "--bids writes DIR/derivatives/demist"),
+    ([], "got no input; expected one form"),
+    (["--bids", "b"], "--out-dir: not with --bids, which writes DIR/derivatives/demist"),
+    (["--t1w", ".", "--flair", "b.nii.gz"], "--t1w .: is a directory"),
 ])
 def test_preprocess_refuses_bad_arguments_in_one_line(tmp_path, args, message):
     result = run_cli("preprocess", "--out-dir", str(tmp_path / "out"), *args)

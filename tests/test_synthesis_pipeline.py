@@ -64,7 +64,11 @@ def test_several_samples_write_mean_and_sd(tmp_path):
     written = synthesize_files(StandIn(), paths["t1w"], paths["flair"], out, mask=paths["brain_mask"], samples=3)
     assert written == [out, std_path_for(out)] and std_path_for(out).name == "psr_std.nii.gz"
     std = nib.load(std_path_for(out)).get_fdata()
-    assert std.max() > 0 and std.shape == images["t1w"].shape
+    assert std.shape == images["t1w"].shape
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    assert np.all(std[~brain] == 0)
+    # the stand-in's draws have SD 0.01 of psr_range (0.0025 PSR); the SD of 3 draws (ddof 0) is about 0.8 of that
+    assert 0.4 * 0.0025 < np.median(std[brain]) < 1.2 * 0.0025
 
 
 def _inputs(tmp_path: Path) -> dict[str, Path]:
@@ -135,3 +139,13 @@ def test_batch_goes_on_after_a_failure_and_resumes_without_redoing(small_manifes
     again = StandIn()
     summary = synthesize_manifest(again, small_manifest, out_dir, progress=False)
     assert again.calls == ["input"] and summary.written == [failed] and len(summary.skipped) == 2
+
+
+def test_a_batch_row_naming_a_missing_file_fails_that_session_only(small_manifest, tmp_path):
+    from demist.data.manifest import load_manifest
+
+    records = load_manifest(small_manifest)
+    records[1].flair.unlink()  # the second session's FLAIR is gone
+    summary = synthesize_manifest(StandIn(), small_manifest, tmp_path / "pred", progress=False)
+    assert len(summary.written) == 2 and list(summary.failed) == [records[1].key]
+    assert "flair file" in summary.failed[records[1].key] and "not found" in summary.failed[records[1].key]

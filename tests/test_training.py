@@ -23,6 +23,7 @@ from demist.data.patches import PatchSampler
 from demist.errors import DemistError
 from demist.runs import load_weights, read_run
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from demist.training.ema import ParameterEMA
 from demist.training.loop import Phase, Stage, train
 
 PYTHON = sys.executable
@@ -205,6 +206,25 @@ def test_the_run_keeps_the_moving_average_and_resumes_it_exactly(tmp_path: Path)
         train(ema_toy_stage(tmp_path, 0.9), tmp_path / "plain", TRAIN_CFG, device="cpu", resume=True)
 
 
+def test_the_moving_average_leaves_frozen_parameters_alone() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    net[0].requires_grad_(False)  # a frozen part, like Stage 2's backbone
+    frozen = {k: v.clone() for k, v in net[0].state_dict().items()}
+    start = net[1].weight.detach().clone()
+    ema = ParameterEMA({"net": net}, 0.5)
+    assert set(ema.shadow) == {"net.1.weight", "net.1.bias"}
+    with torch.no_grad():
+        net[1].weight.add_(1.0)
+    ema.update(step=100)  # decay 0.5: the average moves half-way
+    ema.copy_to_parameters()
+    for key, value in net[0].state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    torch.testing.assert_close(net[1].weight.detach(), start + 0.5)
+    with pytest.raises(DemistError, match="do not match"):
+        ema.load_state_dict({"net.1.weight": net[1].weight.detach()})
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path, toy_script: Path) -> None:
     run_toy_here(toy_script, tmp_path / "ref", "--steps", "6")
     killed = run_toy(toy_script, tmp_path / "run", "--steps", "6", "--crash-at", "5")
@@ -298,6 +318,9 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
      "none.toml: neither a preset"),
     (["train", "align", "--manifest", "{manifest}", "--psr-ae", "{tmp}", "--cond-ae", "{tmp}", "--out", "{tmp}/o"],
      "--psr-ae"),
+    (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--overwrite"],
+     "--overwrite/--mask: only for one scan"),
+    (["synthesize", "--model", "{tmp}", "--t1w", "{tmp}/t1w.nii.gz"], "missing --flair, -o"),
 ])
 def test_bad_user_input_is_one_line_with_exit_code_2(args, message, tmp_path: Path, small_manifest: Path,
                                                     monkeypatch, capsys) -> None:

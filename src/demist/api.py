@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 
+from demist.data.nifti import check_image
+from demist.errors import DemistError
 from demist.inference.base import Synthesizer
 from demist.inference.pipeline import SynthesisResult, synthesize_images
 from demist.methods import load_synthesizer
@@ -27,5 +30,12 @@ class Demist:
 
     def synthesize(self, t1w: nib.Nifti1Image, flair: nib.Nifti1Image, mask: nib.Nifti1Image | None = None,
                    samples: int = 1, seed: int = 0, progress: bool = False) -> SynthesisResult:
-        """PSR on the T1w's grid, in PSR units; with `samples` > 1 also the voxelwise SD across samples."""
+        """PSR on the T1w's grid, in PSR units; with `samples` > 1 also the voxelwise SD across samples.
+
+        The images are checked as files are (3D, a valid affine, finite voxels, a non-empty mask)."""
+        t1w, flair = check_image(t1w, "t1w"), check_image(flair, "flair")
+        if mask is not None:
+            mask = check_image(mask, "mask")
+            if not (np.asarray(mask.dataobj) > 0.5).any():
+                raise DemistError("mask image: empty; expected at least one voxel > 0.5")
         return synthesize_images(self.synthesizer, t1w, flair, mask, samples=samples, seed=seed, progress=progress)

@@ -22,6 +22,19 @@ def check_precision(key: str, value: str) -> None:
         raise DemistError(f"config key {key}: got {value!r}; expected one of {', '.join(PRECISIONS)}")
 
 
+def check_positive(section: str, values: object, integers: tuple[str, ...] = (),
+                   numbers: tuple[str, ...] = ()) -> None:
+    """Counts are integers >= 1 and sizes or rates numbers > 0: a 0 would divide by zero or train on inf."""
+    for key in integers:
+        value = getattr(values, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DemistError(f"config key {section}.{key}: got {value!r}; expected an integer >= 1")
+    for key in numbers:
+        value = getattr(values, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise DemistError(f"config key {section}.{key}: got {value!r}; expected a number > 0")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Preprocessing shared by training and inference."""
@@ -37,6 +50,10 @@ class DataConfig:
     divisor: int  # model input sizes are padded to a multiple of this
 
     def __post_init__(self) -> None:
+        check_positive("data", self, integers=("divisor",), numbers=("spacing", "psr_range"))
+        if len(self.patch_size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                            for v in self.patch_size):
+            raise DemistError(f"config key data.patch_size: got {list(self.patch_size)}; expected 3 integers >= 1")
         if not 0 <= self.percentile_low < self.percentile_high <= 100:
             raise DemistError(f"config keys data.percentile_low / percentile_high: got {self.percentile_low} / "
                               f"{self.percentile_high}; expected 0 <= low < high <= 100")
@@ -76,6 +93,7 @@ class TrainConfig:
     log_every: int
 
     def __post_init__(self) -> None:
+        check_positive("train", self, integers=("gradient_accumulation", "checkpoint_every", "log_every"))
         check_precision("train.mixed_precision", self.mixed_precision)
 
 
@@ -102,6 +120,7 @@ class Stage1Config:
     mixed_precision: str
 
     def __post_init__(self) -> None:
+        check_positive("stage1", self, integers=("batch_size",), numbers=("learning_rate",))
         check_precision("stage1.mixed_precision", self.mixed_precision)
 
 
@@ -121,6 +140,7 @@ class AlignConfig:
     bias_field: float
 
     def __post_init__(self) -> None:
+        check_positive("align", self, integers=("batch_size",), numbers=("learning_rate",))
         if not self.bias_field >= 0:
             raise DemistError(f"config key align.bias_field: got {self.bias_field}; expected ≥ 0 (0: no augmentation)")
 
@@ -154,6 +174,9 @@ class BackboneConfig:
     steps: int
     batch_size: int
     learning_rate: float
+
+    def __post_init__(self) -> None:
+        check_positive("backbone", self, integers=("batch_size",), numbers=("learning_rate",))
 
 
 @dataclass(frozen=True)
@@ -213,6 +236,7 @@ class DemistConfig:
         return self.controlnet and self.controlnet_output_head
 
     def __post_init__(self) -> None:
+        check_positive("demist", self, integers=("batch_size",), numbers=("learning_rate",))
         if self.controlnet_gate_init not in GATE_INITS:
             raise DemistError(f"config key demist.controlnet_gate_init: got {self.controlnet_gate_init!r}; "
                               f"expected one of {', '.join(GATE_INITS)}")
@@ -315,3 +339,7 @@ class BaselineConfig:
     cwdm_norm_num_groups: int
     # FT-LDM fine-tunes the whole backbone UNet (condition concatenated) for [demist] steps and batch size.
     ftldm_learning_rate: float
+
+    def __post_init__(self) -> None:
+        check_positive("baselines", self, integers=("batch_size",), numbers=("learning_rate", "ftldm_learning_rate"))
+

@@ -180,7 +180,7 @@ def export_prior(sources: dict[str, Path], dest: str | Path, cfg: Config, descri
     byte for byte so that every sha256 still holds, with `description` as its prior.json; verify the result."""
     import shutil
 
-    from demist.atomic import atomic_write
+    from demist.atomic import atomic_path, atomic_write
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -193,5 +193,6 @@ def export_prior(sources: dict[str, Path], dest: str | Path, cfg: Config, descri
         files = [entry["file"] for entry in run.components.values()] + [f for f in _EXPORTED
                                                                         if (run.path / f).is_file()]
         for file in files:
-            shutil.copyfile(run.path / file, target / file)
+            with atomic_path(target / file) as tmp:  # an interrupted export leaves no half-copied weights
+                shutil.copyfile(run.path / file, tmp)
     return resolve_prior(dest, cfg, what="exported prior")

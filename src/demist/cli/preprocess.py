@@ -26,12 +26,17 @@ def preprocess_command(
     """Bias correction (N4), brain extraction (deepbet) and FLAIR → T1w rigid registration (ANTs), on the T1w's
     native grid. Writes what `demist synthesize --manifest OUT/manifest.csv` takes as it is."""
     single = t1w is not None or flair is not None
-    if sum((single, manifest is not None, bids is not None)) != 1:
-        raise DemistError("give --t1w and --flair for one session, or --manifest, or --bids for a batch (one form)")
+    forms = [name for name, given in (("--t1w/--flair", single), ("--manifest", manifest is not None),
+                                      ("--bids", bids is not None)) if given]
+    if len(forms) != 1:
+        raise DemistError(f"got {' and '.join(forms) or 'no input'}; expected one form: --t1w and --flair for one "
+                          "session, or --manifest, or --bids for a batch")
     if single and (t1w is None or flair is None):
-        raise DemistError("one session needs both --t1w and --flair")
+        given = "--t1w" if flair is None else "--flair"
+        raise DemistError(f"one session needs both --t1w and --flair; got only {given}")
     if (bids is None) == (out_dir is None):
-        raise DemistError("--out-dir is needed with --t1w/--flair and --manifest; --bids writes DIR/derivatives/demist")
+        raise DemistError(("--out-dir: missing; it is needed with --t1w/--flair and --manifest" if bids is None else
+                           "--out-dir: not with --bids, which writes DIR/derivatives/demist"))
     from demist.devices import resolve_device
     from demist.preprocessing.tools import require_all
 
@@ -54,7 +59,8 @@ def preprocess_command(
 
     for path, what in ((t1w, "--t1w"), (flair, "--flair")):
         if not path.is_file():
-            raise DemistError(f"{what} {path}: file not found; expected a NIfTI image (.nii or .nii.gz)")
+            problem = "is a directory" if path.is_dir() else "file not found"
+            raise DemistError(f"{what} {path}: {problem}; expected a NIfTI image (.nii or .nii.gz)")
     files = SessionFiles.in_folder(out_dir)
     if any(p.exists() for p in files.all):
         raise DemistError(f"--out-dir {out_dir}: already holds a preprocessed session; expected a new or empty folder")

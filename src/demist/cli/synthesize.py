@@ -46,7 +46,7 @@ def synthesize_command(
     precision: str = typer.Option("auto", "--precision", help="DEMIST/FT-LDM: auto (bf16 where the hardware has it) "
                                   "or fp32 (the reference path, for checks)."),
     samples: int = typer.Option(1, "--samples", help="Samples to average; >1 also writes <name>_std.nii.gz."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same map."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same map."),
     device: str = DEVICE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     preprocess: bool = typer.Option(False, "--preprocess", help="The inputs are raw scans: run `demist preprocess`'s "
@@ -62,7 +62,13 @@ def synthesize_command(
         if manifest is None or out_dir is None or any(v is not None for v in single):
             raise DemistError("batch form: give --manifest and --out-dir, and none of --t1w/--flair/-o")
     elif any(v is None for v in single):
-        raise DemistError("give --t1w, --flair and -o for one scan, or --manifest and --out-dir for a batch")
+        missing = ", ".join(name for name, v in zip(("--t1w", "--flair", "-o"), single) if v is None)
+        raise DemistError(f"missing {missing}: give --t1w, --flair and -o for one scan, or --manifest and --out-dir "
+                          "for a batch")
+    if (bids is not None or manifest is not None) and (overwrite or mask is not None):
+        raise DemistError("--overwrite/--mask: only for one scan (-o). A batch never replaces a finished session "
+                          "(give a new --out-dir, or delete a session's psr.nii.gz to redo it) and takes each "
+                          "session's mask from the manifest's brain_mask column")
     if samples < 1:
         raise DemistError(f"--samples {samples}: expected 1 or more")
     if steps is not None and steps < 1:
@@ -95,12 +101,14 @@ def synthesize_command(
         from demist.devices import resolve_device
 
         cpu = resolve_device(device).type == "cpu"
+        unprepared = 0  # sessions whose preprocessing failed: not synthesized, and the batch exits 1
         if preprocess:
-            manifest = _preprocessed_manifest(manifest, out_dir / "preprocessed", str(resolve_device(device)))
+            manifest, unprepared = _preprocessed_manifest(manifest, out_dir / "preprocessed",
+                                                          str(resolve_device(device)))
         summary = synthesize_manifest_distributed(synthesizer, manifest, out_dir, samples=samples, seed=seed, cpu=cpu)
         if PartialState(cpu=cpu).is_main_process:
             typer.echo(str(summary))
-        if summary.failed:
+        if summary.failed or unprepared:
             raise typer.Exit(code=1)
         return
     if preprocess:
@@ -147,14 +155,14 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
         raise typer.Exit(code=1)
 
 
-def _preprocessed_manifest(manifest: Path, folder: Path, device: str) -> Path:
-    """Preprocess a manifest's raw sessions into `folder` (resumable); the sessions that fail are reported and left
-    out of synthesis."""
+def _preprocessed_manifest(manifest: Path, folder: Path, device: str) -> tuple[Path, int]:
+    """Preprocess a manifest's raw sessions into `folder` (resumable): the manifest of those done, and how many
+    failed (reported, left out of synthesis, and counted in the exit code)."""
     from demist.preprocessing.batch import preprocess_manifest
 
     summary, preprocessed = preprocess_manifest(manifest, folder, device=device)
     typer.echo(str(summary))
-    return preprocessed
+    return preprocessed, len(summary.failed)
 
 
 def _synthesize_raw(synthesizer, t1w: Path, flair: Path, output: Path, samples: int, seed: int, overwrite: bool,

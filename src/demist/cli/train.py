@@ -130,8 +130,9 @@ def prior_command(
     config: str = CONFIG,
     subjects: Optional[int] = typer.Option(
         None, "--subjects", min=2, help="Synthetic subjects to pretrain on (default: the shipped prior's, 40)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prior's synthetic cohort, apart from the "
-                                       "seeds of the cohorts you evaluate on (default: the shipped prior's, 1000)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", min=0, help="Seed of the prior's synthetic cohort, apart from the seeds of the cohorts you "
+        "evaluate on (default: the shipped prior's, 1000)."),
     max_steps: Optional[int] = MAX_STEPS,
     device: str = DEVICE,
 ) -> None:

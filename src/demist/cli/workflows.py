@@ -17,7 +17,7 @@ def phantom(
     out: Path = typer.Option(..., "--out", help="Folder to write the cohort into (created; must be new or empty)."),
     subjects: int = typer.Option(..., "--subjects", help="Number of subjects (about 2 MS patients per control)."),
     spacing: float = typer.Option(2.0, "--spacing", help="Voxel size in mm: 1 (paper) or 2 (tiny)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives identical files."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed; the same seed gives identical files."),
     raw: bool = typer.Option(False, "--raw", help="Also write each session as a scanner gives it (head, bias field, "
                              "moved thick-slice FLAIR) in its raw/ folder, with the true transform, and "
                              "raw_manifest.csv (for demist preprocess)."),
@@ -41,7 +41,7 @@ def demo(
     held_out_subjects: str = typer.Option("", "--held-out-subjects", help="Comma-separated subjects to hold out "
                                           "(e.g. sub-001,sub-003,sub-004) instead of --held-out drawn by --seed, so "
                                           "that demos of different cohort sizes are scored on the same subjects."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of the split."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the cohort and of the split."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Cap every training stage (a quick smoke run; numbers meaningless)."),
     mean_samples: int = typer.Option(MEAN_SAMPLES, "--mean-samples", min=0,
@@ -81,7 +81,7 @@ def cv(
     methods: str = typer.Option("demist,ridge", "--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
     folds: int = typer.Option(5, "--folds", min=2, help="Subject-grouped folds."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split (saved in splits.json)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the split (saved in splits.json)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap every training stage."),
     prior: str = typer.Option("none", "--prior", help="none (each fold trains Stage 1 and the backbone), embedded "
                               "or a prior directory (each fold aligns E_cond on the prior's autoencoders and "

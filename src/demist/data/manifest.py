@@ -44,10 +44,14 @@ class SessionRecord:
         return f"{self.subject}/{self.session}"
 
     def require(self, *columns: str) -> None:
-        """Raise if any of `columns` is empty for this session."""
+        """Raise if any of `columns` is empty for this session, or names a file that does not exist."""
         missing = [c for c in columns if getattr(self, c) is None]
         if missing:
             raise DemistError(f"manifest session {self.key}: column(s) {', '.join(missing)} empty; required here")
+        for column in columns:
+            if not Path(getattr(self, column)).exists():
+                raise DemistError(f"manifest session {self.key}: {column} file {getattr(self, column)} not found; "
+                                  "expected an existing file")
 
 
 def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
@@ -62,12 +66,14 @@ def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
     return path
 
 
-def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair")) -> list[SessionRecord]:
+def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair"),
+                  check_files: bool = True) -> list[SessionRecord]:
     """Read and check a manifest.
 
     Checks the header (every required column present, no unknown column), that each row's `require` columns are
     filled, that every named file exists, and that `subject/session` pairs are unique. Images themselves are
-    checked when they are loaded.
+    checked when they are loaded. A batch passes `require=()` and `check_files=False` and calls
+    `SessionRecord.require` per session, so that one incomplete row fails that session, not the batch.
     """
     path = Path(path)
     if not path.is_file():
@@ -102,8 +108,8 @@ def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair")) -
                 paths[column] = None
                 continue
             file = (root / value).resolve() if not Path(value).is_absolute() else Path(value)
-            if not file.exists():
-                raise DemistError(f"{where}: {column} file {file} not found")
+            if check_files and not file.exists():
+                raise DemistError(f"{where}: {column} file {file} not found; expected an existing file")
             paths[column] = file
         record = SessionRecord(subject=row["subject"], session=row["session"], group=row["group"], **paths)
         if record.key in seen:

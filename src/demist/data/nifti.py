@@ -49,6 +49,19 @@ def load_image(path: str | Path, what: str = "input") -> nib.Nifti1Image:
         raise DemistError(f"{label}: not a readable NIfTI file ({exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DemistError(f"{label}: is {type(img).__name__}; expected NIfTI-1 or NIfTI-2")
+    return _checked(img, data, label)
+
+
+def check_image(img: object, what: str) -> nib.Nifti1Image:
+    """An image handed over in memory (the Python API), checked as `load_image` checks a file."""
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DemistError(f"{what} image: got {type(img).__name__}; expected a nibabel Nifti1Image, e.g. "
+                          "nib.load(path)")
+    return _checked(img, np.asanyarray(img.dataobj), f"{what} image")
+
+
+def _checked(img: nib.Nifti1Image | nib.Nifti2Image, data: np.ndarray, label: str) -> nib.Nifti1Image:
+    """The checks of a 3D volume: shape, affine, finite voxels; a trailing singleton 4th dimension is squeezed."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -160,6 +160,8 @@ def evaluate_predictions(
     """
     _check_arguments(psr_range, ring_mm, bootstrap)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DemistError(f"--out {out}: is a file; expected a folder for the evaluation's files")
     records = _sessions_with_truth(load_manifest(manifest), sessions)
     found = find_predictions(records, predictions)
     methods = list(found)

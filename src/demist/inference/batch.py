@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from demist.batch_log import BatchSummary, run_batch, write_batch_log
-from demist.data.manifest import load_manifest
+from demist.data.manifest import SessionRecord, load_manifest
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
 from demist.inference.pipeline import synthesize_files
@@ -41,7 +41,7 @@ def synthesize_manifest(
     A session that fails is recorded with its one-line reason and the batch goes on; outputs are atomic, so an
     interrupted batch resumes where it stopped. `shard` = (i, n): only every n-th session from the i-th.
     """
-    records = load_manifest(manifest)
+    records = load_manifest(manifest, require=(), check_files=False)  # an incomplete row fails its session only
     if sessions is not None:
         wanted = set(sessions)
         records = [r for r in records if r.key in wanted]
@@ -51,9 +51,17 @@ def synthesize_manifest(
     records = records[index::count]
     return run_batch(
         records, key=lambda r: r.key, done=lambda r: output_path(out_dir, r.subject, r.session).exists(),
-        work=lambda r: synthesize_files(synthesizer, r.t1w, r.flair, output_path(out_dir, r.subject, r.session),
-                                        mask=r.brain_mask, samples=samples, seed=seed, progress=False),
+        work=lambda r: _synthesize_session(synthesizer, r, out_dir, samples, seed),
         summary=BatchSummary(), desc="sessions", progress=progress)
+
+
+def _synthesize_session(synthesizer: Synthesizer, record: SessionRecord, out_dir: Path, samples: int,
+                        seed: int) -> None:
+    record.require("t1w", "flair")
+    if record.brain_mask is not None:
+        record.require("brain_mask")
+    synthesize_files(synthesizer, record.t1w, record.flair, output_path(out_dir, record.subject, record.session),
+                     mask=record.brain_mask, samples=samples, seed=seed, progress=False)
 
 
 def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, out_dir: Path, samples: int = 1,
@@ -69,7 +77,7 @@ def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, ou
                               progress=progress and state.is_local_main_process,
                               shard=(state.process_index, state.num_processes))
     parts = gather_object([own]) if state.num_processes > 1 else [own]
-    order = {record.key: i for i, record in enumerate(load_manifest(manifest))}
+    order = {record.key: i for i, record in enumerate(load_manifest(manifest, require=(), check_files=False))}
     merged = BatchSummary(
         written=sorted((k for p in parts for k in p.written), key=order.__getitem__),
         skipped=sorted((k for p in parts for k in p.skipped), key=order.__getitem__),

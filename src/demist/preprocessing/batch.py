@@ -21,7 +21,8 @@ def preprocess_manifest(manifest: Path, out_dir: Path, device: str = "cpu",
     """Preprocess every session of `manifest` that is not done yet into `OUT/<subject>/<session>/`; returns the
     summary and the output manifest of the sessions done so far (`demist synthesize --manifest` takes it as is)."""
     out_dir = Path(out_dir).resolve()
-    jobs = [(r, SessionFiles.in_folder(out_dir / r.subject / r.session)) for r in load_manifest(manifest)]
+    records = load_manifest(manifest, require=(), check_files=False)  # an incomplete row fails its session only
+    jobs = [(r, SessionFiles.in_folder(out_dir / r.subject / r.session)) for r in records]
     return run_jobs(jobs, out_dir, device, progress)
 
 
@@ -47,13 +48,18 @@ def run_jobs(jobs: list[tuple[SessionRecord, SessionFiles]], out_dir: Path, devi
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = run_batch(
         jobs, key=lambda job: job[0].key, done=lambda job: job[1].done(),
-        work=lambda job: preprocess_session(job[0].t1w, job[0].flair, job[1], device=device, key=job[0].key),
+        work=lambda job: _preprocess(job[0], job[1], device),
         summary=BatchSummary(verb="preprocessed", failed=dict(unusable or {})), desc="preprocessing",
         progress=progress)
     order = [r.key for r, _ in jobs]  # the manifest's order; BIDS sessions (sorted) interleave with the unusable ones
     write_batch_log(out_dir / LOG_NAME, summary, sorted(order + list(unusable)) if unusable else order)
     done = [(r, f) for r, f in jobs if f.done()]
     return summary, write_session_manifest(out_dir / MANIFEST_NAME, done)
+
+
+def _preprocess(record: SessionRecord, files: SessionFiles, device: str) -> None:
+    record.require("t1w", "flair")
+    preprocess_session(record.t1w, record.flair, files, device=device, key=record.key)
 
 
 def write_session_manifest(path: Path, sessions: list[tuple[SessionRecord, SessionFiles]]) -> Path:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from demist.atomic import atomic_write
 from demist.config_sections import TrainConfig
 from demist.devices import resolve_device, resolve_mixed_precision
 from demist.errors import DemistError
@@ -148,7 +149,7 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # drop what a killed run logged after its last checkpoint (and a torn last line)
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            atomic_write(self.path, "".join(f"{line}\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from demist.atomic import atomic_write
 from demist.data.nifti import scanner_image
 
 #: Layers outward from the brain's edge: (outer edge in mm, T1w, FLAIR), intensities relative to white matter.
@@ -170,7 +171,7 @@ def add_raw_sessions(cohort_dir: Path, seed: int, progress: bool = True) -> Path
         folder.mkdir(exist_ok=True)
         save_image(raw.t1w, folder / "t1w.nii.gz")
         save_image(raw.flair, folder / "flair.nii.gz")
-        (folder / "transform.json").write_text(json.dumps(transform_record(raw), indent=1) + "\n")
+        atomic_write(folder / "transform.json", json.dumps(transform_record(raw), indent=1) + "\n")
         relative = lambda p: str(Path(p).relative_to(cohort_dir)) if p else ""  # noqa: E731
         rows.append({"subject": record.subject, "session": record.session, "group": record.group,
                      "t1w": relative(folder / "t1w.nii.gz"), "flair": relative(folder / "flair.nii.gz"),
