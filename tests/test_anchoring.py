@@ -44,6 +44,24 @@ def test_the_level_stays_at_the_first_estimate_along_a_trajectory(prediction_typ
             assert (plain - x0).abs().mean() > 0.05
 
 
+def test_each_call_keeps_its_own_detail_and_takes_the_first_call_s_low_pass():
+    """Fine detail that changes from call to call survives anchoring; only the low-pass is the first call's."""
+    schedule = NoiseSchedule.create(prediction_type="sample")
+    generator = torch.Generator().manual_seed(1)
+    smooth = lowpass(torch.randn(1, 2, 12, 12, 12, generator=generator), 3.0)
+    checker = (torch.arange(12)[:, None, None] + torch.arange(12)[None, :, None] + torch.arange(12)[None, None, :]) % 2
+    estimates = {999: smooth, 500: smooth + 0.2 + 0.1 * checker.float(), 100: 0.5 * smooth - 0.1 * checker.float()}
+    model = anchored(lambda x_t, t: estimates[int(t)].clone(), schedule, sigma=1.5)
+    x = torch.zeros_like(smooth)
+    first = model(x, torch.tensor([999]))
+    torch.testing.assert_close(first, smooth)
+    for step in (500, 100):
+        out = model(x, torch.tensor([step]))
+        own = estimates[step]
+        torch.testing.assert_close(out, own - lowpass(own, 1.5) + lowpass(first, 1.5), rtol=0, atol=1e-5)
+        assert (out - first).abs().max() > 0.05  # the call's own detail is there, not the first estimate whole
+
+
 def test_a_new_trajectory_takes_a_new_anchor():
     schedule = NoiseSchedule.create(prediction_type="sample")
     levels = iter([0.0, 0.5, 1.0])

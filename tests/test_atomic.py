@@ -32,6 +32,17 @@ def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
+def test_an_interrupt_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    target = tmp_path / "psr.nii.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt  # Ctrl-C: the commonest interruption, not an Exception
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["psr.nii.gz"]
+
+
 def test_temporary_keeps_the_extension_for_format_sniffing_writers(tmp_path):
     target = tmp_path / "psr.nii.gz"
     with atomic_path(target) as tmp:

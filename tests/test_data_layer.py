@@ -171,12 +171,21 @@ def test_ras_input_on_the_model_spacing_is_not_interpolated():
 
 
 def test_flair_on_another_grid_is_resampled_into_t1w_space():
+    """The same anatomy on a grid cut 3 voxels later lands exactly where the FLAIR on the T1w's grid does; on a
+    coarser grid it lands there up to the blur, far closer than the same data read 3 voxels off."""
     images = ellipsoid_session()
-    flair = images["flair"]
-    shifted = nib.Nifti1Image(np.asarray(flair.dataobj), flair.affine @ np.diag([1, 1, 1.0, 1]))
-    coarse = nib.processing.resample_to_output(shifted, voxel_sizes=(2.0, 2.0, 4.0))
-    session = prepare_images(images["t1w"], coarse, CFG, brain=images["brain_mask"])
-    assert session.flair.shape == session.t1w.shape
+    flair, brain = images["flair"], images["brain_mask"]
+    reference = prepare_images(images["t1w"], flair, CFG, brain=brain).flair
+    start = np.eye(4)
+    start[0, 3] = 3  # voxel 3 of the old grid is voxel 0 of the new one
+    cut = nib.Nifti1Image(np.asarray(flair.dataobj)[3:], flair.affine @ start)
+    coarse = nib.processing.resample_to_output(cut, voxel_sizes=(2.0, 2.0, 4.0))
+    misplaced = nib.Nifti1Image(np.asarray(cut.dataobj), flair.affine)
+    inside = prepare_images(images["t1w"], flair, CFG, brain=brain).brain > 0
+    error = {name: np.abs(prepare_images(images["t1w"], img, CFG, brain=brain).flair - reference)[inside].mean()
+             for name, img in (("cut", cut), ("coarse", coarse), ("misplaced", misplaced))}
+    assert error["cut"] < 1e-5
+    assert error["coarse"] < 0.25 * error["misplaced"]
 
 
 def test_images_that_do_not_overlap_are_refused():

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from demist.config import load_config
 from demist.errors import DemistError
-from demist.inference.memory import GIB, autoencoder_window, call_bytes, unet_tile
+from demist.inference.memory import BASE_BYTES, GIB, autoencoder_window, call_bytes, resident_bytes, unet_tile
 
 TINY = load_config("tiny")  # UNet tile 16³ latent voxels; autoencoder patch 32³ image voxels, 4× downsampling
 CHANNEL = TINY.replace(autoencoder=dataclasses.replace(TINY.autoencoder, norm="channel"))
@@ -45,6 +46,18 @@ def test_a_budget_below_one_training_tile_is_refused_with_what_it_needs(part, sp
     check = unet_tile if part == "step" else lambda c, s, g, r: autoencoder_window(c, part, s, g, r)
     with pytest.raises(DemistError, match=r"--max-memory 0.5: one .* needs about \d+\.\d GiB"):
         check(TINY, spatial, 0.5, RESIDENT)  # the budget holds the networks, no call
+
+
+def test_a_channel_norm_autoencoder_refuses_a_budget_below_its_smallest_window():
+    with pytest.raises(DemistError, match=r"--max-memory 0.5: one .* needs about \d+\.\d GiB"):
+        autoencoder_window(CHANNEL, "encode", (96, 112, 96), 0.5, RESIDENT)
+
+
+def test_resident_memory_counts_parameters_and_buffers():
+    # Linear: 110 float parameters; BatchNorm: 8 float parameters, 8 float buffers and an int64 step counter
+    layer, norm = torch.nn.Linear(10, 10), torch.nn.BatchNorm1d(4)
+    assert resident_bytes([layer]) == BASE_BYTES + 110 * 4
+    assert resident_bytes([layer, norm]) == BASE_BYTES + (110 + 8 + 8) * 4 + 8  # num_batches_tracked is int64
 
 
 def test_the_estimate_grows_with_the_input_and_counts_attention_only_without_sdpa():

@@ -42,6 +42,34 @@ def test_summary_is_mean_and_sd_across_fold_means():
     assert summary["good"]["psnr"]["n_folds"] == 3 and summary["good"]["psnr"]["n_sessions"] == 12
 
 
+def test_summary_weights_folds_not_sessions():
+    """Folds of unequal size: the mean of the fold means differs from the mean over all sessions."""
+    values = {0: [20.0] * 6, 1: [24.0] * 4, 2: [30.0] * 2}
+    rows = [{"method": "m", "fold": fold, "subject": f"sub-{fold}{i}", "session": "ses-01", "psnr": v}
+            for fold, vs in values.items() for i, v in enumerate(vs)]
+    entry = summarise_folds(rows, metrics=("psnr",))["m"]["psnr"]
+    assert entry["mean"] == pytest.approx(np.mean([20.0, 24.0, 30.0]))
+    assert entry["mean"] != pytest.approx(np.mean([r["psnr"] for r in rows]))
+    assert entry["n_folds"] == 3 and entry["n_sessions"] == 12
+
+
+def test_paired_tests_pair_by_session_over_the_sessions_both_scored():
+    """Rows in another order and sessions missing for one method: pairs follow the session keys."""
+    from scipy.stats import ttest_rel
+
+    rows = per_session_table()
+    good = [r for r in rows if r["method"] == "good"][2:]  # two sessions unscored
+    ok = list(reversed([r for r in rows if r["method"] == "ok"]))
+    result = paired_tests(good + ok, metrics=("psnr",))["psnr"]["good"]
+    shared = sorted({r["subject"] for r in good})
+    a = [next(r["psnr"] for r in good if r["subject"] == s) for s in shared]
+    b = [next(r["psnr"] for r in ok if r["subject"] == s) for s in shared]
+    expected = ttest_rel(a, b)
+    assert result["vs"] == "ok" and result["n"] == 10
+    assert result["t"] == pytest.approx(float(expected.statistic))
+    assert result["p"] == pytest.approx(float(expected.pvalue))
+
+
 def test_paired_tests_compare_with_the_best_other_method():
     tests = paired_tests(per_session_table(), metrics=("psnr", "mse"))
     for metric in ("psnr", "mse"):  # psnr higher-is-better, mse lower-is-better: the same ranking
