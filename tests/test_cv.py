@@ -62,6 +62,14 @@ def test_an_interrupted_cv_resumes_with_what_is_unfinished(manifest, tmp_path):
     timings = json.loads((out / "fold-2" / "timings.json").read_text())
     assert {"train ridge", "train constant", "synthesize ridge", "synthesize constant"} <= set(timings)
     assert all(minutes >= 0 for minutes in timings.values())
+    # a rerun with other settings would mix runs trained two ways in one table: refused, nothing retrained
+    calls.clear()
+    with pytest.raises(DemistError, match=r"other settings \(max_steps None → 2\)"):
+        run_cv(manifest, out, [counting("ridge", calls)], CONFIG, folds=3, max_steps=2)
+    other = CONFIG.replace(data=dataclasses.replace(CONFIG.data, psr_range=0.3))
+    with pytest.raises(DemistError, match=r"other settings \(config \[data\]\)"):
+        run_cv(manifest, out, [counting("ridge", calls)], other, folds=3)
+    assert calls == []
 
 
 def test_a_method_trains_with_its_own_config_and_an_ablation_with_its_methods(manifest, tmp_path):

@@ -165,6 +165,22 @@ def test_a_demo_folder_keeps_its_split_and_refuses_a_rerun_with_another(smoke_de
         other.record_split()
 
 
+def test_a_demo_folder_refuses_a_rerun_with_other_settings(smoke_demo, smoke_config) -> None:
+    """Its finished runs would be reused under a report that names the new options: refused before any work."""
+    from demist.errors import DemistError
+
+    plan, report = smoke_demo
+    stamp = report.stat().st_mtime_ns
+    with pytest.raises(DemistError, match=r"other settings \(max_steps 2 → None\)"):
+        run_demo(dataclasses.replace(plan, max_steps=None), smoke_config, device="cpu")
+    other = smoke_config.replace(sampling=dataclasses.replace(smoke_config.sampling, steps=4))
+    with pytest.raises(DemistError, match=r"other settings \(config \[sampling\]\)"):
+        run_demo(plan, other, device="cpu")
+    with pytest.raises(DemistError, match="holds another synthetic cohort"):
+        run_demo(dataclasses.replace(plan, subjects=plan.subjects + 1), smoke_config, device="cpu")
+    assert report.stat().st_mtime_ns == stamp
+
+
 def test_a_folder_from_before_split_json_is_checked_against_its_stage1_run(smoke_demo, tmp_path) -> None:
     """A finished demo without split.json: a rerun that would train on other subjects than its Stage-1 run is refused;
     the same split is recorded; a fresh folder records a named split as asked."""

@@ -45,7 +45,7 @@ def test_the_student_timesteps_must_be_among_the_teachers():
     student, teacher = student_timesteps(CFG, SCHEDULE)  # tiny: DPM-Solver++ with 10 steps, student 4
     assert student == [999, 666, 333, 0] and set(student) <= set(teacher)
     three = CFG.replace(distill=CFG.distill.__class__(3, 2, 2, 1e-4))
-    with pytest.raises(DemistError, match=r"student_steps: 3 .* expected one of \[1, 2, 4, 10\]"):
+    with pytest.raises(DemistError, match=r"distill.student_steps\) 3: .* expected one of \[1, 2, 4, 10\]"):
         student_timesteps(three, SCHEDULE)
 
 

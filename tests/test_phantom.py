@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +154,25 @@ def test_midsagittal_plane_splits_the_brain_in_mirror_halves(sessions: list[dict
 
 
 def test_same_seed_same_bytes_whatever_the_cohort_size(cohort: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "again"
-    shutil.copytree(cohort.parent, copy)
-    manifest = generate_cohort(copy, 1, spacing=2.0, seed=SEED, progress=False)  # regenerate over the old one
-    assert sorted(p.name for p in copy.iterdir() if p.is_dir()) == ["sub-001"]
+    manifest = generate_cohort(tmp_path / "one", 1, spacing=2.0, seed=SEED, progress=False)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir() if p.is_dir()) == ["sub-001"]
     assert [r.subject for r in load_manifest(manifest)] == ["sub-001", "sub-001"]
-    for path in sorted((copy / "sub-001").rglob("*.*")):
-        assert path.read_bytes() == (cohort.parent / path.relative_to(copy)).read_bytes(), path.name
+    for path in sorted((tmp_path / "one" / "sub-001").rglob("*.*")):
+        assert path.read_bytes() == (cohort.parent / path.relative_to(tmp_path / "one")).read_bytes(), path.name
+
+
+def test_a_cohort_folder_is_regenerated_only_with_its_own_settings(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    generate_cohort(folder, 1, spacing=2.0, seed=SEED, progress=False)
+    first = (folder / "sub-001/ses-01/t1w.nii.gz").read_bytes()
+    (folder / "sub-001/ses-01/t1w.nii.gz").write_bytes(b"damaged")
+    generate_cohort(folder, 1, spacing=2.0, seed=SEED, progress=False)  # the same cohort: rewritten
+    assert (folder / "sub-001/ses-01/t1w.nii.gz").read_bytes() == first
+    for other in ({"n_subjects": 2}, {"seed": SEED + 1}, {"spacing": 1.0}):
+        args = {"n_subjects": 1, "spacing": 2.0, "seed": SEED, **other}
+        with pytest.raises(DemistError, match="holds another synthetic cohort"):
+            generate_cohort(folder, progress=False, **args)
+    assert (folder / "sub-001/ses-01/t1w.nii.gz").read_bytes() == first
 
 
 def test_another_seed_gives_another_subject(cohort: Path, tmp_path: Path) -> None:

@@ -67,6 +67,25 @@ def test_incomplete_run_is_refused(tmp_path: Path) -> None:
     assert str(info.value).startswith("--stage1 ") and "\n" not in str(info.value)
     with pytest.raises(DemistError, match="not a directory"):
         read_run(tmp_path / "nowhere")
+    make_run(tmp_path / "stage1_out" / "stage1")  # `demist train stage1 --out stage1_out` holds the run in stage1/
+    with pytest.raises(DemistError, match=r"holds no run.json itself; expected the run inside it, .*stage1_out/stage1"):
+        read_run(tmp_path / "stage1_out", what="--stage1")
+
+
+def test_a_finished_run_is_neither_overwritten_nor_trained_again(tmp_path: Path) -> None:
+    from demist.training.run_output import check_out
+
+    make_run(tmp_path / "run")
+    with pytest.raises(DemistError, match="already holds a finished run; choose another directory"):
+        check_out(tmp_path / "run", resume=False)
+    with pytest.raises(DemistError, match="already holds a finished run, which --resume would train again"):
+        check_out(tmp_path / "run", resume=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DemistError, match="notes.txt: is a file; expected a directory"):
+        check_out(tmp_path / "notes.txt", resume=False)
+    check_out(tmp_path / "new", resume=False)  # a new directory, or an interrupted run with --resume, is fine
+    (tmp_path / "interrupted").mkdir()
+    check_out(tmp_path / "interrupted", resume=True)
 
 
 def test_tampered_or_missing_component_is_refused(tmp_path: Path) -> None:

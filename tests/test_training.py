@@ -321,6 +321,11 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
     (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--overwrite"],
      "--overwrite/--mask: only for one scan"),
     (["synthesize", "--model", "{tmp}", "--t1w", "{tmp}/t1w.nii.gz"], "missing --flair, -o"),
+    (["demo", "--subjects", "3", "--held-out", "3", "--out", "{tmp}/d"], "--held-out 3 with --subjects 3"),
+    (["train", "ridge", "--manifest", "{manifest}", "--out", "{manifest}"], "is a file; expected a directory"),
+    (["cv", "--manifest", "{manifest}", "--out", "{manifest}"], "is a file; expected a folder"),
+    (["train", "prior", "--out", "{manifest}"], "is a file; expected a folder"),
+    (["demo", "--distill", "--student-steps", "3", "--out", "{tmp}/d"], "distill.student_steps) 3: its DDIM steps"),
 ])
 def test_bad_user_input_is_one_line_with_exit_code_2(args, message, tmp_path: Path, small_manifest: Path,
                                                     monkeypatch, capsys) -> None:

@@ -79,6 +79,9 @@ def resolve_prior(spec: str | Path | None, cfg: Config, what: str = "--prior") -
         if not path.is_dir():
             raise DemistError(f"{what} {path}: not a directory; expected {EMBEDDED}, {NO_PRIOR} or a prior directory "
                               f"holding {', '.join(PRIOR_RUNS)}")
+        if not (path / "backbone").is_dir() and (path / "prior" / "backbone").is_dir():
+            raise DemistError(f"{what} {path}: the folder of `demist train prior --out`; expected the prior inside "
+                              f"it, {path / 'prior'}")
     runs = {name: read_run(path / name, stage, what=f"{what} {path}: {name}") for name, stage in PRIOR_RUNS.items()}
     backbone = runs["backbone"]
     psr_digest = state_digest(runs["psr_ae"].weights("autoencoder"))
@@ -154,11 +157,13 @@ def train_prior(out: str | Path, cfg: Config, *, subjects: int = PRIOR_SUBJECTS,
     parts are kept when rerun."""
     from demist.data.manifest import load_manifest
     from demist.data.phantom import generate_cohort
+    from demist.data.phantom.cohort import check_same_cohort
     from demist.training.backbone import train_backbone
     from demist.training.stage1 import train_stage1
 
     out = Path(out)
     manifest = out / "cohort" / "manifest.csv"
+    check_same_cohort(out / "cohort", subjects, cfg.data.spacing, seed)  # a rerun continues the same prior
     if not manifest.is_file():
         generate_cohort(out / "cohort", subjects, spacing=cfg.data.spacing, seed=seed)
     runs = out / "runs"

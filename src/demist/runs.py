@@ -171,6 +171,10 @@ def read_run(run_dir: str | Path, stages: str | Sequence[str] | None = None, wha
         raise DemistError(f"{label}: not a directory; expected a run directory written by a demist training command")
     file = run_dir / RUN_FILE
     if not file.is_file():
+        inner = [run_dir / name for name in ("stage1", "prior") if (run_dir / name / RUN_FILE).is_file()
+                 or (run_dir / name / "prior.json").is_file()]
+        if inner:  # the folder of `demist train stage1 --out` or `demist train prior --out`, not the run in it
+            raise DemistError(f"{label}: holds no {RUN_FILE} itself; expected the run inside it, {inner[0]}")
         raise DemistError(f"{label}: incomplete, no {RUN_FILE} (training did not finish, or this is not a run "
                           "directory); finish it with --resume or pass a finished run")
     try:

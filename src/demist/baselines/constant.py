@@ -20,6 +20,7 @@ from demist.config import Config
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.runs import RunInfo, read_run, write_run
+from demist.training.run_output import check_out
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def train_constant(manifest: str | Path, config: Config, out: str | Path, device
 
     `device` is accepted for a uniform training interface and unused.
     """
+    check_out(Path(out), resume=False)  # before the fit: a finished run is never overwritten
     records = training_records(manifest, subjects)
     model = _fit(iter_prepared(records, config, progress), config)
     model.training["manifest"] = str(Path(manifest).resolve())

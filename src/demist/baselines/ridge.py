@@ -22,6 +22,7 @@ from demist.config import Config
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.runs import RunInfo, read_run, write_run
+from demist.training.run_output import check_out
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def train_ridge(manifest: str | Path, config: Config, out: str | Path, device: s
     Sessions are prepared one at a time; `device` is accepted for a uniform training interface and unused (the
     fit is a small least-squares problem on the CPU).
     """
+    check_out(Path(out), resume=False)  # before the fit: a finished run is never overwritten
     records = training_records(manifest, subjects)
     model = _fit(iter_prepared(records, config, progress), len(records), config, config.train.seed, FeatureSpec(),
                  DEFAULT_ALPHAS, DEFAULT_MAX_VOXELS)

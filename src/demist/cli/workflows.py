@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from demist.cli.options import DEVICE
+from demist.cli.options import DEVICE, check_folder
 from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES
 from demist.methods import METHODS
@@ -15,7 +15,8 @@ from demist.methods import METHODS
 
 def phantom(
     out: Path = typer.Option(..., "--out", help="Folder to write the cohort into (created; must be new or empty)."),
-    subjects: int = typer.Option(..., "--subjects", help="Number of subjects (about 2 MS patients per control)."),
+    subjects: int = typer.Option(..., "--subjects", min=1, help="Number of subjects (about 2 MS patients per "
+                                 "control)."),
     spacing: float = typer.Option(2.0, "--spacing", help="Voxel size in mm: 1 (paper) or 2 (tiny)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed; the same seed gives identical files."),
     raw: bool = typer.Option(False, "--raw", help="Also write each session as a scanner gives it (head, bias field, "
@@ -26,7 +27,7 @@ def phantom(
     from demist.data.phantom import add_raw_sessions, generate_cohort
     from demist.data.summary import cohort_summary
 
-    manifest = generate_cohort(out, subjects, spacing=spacing, seed=seed, progress=True)
+    manifest = generate_cohort(check_folder(out, "--out"), subjects, spacing=spacing, seed=seed, progress=True)
     typer.echo(cohort_summary(manifest))
     typer.echo(f"manifest: {manifest}")
     if raw:
@@ -35,7 +36,7 @@ def phantom(
 
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the cohort, runs, predictions and report."),
-    subjects: int = typer.Option(14, "--subjects", help="Synthetic subjects to generate."),
+    subjects: int = typer.Option(14, "--subjects", min=2, help="Synthetic subjects to generate."),
     held_out: Optional[int] = typer.Option(None, "--held-out", min=1, help="Subjects kept out of training, for "
                                            "evaluation (default 3), drawn by --seed with an MS patient among them."),
     held_out_subjects: str = typer.Option("", "--held-out-subjects", help="Comma-separated subjects to hold out "
@@ -67,10 +68,23 @@ def demo(
     from demist.workflows.demo import DEFAULT_HELD_OUT, DemoPlan, run_demo
 
     held_out = DEFAULT_HELD_OUT if held_out is None else held_out
-    report = run_demo(DemoPlan(out=out, subjects=subjects, held_out=held_out, seed=seed, max_steps=max_steps,
-                               mean_samples=mean_samples, distill=distill, student_steps=student_steps,
-                               prior=prior, held_out_subjects=named),
-                      config=load_config(config), device=device)
+    cfg = load_config(config)
+    if distill:  # a student that cannot follow the teacher's sampler fails now, not after 15 minutes of training
+        import dataclasses
+
+        from demist.diffusion.schedule import NoiseSchedule
+        from demist.training.distill import student_timesteps
+
+        steps = cfg.distill.student_steps if student_steps is None else student_steps
+        student_timesteps(cfg.replace(distill=dataclasses.replace(cfg.distill, student_steps=steps)),
+                          NoiseSchedule.from_config(cfg.diffusion))
+    if not named and held_out >= subjects:
+        raise DemistError(f"--held-out {held_out} with --subjects {subjects}: expected fewer held-out subjects than "
+                          "subjects, so that some are left to train on")
+    report = run_demo(DemoPlan(out=check_folder(out, "--out"), subjects=subjects, held_out=held_out, seed=seed,
+                               max_steps=max_steps, mean_samples=mean_samples, distill=distill,
+                               student_steps=student_steps, prior=prior, held_out_subjects=named),
+                      config=cfg, device=device)
     typer.echo(f"report: {report}")
 
 
@@ -97,6 +111,7 @@ def cv(
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
     from demist.workflows.cv import collect_cv, run_cv
 
+    check_folder(out, "--out")
     if collect:
         if fold is not None:
             raise DemistError("--collect and --fold: --collect merges folds that have finished; expected one of them")

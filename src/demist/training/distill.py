@@ -48,9 +48,9 @@ def student_timesteps(cfg: Config, schedule: NoiseSchedule) -> tuple[list[int], 
     if not set(student) <= set(teacher):
         fits = [n for n in range(1, len(teacher) + 1)
                 if set(timesteps_for(STUDENT_SAMPLER, schedule, n)) <= set(teacher)]
-        raise DemistError(f"config key distill.student_steps: {cfg.distill.student_steps} DDIM steps visit "
-                          f"{student}, not all among the teacher's {cfg.sampling.sampler}-{cfg.sampling.steps} "
-                          f"timesteps {teacher}; expected one of {fits}")
+        raise DemistError(f"--student-steps (config key distill.student_steps) {cfg.distill.student_steps}: its "
+                          f"DDIM steps visit {student}, not all among the teacher's "
+                          f"{cfg.sampling.sampler}-{cfg.sampling.steps} timesteps {teacher}; expected one of {fits}")
     return student, teacher
 
 
@@ -122,6 +122,7 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
     if not manifest or not Path(manifest).is_file():
         raise DemistError(f"--manifest: the teacher's training manifest {manifest!r} is not a file; expected the "
                           "manifest to distil on (pass --manifest)")
+    student_timesteps(cfg, NoiseSchedule.from_config(cfg.diffusion))  # a bad --student-steps fails before any work
     stage1_run, backbone_run = unchanged_parent(run, "stage1"), unchanged_parent(run, "backbone")
     image_keys = ("cond",) if cfg.demist.uses_image_hint else ()
     data = prepare_latent_stage(manifest, stage1_run, cfg, out, resume, run.training.get("subjects"), device,

@@ -13,9 +13,16 @@ from demist.errors import DemistError
 
 
 def check_out(out: Path, resume: bool) -> None:
-    """A finished run (its run.json) is never overwritten; `resume` keeps it."""
-    if (out / "run.json").exists() and not resume:
-        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume)")
+    """`out` is a directory for a new run, or with `resume` an interrupted one; a finished run (its run.json) is never
+    overwritten, nor trained again (the runs built on it check its run.json)."""
+    if out.exists() and not out.is_dir():
+        raise DemistError(f"--out {out}: is a file; expected a directory for the run")
+    if (out / "run.json").exists():
+        if resume:
+            raise DemistError(f"--out {out}: already holds a finished run, which --resume would train again; use it "
+                              "as it is, or choose another directory")
+        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume an "
+                          "interrupted one)")
 
 
 def weights_metadata(cfg: Config, stage: str) -> dict[str, str]:

@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from demist.config import Config
+from demist.config import Config, config_to_dict
 from demist.errors import DemistError
 from demist.methods import Method, TrainJob, load_synthesizer
+from demist.workflows.settings import record_settings
+
+#: The settings the folds' runs were trained with, checked on a rerun (`settings.record_settings`).
+SETTINGS_FILE = "cv.json"
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
         strata = None
     # deterministic for (subjects, folds, seed), so fold jobs started together write the same file
     splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
+    record_settings(out / SETTINGS_FILE, {"max_steps": max_steps, "prior": prior, "config": config_to_dict(config),
+                                          "method_configs": {name: config_to_dict(c) for name, c in
+                                                             sorted((method_configs or {}).items())}})
     if fold is not None and not 0 <= fold < len(splits):
         raise DemistError(f"--fold {fold}: expected a fold from 0 to {len(splits) - 1} of the {len(splits)} folds")
     unknown = sorted(set(method_configs or {}) - {name for m in methods for name in (m.name, m.ablation_of)})

@@ -19,15 +19,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from demist.atomic import atomic_write
-from demist.config import Config, load_config
+from demist.config import Config, config_to_dict, load_config
 from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES, REFERENCES, mean_row
 from demist.workflows.demo_report import STUDENT_ROW
+from demist.workflows.settings import record_settings
 
 log = logging.getLogger(__name__)
 
 #: Subjects the demo holds out unless told otherwise (`--held-out`, `--held-out-subjects`).
 DEFAULT_HELD_OUT = 3
+#: The settings the demo's runs were trained with, checked on a rerun (`settings.record_settings`).
+SETTINGS_FILE = "demo.json"
 
 #: Rough minutes per step of the tiny demo on 2 CPU cores, said up front.
 EXPECTED_MINUTES = {"cohort": 0.5, "stage1": 65, "backbone": 13, "demist": 10, "ridge": 0.5, "synthesis": 10,
@@ -238,6 +241,7 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     from demist.baselines.ridge import train_ridge
     from demist.data.manifest import load_manifest, select_subjects
     from demist.data.phantom import generate_cohort
+    from demist.data.phantom.cohort import check_same_cohort
     from demist.devices import has_native_bf16, resolve_device
     from demist.evaluation.evaluate import evaluate_predictions
     from demist.inference.batch import synthesize_manifest
@@ -254,6 +258,10 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     if prior is not None and plan.seed == prior.cohort_seed:
         raise DemistError(f"--seed {plan.seed}: the prior {prior.path} was pretrained on the cohort of this seed; "
                           "expected another seed (or --prior none)")
+    check_same_cohort(plan.out / "cohort", plan.subjects, cfg.data.spacing, plan.seed)
+    record_settings(plan.out / SETTINGS_FILE, {"subjects": plan.subjects, "seed": plan.seed,
+                                               "max_steps": plan.max_steps, "prior": plan.prior,
+                                               "config": config_to_dict(cfg)})
     torch_device = resolve_device(device)
     native_bf16 = torch_device.type == "cpu" and has_native_bf16(torch_device)  # the estimates are CPU minutes
     expected = expected_minutes(prior is not None, plan.distill, native_bf16)

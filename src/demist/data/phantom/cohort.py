@@ -46,6 +46,23 @@ def _check_arguments(out_dir: Path, n_subjects: int, spacing: float, seed: int) 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / COHORT_MARKER).is_file():
         raise DemistError(f"output folder {out_dir}: not empty and not a synthetic cohort; expected a new or "
                           f"empty folder, or one written by a previous generate_cohort")
+    check_same_cohort(out_dir, n_subjects, spacing, seed)
+
+
+def check_same_cohort(out_dir: Path, n_subjects: int, spacing: float, seed: int) -> None:
+    """A cohort already in `out_dir` must be the one these settings generate: regenerating it is harmless, replacing
+    another would leave the runs trained on it pointing at other data."""
+    marker = Path(out_dir) / COHORT_MARKER
+    if not marker.is_file():
+        return
+    try:
+        old = json.loads(marker.read_text())
+        same = (old["n_subjects"], float(old["spacing"]), old["seed"]) == (n_subjects, float(spacing), seed)
+    except (ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise DemistError(f"cohort folder {out_dir}: holds another synthetic cohort ({marker.read_text().strip()}); "
+                          f"expected {n_subjects} subjects, spacing {float(spacing):g}, seed {seed}, or a new folder")
 
 
 def _clear_previous_cohort(out_dir: Path) -> None:
