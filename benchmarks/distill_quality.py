@@ -18,6 +18,7 @@ from pathlib import Path
 
 from demist.inference.batch import synthesize_manifest
 from demist.methods import load_synthesizer
+from demist.runs import read_run
 from demist.training.distill import train_distill
 from finished_demo import add_demo_arguments, finished_demo, print_scores
 
@@ -33,8 +34,10 @@ def main() -> None:
     manifest, teacher = demo.manifest, demo.run("demist")
     print(f"load average at start: {os.getloadavg()}")
     wall, cpu = time.perf_counter(), time.process_time()
-    student = train_distill(teacher, args.out / "student", student_steps=args.student_steps, device="cpu",
-                            resume=True)
+    finished = (args.out / "student" / "run.json").is_file()  # a rerun scores the student it trained before
+    student = (read_run(args.out / "student", "demist") if finished else
+               train_distill(teacher, args.out / "student", student_steps=args.student_steps, device="cpu",
+                             resume=(args.out / "student").is_dir()))
     print(f"distillation: {(time.perf_counter() - wall) / 60:.1f} min wall, {(time.process_time() - cpu) / 60:.1f} "
           f"CPU-min (this process); sample MSE to the teacher {student.metrics}")
     _, keys = demo.split()

@@ -41,8 +41,8 @@ def _train(method: str, job: TrainJob, budgets: Path) -> float:
     """Train one (method, budget) unless finished; its CPU-minutes, kept in `budgets` for reruns."""
     run = job.out
     recorded = json.loads(budgets.read_text()) if budgets.exists() else {}
-    if (run / "run.json").exists() and run.name in recorded:
-        return recorded[run.name]
+    if (run / "run.json").exists():  # finished: never trained again (its CPU-minutes unknown if not recorded)
+        return recorded.get(run.name, float("nan"))
     start, cpu = time.perf_counter(), time.process_time()
     METHODS[method].train(job)
     recorded[run.name] = round((time.process_time() - cpu) / 60, 2)

@@ -31,7 +31,7 @@ from demist.models.autoencoder import pad_to_multiple
 from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Stage, seed_everything, train
 from demist.training.losses import reconstruction_loss, voxel_weights
-from demist.training.run_output import training_record, weights_metadata
+from demist.training.run_output import check_out, training_record, weights_metadata
 from demist.training.stage1 import evaluation_batches
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage
     (every process of a multi-process launch returns it; the main process writes the run).
     """
     method, out = synthesizer_cls.method, Path(out)
-    if (out / "run.json").exists() and not resume:
-        raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume)")
+    check_out(out, resume)
     if max_steps is not None:
         config = config.replace(baselines=dataclasses.replace(config.baselines, steps=max_steps))
     check_patch_size(config, synthesizer_cls.divisor(config), method)

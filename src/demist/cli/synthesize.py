@@ -140,14 +140,16 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
 
     def synthesize(record) -> None:
+        record.require("t1w", "flair", *(["brain_mask"] if record.brain_mask is not None else []))
         out = psr_map_beside(record.t1w)
         synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples, seed=seed)
         sampler, steps = getattr(synthesizer, "sampler", "none"), getattr(synthesizer, "steps", 0)  # none: baselines
         write_psr_sidecar(out, model, sampler, steps, samples)
 
     manifest = _bids_manifest(bids)
-    records = load_manifest(manifest)
-    summary = run_batch(records, key=lambda r: r.key, done=lambda r: psr_map_beside(r.t1w).exists(), work=synthesize,
+    records = load_manifest(manifest, require=(), check_files=False)  # a session with a missing file fails alone
+    summary = run_batch(records, key=lambda r: r.key, done=lambda r: r.t1w is not None
+                        and psr_map_beside(r.t1w).exists(), work=synthesize,
                         summary=BatchSummary(), desc="sessions")
     write_batch_log(manifest.parent / LOG_NAME, summary, [r.key for r in records])
     typer.echo(str(summary))

@@ -81,14 +81,15 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
         strata = None
     # deterministic for (subjects, folds, seed), so fold jobs started together write the same file
     splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
-    record_settings(out / SETTINGS_FILE, {"max_steps": max_steps, "prior": prior, "config": config_to_dict(config),
-                                          "method_configs": {name: config_to_dict(c) for name, c in
-                                                             sorted((method_configs or {}).items())}})
     if fold is not None and not 0 <= fold < len(splits):
         raise DemistError(f"--fold {fold}: expected a fold from 0 to {len(splits) - 1} of the {len(splits)} folds")
     unknown = sorted(set(method_configs or {}) - {name for m in methods for name in (m.name, m.ablation_of)})
     if unknown:
         raise DemistError(f"method configs for {', '.join(unknown)}: not among the methods cross-validated")
+    record_settings(out / SETTINGS_FILE, {"max_steps": max_steps, "prior": prior, "config": config_to_dict(config),
+                                          "method_configs": {name: config_to_dict(c) for name, c in
+                                                             sorted((method_configs or {}).items())}},
+                    runs_finished=any(out.glob("fold-*/**/run.json")))
     plan = CVPlan(manifest, out, methods, config, max_steps, device, chosen, dict(method_configs or {}),
                   mean_samples)
     for k in range(len(splits)) if fold is None else (fold,):

@@ -259,9 +259,11 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
         raise DemistError(f"--seed {plan.seed}: the prior {prior.path} was pretrained on the cohort of this seed; "
                           "expected another seed (or --prior none)")
     check_same_cohort(plan.out / "cohort", plan.subjects, cfg.data.spacing, plan.seed)
-    record_settings(plan.out / SETTINGS_FILE, {"subjects": plan.subjects, "seed": plan.seed,
-                                               "max_steps": plan.max_steps, "prior": plan.prior,
-                                               "config": config_to_dict(cfg)})
+    settings = {"subjects": plan.subjects, "seed": plan.seed, "max_steps": plan.max_steps, "prior": plan.prior,
+                "config": config_to_dict(cfg)}
+    if plan.distill:
+        settings["student_steps"] = plan.student_steps or cfg.distill.student_steps
+    record_settings(plan.out / SETTINGS_FILE, settings, runs_finished=any((plan.out / "runs").glob("**/run.json")))
     torch_device = resolve_device(device)
     native_bf16 = torch_device.type == "cpu" and has_native_bf16(torch_device)  # the estimates are CPU minutes
     expected = expected_minutes(prior is not None, plan.distill, native_bf16)
