@@ -142,6 +142,35 @@ def test_loop_logs_checkpoints_and_refuses_to_overwrite(tmp_path: Path) -> None:
         train(toy_stage(steps=6), tmp_path, TRAIN_CFG, device="cpu", resume=True)
 
 
+def test_a_resume_on_other_sessions_or_parents_is_refused(tmp_path: Path) -> None:
+    from demist.training.run_output import data_fingerprint
+
+    class Session:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+    sessions = [Session("s1/a"), Session("s2/a")]
+    assert data_fingerprint(sessions) == data_fingerprint(list(reversed(sessions)))  # the order does not matter
+    failing = toy_stage()
+    loss = failing.phases[0].loss
+
+    def interrupted(m, b, step, ctx):
+        if step == 3:
+            raise RuntimeError("interrupted")
+        return loss(m, b, step, ctx)
+
+    failing.phases[0].loss = interrupted
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(failing, tmp_path, TRAIN_CFG, device="cpu",
+              weights_metadata={"config": "c", "data": data_fingerprint(sessions)})
+    with pytest.raises(DemistError, match="different sessions or parent runs"):
+        train(toy_stage(), tmp_path, TRAIN_CFG, device="cpu", resume=True,
+              weights_metadata={"config": "c", "data": data_fingerprint(sessions[:1])})
+    result = train(toy_stage(), tmp_path, TRAIN_CFG, device="cpu", resume=True,
+                   weights_metadata={"config": "c", "data": data_fingerprint(sessions)})
+    assert result.steps == 4
+
+
 def test_gan_phase_gradients_do_not_leak_into_the_other_optimizer(tmp_path: Path) -> None:
     """The generator's loss goes through the discriminator; the discriminator must move by its own loss only."""
     torch.manual_seed(0)

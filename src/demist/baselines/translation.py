@@ -31,7 +31,7 @@ from demist.models.autoencoder import pad_to_multiple
 from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Stage, seed_everything, train
 from demist.training.losses import reconstruction_loss, voxel_weights
-from demist.training.run_output import check_out, training_record, weights_metadata
+from demist.training.run_output import check_out, data_fingerprint, training_record, weights_metadata
 from demist.training.stage1 import evaluation_batches
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage
     network = synthesizer_cls.build_network(config)
     stage = build_stage(config, network, sampler)
     result = train(stage, out, config.train, device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(config, stage.name))
+                   weights_metadata=weights_metadata(config, stage.name, data_fingerprint(sessions)))
     training = training_record(result, sessions, manifest, subjects)
     model = synthesizer_cls(config=config, network=network.eval(), training=training,
                             device=next(network.parameters()).device)

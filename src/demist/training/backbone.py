@@ -27,7 +27,7 @@ from demist.training.latent_diffusion import (denoising_error, module_device, re
 from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.latent_stage import prepare_latent_stage, write_latent_run
-from demist.training.run_output import barrier, training_record, weights_metadata
+from demist.training.run_output import barrier, data_fingerprint, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def train_backbone(manifest: str | Path, stage1_run: str | Path, config: Config 
     before = denoising_error(unet, eval_latents, schedule)
     stage = backbone_stage(cfg, unet, schedule, sampler)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(cfg, BACKBONE_STAGE))
+                   weights_metadata=weights_metadata(cfg, BACKBONE_STAGE, data_fingerprint(sessions, stage1.run)))
     run = None
     if result.is_main_process:
         after = denoising_error(unet.eval(), eval_latents.to(module_device(unet)), schedule)

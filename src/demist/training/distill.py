@@ -32,7 +32,7 @@ from demist.models.from_runs import DEMIST_STAGE, build_inference_networks, unch
 from demist.runs import RunInfo, read_run
 from demist.training.latent_stage import prepare_latent_stage, write_latent_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
-from demist.training.run_output import barrier, training_record, weights_metadata
+from demist.training.run_output import barrier, data_fingerprint, training_record, weights_metadata
 from demist.training.stage2 import stage2_parameter_groups
 from demist.training.stage2_parts import TrainableStreams
 
@@ -168,7 +168,7 @@ def train_distill(teacher: str | Path, out: str | Path, manifest: str | Path | N
                 STUDENT_SAMPLER, d.student_steps, cfg.sampling.sampler, cfg.sampling.steps, student_t, d.steps,
                 d.batch_size)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(cfg, DEMIST_STAGE))
+                   weights_metadata=weights_metadata(cfg, DEMIST_STAGE, data_fingerprint(data.sessions, run)))
     written = None
     if result.is_main_process:
         after = _agreement(net, teacher_net, z_eval, image_eval, schedule, cfg)

@@ -24,7 +24,7 @@ from demist.training.latent_diffusion import (conditioned_denoising_error, resol
 from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.latent_stage import prepare_latent_stage, write_latent_run
-from demist.training.run_output import barrier, training_record, weights_metadata
+from demist.training.run_output import barrier, data_fingerprint, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ def train_ftldm(manifest: str | Path, stage1_run: str | Path, backbone: str | Pa
                 schedule.prediction_type, cfg.demist.steps, f"{parameters:,}")
     eval_batches = sampler.evaluation_batches()
     before = conditioned_denoising_error(net, eval_batches, schedule)
+    metadata = weights_metadata(cfg, STAGE, data_fingerprint(sessions, data.stage1.run, frozen.run))
     result = train(ftldm_stage(cfg, net, schedule, sampler), out, cfg.train, device=device, resume=resume,
-                   tensorboard=tensorboard, weights_metadata=weights_metadata(cfg, STAGE))
+                   tensorboard=tensorboard, weights_metadata=metadata)
     run = None
     if result.is_main_process:
         after = conditioned_denoising_error(net.eval(), eval_batches, schedule)

@@ -214,7 +214,7 @@ def _train(stage: Stage, run_dir: Path, train_cfg: TrainConfig, accelerator, res
                for name, m in stage.modules.items()}
     optimizers = [accelerator.prepare_optimizer(phase.optimizer) for phase in stage.phases]
     identity = {"stage": stage.name, "total_steps": stage.steps, "seed": train_cfg.seed,
-                "config": metadata.get("config", "")}
+                "config": metadata.get("config", ""), "data": metadata.get("data")}
     checkpoint = _checkpoint_to_resume(run_dir, resume)
     ema = ParameterEMA(stage.modules, stage.ema_decay) if stage.ema_decay > 0 else None
     start = _restore(checkpoint, stage, optimizers, accelerator, identity, ema) if checkpoint is not None else 0
@@ -295,9 +295,12 @@ def _restore(checkpoint: Path, stage: Stage, optimizers: list, accelerator, iden
     """Load weights, optimizer, scheduler, scaler and EMA states; returns the step to continue from."""
     state = load_checkpoint(checkpoint, stage.modules)
     for key, value in identity.items():
+        if key == "data" and (key not in state or value is None):  # not recorded (older checkpoints, some stages)
+            continue
         if state.get(key) != value:
-            raise DemistError(f"{checkpoint}: was written with a different {key} than this run's; "
-                              "expected the same config, seed and --max-steps to resume")
+            what = "sessions or parent runs" if key == "data" else key
+            raise DemistError(f"{checkpoint}: was written with a different {what} than this run's; expected the same "
+                              "config, seed, --max-steps, manifest sessions and parent runs to resume")
     for phase, optimizer in zip(stage.phases, optimizers):
         optimizer.load_state_dict(state["optimizers"][phase.name])
         if phase.scheduler is not None:

@@ -4,6 +4,7 @@ launch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,9 +26,19 @@ def check_out(out: Path, resume: bool) -> None:
                           "interrupted one)")
 
 
-def weights_metadata(cfg: Config, stage: str) -> dict[str, str]:
-    """The metadata stored with checkpoint weights: the stage and its whole config."""
-    return {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
+def weights_metadata(cfg: Config, stage: str, data: str | None = None) -> dict[str, str]:
+    """The metadata stored with checkpoint weights: the stage, its whole config and, when given, what it trains on
+    (`data_fingerprint`), so that a resume with other sessions or parents is refused."""
+    metadata = {"config": json.dumps(config_to_dict(cfg), sort_keys=True), "stage": stage}
+    return metadata if data is None else {**metadata, "data": data}
+
+
+def data_fingerprint(sessions: Sequence[Any], *parents: Any) -> str:
+    """A digest of what a run trains on: its sessions' keys and the run.json digests of its parent runs (RunInfo;
+    None for a parent it does not have)."""
+    keys = sorted(str(s.key) for s in sessions)
+    digests = [p.run_json_sha256 for p in parents if p is not None]
+    return hashlib.sha256(json.dumps([keys, digests]).encode()).hexdigest()
 
 
 def training_record(result: Any, sessions: Sequence[Any], manifest: str | Path | None = None,

@@ -37,7 +37,7 @@ from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import (alignment_loss, edge_loss, kl_divergence, reconstruction_loss,
                                     voxel_weights)
-from demist.training.run_output import barrier, check_out, training_record, weights_metadata
+from demist.training.run_output import barrier, check_out, data_fingerprint, training_record, weights_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
         load_bundle_autoencoder(autoencoder, init_bundle)
     stage = autoencoder_stage(cfg, modality, autoencoder, build_discriminator(cfg, channels), sampler)
     result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(cfg, stage.name))
+                   weights_metadata=weights_metadata(cfg, stage.name, data_fingerprint(sessions)))
     run = None
     if result.is_main_process:
         psnr = patch_psnr(autoencoder.eval(), evaluation_batches(sampler), key)
@@ -282,7 +282,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
     seed_everything(cfg.train.seed)
     stage = alignment_stage(cfg, psr_ae, cond_ae.train(), sampler)
     result = train(stage, out, _autoencoder_training(cfg), device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(cfg, "stage1"))
+                   weights_metadata=weights_metadata(cfg, "stage1", data_fingerprint(sessions, psr, cond)))
     run = None
     if result.is_main_process:
         after = alignment_error(psr_ae, cond_ae.eval(), eval_batches)

@@ -40,7 +40,7 @@ from demist.training.latent_patches import LatentPatchSampler
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import alignment_loss, edge_loss, voxel_weights
 from demist.training.latent_stage import prepare_latent_stage, write_latent_run
-from demist.training.run_output import barrier, training_record, weights_metadata
+from demist.training.run_output import barrier, data_fingerprint, training_record, weights_metadata
 from demist.training.stage2_parts import TrainableStreams, method_name
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def train_demist(manifest: str | Path, stage1_run: str | Path, backbone: str | P
     streams = TrainableStreams(net)
     stage = demist_stage(cfg, streams, cond_encoder, stage1.psr_autoencoder, stage1.scale_factor, schedule, sampler)
     result = train(stage, out, cfg.train, device=device, resume=resume, tensorboard=tensorboard,
-                   weights_metadata=weights_metadata(cfg, STAGE))
+                   weights_metadata=weights_metadata(cfg, STAGE, data_fingerprint(sessions, stage1.run, frozen.run)))
     run = None
     if result.is_main_process:
         after = conditioned_denoising_error(net, eval_batches, schedule, cond_encoder)
