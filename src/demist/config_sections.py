@@ -304,9 +304,7 @@ class DistillConfig:
     learning_rate: float
 
     def __post_init__(self) -> None:
-        for key in ("student_steps", "steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise DemistError(f"config key distill.{key}: got {getattr(self, key)}; expected an integer >= 1")
+        check_positive("distill", self, integers=("student_steps", "steps", "batch_size"))
 
 
 @dataclass(frozen=True)

@@ -206,9 +206,6 @@ def _train(stage: Stage, run_dir: Path, train_cfg: TrainConfig, accelerator, res
            metadata: dict[str, str], tensorboard: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    if train_cfg.gradient_accumulation < 1:
-        raise DemistError(f"config key train.gradient_accumulation: got {train_cfg.gradient_accumulation}; "
-                          "expected an integer >= 1")
     # Modules with trainable parameters are wrapped (DDP when multi-process); frozen ones are only moved.
     modules = {name: accelerator.prepare_model(m) if _trainable(m) else m.to(accelerator.device)
                for name, m in stage.modules.items()}
