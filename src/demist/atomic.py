@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write"]
+from demist.errors import DemistError
+
+__all__ = ["atomic_path", "atomic_write", "check_output_folder"]
 
 
 @functools.cache
@@ -74,3 +76,12 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
     return Path(path)
+
+
+def check_output_folder(path: str | Path, what: str, expected: str = "a folder") -> Path:
+    """The folder outputs will go to must not be an existing file: refused before any work, naming `what` (the
+    option, e.g. "--out") and what it should be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DemistError(f"{what} {path}: is a file; expected {expected}")
+    return path

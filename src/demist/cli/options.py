@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
-
-from demist.errors import DemistError
 
 MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (columns t1w, flair, psr, …).")
 CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
@@ -20,9 +16,3 @@ DEVICE = typer.Option("auto", "--device", help="auto (a GPU when there is one), 
 RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory.")
 TENSORBOARD = typer.Option(False, "--tensorboard", help="Also log to OUT/tensorboard (needs the tensorboard package).")
 
-
-def check_folder(path: Path, option: str) -> Path:
-    """An output folder option must not name an existing file (checked before any work starts)."""
-    if path.exists() and not path.is_dir():
-        raise DemistError(f"{option} {path}: is a file; expected a folder")
-    return path

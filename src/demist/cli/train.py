@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from demist.cli.options import CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME, TENSORBOARD, check_folder
+from demist.atomic import check_output_folder
+from demist.cli.options import CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME, TENSORBOARD
 from demist.errors import DemistError
 
 train_app = typer.Typer(
@@ -104,7 +105,7 @@ def stage1(
 
     --resume keeps the finished parts and continues an interrupted one; --max-steps applies to all three.
     """
-    check_folder(out, "--out")
+    check_output_folder(out, "--out")
     records, cfg = _inputs(manifest, config)
     from demist.prior import NO_PRIOR, align_to_prior, resolve_prior
 
@@ -146,7 +147,8 @@ def prior_command(
     from demist.prior import PRIOR_SEED, PRIOR_SUBJECTS, train_prior
 
     cfg = load_config(config)
-    result = train_prior(check_folder(out, "--out"), cfg, subjects=PRIOR_SUBJECTS if subjects is None else subjects,
+    result = train_prior(check_output_folder(out, "--out"), cfg,
+                         subjects=PRIOR_SUBJECTS if subjects is None else subjects,
                          seed=PRIOR_SEED if seed is None else seed, max_steps=max_steps, device=device)
     typer.echo(f"prior: {result.path} (latent scale factor {result.scale_factor:.4g})")
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from demist.cli.options import DEVICE, check_folder
+from demist.atomic import check_output_folder
+from demist.cli.options import DEVICE
 from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES
 from demist.methods import METHODS
@@ -27,7 +28,7 @@ def phantom(
     from demist.data.phantom import add_raw_sessions, generate_cohort
     from demist.data.summary import cohort_summary
 
-    manifest = generate_cohort(check_folder(out, "--out"), subjects, spacing=spacing, seed=seed, progress=True)
+    manifest = generate_cohort(check_output_folder(out, "--out"), subjects, spacing=spacing, seed=seed, progress=True)
     typer.echo(cohort_summary(manifest))
     typer.echo(f"manifest: {manifest}")
     if raw:
@@ -81,7 +82,7 @@ def demo(
     if not named and held_out >= subjects:
         raise DemistError(f"--held-out {held_out} with --subjects {subjects}: expected fewer held-out subjects than "
                           "subjects, so that some are left to train on")
-    report = run_demo(DemoPlan(out=check_folder(out, "--out"), subjects=subjects, held_out=held_out, seed=seed,
+    report = run_demo(DemoPlan(out=check_output_folder(out, "--out"), subjects=subjects, held_out=held_out, seed=seed,
                                max_steps=max_steps, mean_samples=mean_samples, distill=distill,
                                student_steps=student_steps, prior=prior, held_out_subjects=named),
                       config=cfg, device=device)
@@ -111,7 +112,7 @@ def cv(
     """Cross-validate methods with subject-grouped folds; Table-1-like mean ± SD and paired t-tests."""
     from demist.workflows.cv import collect_cv, run_cv
 
-    check_folder(out, "--out")
+    check_output_folder(out, "--out")
     if collect:
         if fold is not None:
             raise DemistError("--collect and --fold: --collect merges folds that have finished; expected one of them")

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from demist.atomic import check_output_folder
 from demist.data.manifest import SessionRecord, load_manifest
 from demist.data.nifti import voxel_size
 from demist.errors import DemistError
@@ -159,9 +160,7 @@ def evaluate_predictions(
     physical space, or a manifest session without psr/brain_mask among the requested ones is a DemistError.
     """
     _check_arguments(psr_range, ring_mm, bootstrap)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DemistError(f"--out {out}: is a file; expected a folder for the evaluation's files")
+    out = check_output_folder(out, "--out", "a folder for the evaluation's files")
     records = _sessions_with_truth(load_manifest(manifest), sessions)
     found = find_predictions(records, predictions)
     methods = list(found)

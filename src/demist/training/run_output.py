@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from demist.atomic import check_output_folder
 from demist.config import Config, config_to_dict
 from demist.errors import DemistError
 
@@ -16,8 +17,7 @@ from demist.errors import DemistError
 def check_out(out: Path, resume: bool) -> None:
     """`out` is a directory for a new run, or with `resume` an interrupted one; a finished run (its run.json) is never
     overwritten, nor trained again (the runs built on it check its run.json)."""
-    if out.exists() and not out.is_dir():
-        raise DemistError(f"--out {out}: is a file; expected a directory for the run")
+    check_output_folder(out, "--out", "a directory for the run")
     if (out / "run.json").exists():
         if resume:
             raise DemistError(f"--out {out}: already holds a finished run, which --resume would train again; use it "

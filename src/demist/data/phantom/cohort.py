@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from demist.atomic import check_output_folder
 from demist.data.manifest import write_manifest
 from demist.data.nifti import save_image, scanner_image
 from demist.data.phantom.metadata import session_metadata
@@ -41,8 +42,7 @@ def _check_arguments(out_dir: Path, n_subjects: int, spacing: float, seed: int) 
                           f"{SPACING_RANGE_MM[0]:g} and {SPACING_RANGE_MM[1]:g} (1 or 2 are typical)")
     if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
         raise DemistError(f"seed: {seed!r}; expected an integer >= 0")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DemistError(f"output folder {out_dir}: exists and is not a folder; expected a new or empty folder")
+    check_output_folder(out_dir, "output folder", "a new or empty folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / COHORT_MARKER).is_file():
         raise DemistError(f"output folder {out_dir}: not empty and not a synthetic cohort; expected a new or "
                           f"empty folder, or one written by a previous generate_cohort")
