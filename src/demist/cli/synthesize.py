@@ -140,7 +140,8 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
 
     def synthesize(record) -> None:
-        record.require("t1w", "flair", *(["brain_mask"] if record.brain_mask is not None else []))
+        record.require("t1w", "flair")
+        record.require_present("brain_mask")
         out = psr_map_beside(record.t1w)
         synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples, seed=seed)
         sampler, steps = getattr(synthesizer, "sampler", "none"), getattr(synthesizer, "steps", 0)  # none: baselines

@@ -53,6 +53,10 @@ class SessionRecord:
                 raise DemistError(f"manifest session {self.key}: {column} file {getattr(self, column)} not found; "
                                   "expected an existing file")
 
+    def require_present(self, *columns: str) -> None:
+        """Raise if any of `columns` that is filled names a file that does not exist (empty ones may stay empty)."""
+        self.require(*[c for c in columns if getattr(self, c) is not None])
+
 
 def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
     """Write rows (dicts keyed by column name) as a manifest CSV, atomically."""

@@ -58,8 +58,7 @@ def synthesize_manifest(
 def _synthesize_session(synthesizer: Synthesizer, record: SessionRecord, out_dir: Path, samples: int,
                         seed: int) -> None:
     record.require("t1w", "flair")
-    if record.brain_mask is not None:
-        record.require("brain_mask")
+    record.require_present("brain_mask")
     synthesize_files(synthesizer, record.t1w, record.flair, output_path(out_dir, record.subject, record.session),
                      mask=record.brain_mask, samples=samples, seed=seed, progress=False)
 

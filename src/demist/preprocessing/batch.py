@@ -58,8 +58,8 @@ def run_jobs(jobs: list[tuple[SessionRecord, SessionFiles]], out_dir: Path, devi
 
 
 def _preprocess(record: SessionRecord, files: SessionFiles, device: str) -> None:
-    carried = [column for column in CARRIED if getattr(record, column) is not None]
-    record.require("t1w", "flair", *carried)  # the output manifest names the carried files: they must exist
+    record.require("t1w", "flair")
+    record.require_present(*CARRIED)  # the output manifest names the carried files: they must exist
     preprocess_session(record.t1w, record.flair, files, device=device, key=record.key)
 
 
