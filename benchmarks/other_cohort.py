@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -21,14 +20,8 @@ from demist.evaluation.evaluate import evaluate_predictions
 from demist.inference.batch import synthesize_manifest
 from demist.inference.references import synthesize_references
 from demist.methods import load_synthesizer
+from demist.prior import PRIOR_SEED
 from finished_demo import add_demo_arguments, finished_demo, lesion_auc
-
-PRIOR_COHORT_SEED = 1000  # the shipped prior's cohort (docs/prior.md)
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -38,11 +31,11 @@ def main() -> None:
     parser.add_argument("--cohort-seed", type=int, default=77, help="Seed of the new cohort (not the demo's).")
     parser.add_argument("--cohort-subjects", type=int, default=8)
     args = parser.parse_args()
-    if args.cohort_seed in (args.seed, PRIOR_COHORT_SEED):
+    if args.cohort_seed in (args.seed, PRIOR_SEED):
         parser.error(f"--cohort-seed {args.cohort_seed}: the demo's or the prior's cohort; expected another seed")
     demo = finished_demo(args)
     print("load average (1, 5, 15 min) at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
-    wall, cpu = time.perf_counter(), cpu_seconds()
+    wall, cpu = time.perf_counter(), time.process_time()
 
     demist = load_synthesizer(demo.run("demist"), device="cpu")
     manifest = generate_cohort(args.out / "cohort", args.cohort_subjects, demist.config.data.spacing,
@@ -65,7 +58,7 @@ def main() -> None:
         metrics = result["metrics"][name]
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['psnr_centred']['mean']:.2f} | "
               f"{metrics['ssim']['mean']:.4f} | {lesion_auc(result, name):.3f} |")
-    print(f"{(time.perf_counter() - wall) / 60:.1f} min wall, {(cpu_seconds() - cpu) / 60:.1f} CPU-min; "
+    print(f"{(time.perf_counter() - wall) / 60:.1f} min wall, {(time.process_time() - cpu) / 60:.1f} CPU-min; "
           "load average (1, 5, 15 min) at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
