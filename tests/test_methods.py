@@ -82,7 +82,7 @@ def test_the_python_api_checks_images_as_files_are_checked(small_manifest, tmp_p
         demist.synthesize("t1w.nii.gz", flair)
     with pytest.raises(DemistError, match="t1w image: has 4 dimensions"):
         demist.synthesize(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), t1w.affine), flair)
-    with pytest.raises(DemistError, match="mask image: empty"):
+    with pytest.raises(DemistError, match="mask image: the mask is empty"):
         demist.synthesize(t1w, flair, nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine))
     squeezed = nib.Nifti1Image(t1w.get_fdata(dtype=np.float32)[..., None], t1w.affine)  # (X, Y, Z, 1) is a volume
     result = demist.synthesize(squeezed, flair, mask)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
-from demist.data.nifti import check_image
-from demist.errors import DemistError
+from demist.data.nifti import check_image, check_mask
 from demist.inference.base import Synthesizer
 from demist.inference.pipeline import SynthesisResult, synthesize_images
 from demist.methods import load_synthesizer
@@ -34,8 +32,5 @@ class Demist:
 
         The images are checked as files are (3D, a valid affine, finite voxels, a non-empty mask)."""
         t1w, flair = check_image(t1w, "t1w"), check_image(flair, "flair")
-        if mask is not None:
-            mask = check_image(mask, "mask")
-            if not (np.asarray(mask.dataobj) > 0.5).any():
-                raise DemistError("mask image: empty; expected at least one voxel > 0.5")
+        mask = check_mask(mask, "mask") if mask is not None else None
         return synthesize_images(self.synthesizer, t1w, flair, mask, samples=samples, seed=seed, progress=progress)

@@ -84,10 +84,18 @@ def _checked(img: nib.Nifti1Image | nib.Nifti2Image, data: np.ndarray, label: st
 
 def load_mask(path: str | Path, what: str = "mask") -> nib.Nifti1Image:
     """Load a binary mask (any voxel > 0.5 is inside) and refuse an empty one."""
-    img = load_image(path, what)
+    return _binary_mask(load_image(path, what), _describe(Path(path), what))
+
+
+def check_mask(img: object, what: str) -> nib.Nifti1Image:
+    """A mask handed over in memory (the Python API), checked and binarized as `load_mask` does a file."""
+    return _binary_mask(check_image(img, what), f"{what} image")
+
+
+def _binary_mask(img: nib.Nifti1Image, label: str) -> nib.Nifti1Image:
     data = np.asarray(img.dataobj) > 0.5
     if not data.any():
-        raise DemistError(f"{_describe(Path(path), what)}: the mask is empty; expected at least one voxel > 0.5")
+        raise DemistError(f"{label}: the mask is empty; expected at least one voxel > 0.5")
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
     return nib.Nifti1Image(data.astype(np.uint8), img.affine, header)
