@@ -33,7 +33,8 @@ from finished_demo import add_demo_arguments, chosen, finished_demo, lesion_auc
 
 #: Step budgets per method, chosen to span a similar range of CPU-minutes (a cWDM step, on images, costs about 4
 #: DEMIST steps on latents).
-BUDGETS = {"demist": (100, 200, 400, 800, 1600), "ftldm": (100, 200, 400, 800, 1600), "cwdm": (25, 50, 100, 200, 400)}
+BUDGETS = {"demist": (100, 200, 400, 800, 1600), "ftldm": (100, 200, 400, 800, 1600),
+           "cwdm": (25, 50, 100, 200, 400, 800)}
 REFERENCE_ROWS = ("ridge", "aligned-condition")  # taken from the demo's predictions when there
 
 
@@ -52,29 +53,34 @@ def _train(method: str, job: TrainJob, budgets: Path) -> float:
     return recorded[run.name]
 
 
-def _figure(rows: list[dict], references: dict[str, float], out: Path) -> None:
+def _figure(rows: list[dict], references: dict[str, dict[str, float]], out: Path) -> None:
+    """Two panels: raw PSNR, and PSNR with each session's mean error removed (the level no method predicts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
-        ax.plot([r["cpu_minutes"] for r in mine], [r["psnr"] for r in mine], marker="o", label=method)
-    ax.set_xscale("log")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # plain numbers at 1-2-5 steps: the log axis's default minor labels (3×10⁰, 4×10⁰, ...) overlap
     low, high = min(r["cpu_minutes"] for r in rows), max(r["cpu_minutes"] for r in rows)
-    ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200) if low / 1.5 <= t <= high * 1.5])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    for name, value in references.items():
-        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
-        ax.text(0.01, value, name, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8, color="grey")
-    ax.set_xlabel("training CPU-minutes (Stage 1 and backbone not counted)")
-    ax.set_ylabel("held-out PSNR (dB, brain)")
-    ax.legend()
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200) if low / 1.5 <= t <= high * 1.5]
+    for ax, key, label in zip(axes, ("psnr", "psnr_centred"), ("held-out PSNR (dB, brain)",
+                                                                "held-out PSNR, level removed (dB, brain)")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
+            ax.plot([r["cpu_minutes"] for r in mine], [r[key] for r in mine], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for name, values in references.items():
+            ax.axhline(values[key], linestyle="--", linewidth=1, color="grey")
+            ax.text(0.01, values[key], name, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8,
+                    color="grey")
+        ax.set_xlabel("training CPU-minutes (Stage 1 and backbone not counted)")
+        ax.set_ylabel(label)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -126,22 +132,28 @@ def main() -> None:
         method, steps = name.rsplit("-", 1)
         metrics = results["metrics"][name]
         rows.append({"method": method, "steps": int(steps), "cpu_minutes": cpu_minutes[name],
-                     "psnr": metrics["psnr"]["mean"], "ssim": metrics["ssim"]["mean"], "mse": metrics["mse"]["mean"],
+                     "psnr": metrics["psnr"]["mean"],
+                     "psnr_centred": metrics["psnr_centred"]["mean"], "ssim": metrics["ssim"]["mean"],
+                     "mse": metrics["mse"]["mean"],
                      "lesion_auc": lesion_auc(results, name)})
     with open(args.out / "learning_curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     reference_psnr = {r: results["metrics"][r]["psnr"]["mean"] for r in references}
-    _figure(rows, reference_psnr, args.out / "learning_curves.png")
+    _figure(rows, {r: {k: results["metrics"][r][k]["mean"] for k in ("psnr", "psnr_centred")} for r in references},
+            args.out / "learning_curves.png")
     print(f"\n{len(test_keys)} held-out sessions; inside the brain, PSR/{cfg.data.psr_range}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'method':10s} {'steps':>6s} {'CPU-min':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'lesion AUC':>10s}")
+    print(f"{'method':10s} {'steps':>6s} {'CPU-min':>8s} {'PSNR dB':>8s} {'centred':>8s} {'SSIM':>6s} "
+          f"{'lesion AUC':>10s}")
     for r in rows:
-        print(f"{r['method']:10s} {r['steps']:6d} {r['cpu_minutes']:8.1f} {r['psnr']:8.2f} {r['ssim']:6.3f} "
+        print(f"{r['method']:10s} {r['steps']:6d} {r['cpu_minutes']:8.1f} {r['psnr']:8.2f} {r['psnr_centred']:8.2f} "
+              f"{r['ssim']:6.3f} "
               f"{r['lesion_auc']:10.3f}")
     for name, value in reference_psnr.items():
-        print(f"{name:17s} {'':8s} {value:8.2f} {results['metrics'][name]['ssim']['mean']:6.3f} "
+        print(f"{name:17s} {'':8s} {value:8.2f} {results['metrics'][name]['psnr_centred']['mean']:8.2f} "
+              f"{results['metrics'][name]['ssim']['mean']:6.3f} "
               f"{lesion_auc(results, name):10.3f}")
     print(f"figure: {args.out / 'learning_curves.png'}")
 

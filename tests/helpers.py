@@ -90,6 +90,7 @@ LATENT_OVERRIDES = {
     "backbone": {"steps": 2, "batch_size": 1},
     "demist": {"steps": 3, "batch_size": 1, "edge_weight": 0.1, "edge_every": 2, "token_grid": [2, 2, 2],
                "token_dim": 12, "lora_rank": 2, "controlnet_hint": "latent+image", "hint_channels": [4, 8, 8]},
+    "sampling": {"tile_size": [4, 4, 4]},  # the Stage-2 latent patch: 16 / 4
 }
 LATENT_CFG = load_config("tiny", overrides=LATENT_OVERRIDES)
 

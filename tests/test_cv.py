@@ -148,7 +148,7 @@ def test_demist_in_a_fold_brings_its_reference_rows_and_the_mean_of_k_samples(ma
     from demist.methods import parse_methods
 
     smoke = CONFIG.replace(data=dataclasses.replace(CONFIG.data, patch_size=(32, 32, 32)),
-                           sampling=dataclasses.replace(CONFIG.sampling, steps=2))
+                           sampling=dataclasses.replace(CONFIG.sampling, steps=2, tile_size=(8, 8, 8)))
     summary = run_cv(manifest, tmp_path / "cv", parse_methods("demist"), smoke, folds=2, fold=0, max_steps=2,
                      prior="embedded", device="cpu", mean_samples=2)
     scored = json.loads(summary.read_text())["methods"]

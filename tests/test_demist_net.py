@@ -104,6 +104,22 @@ def test_lora_merge_gives_the_unmerged_output():
         torch.testing.assert_close(net(x_t, t, z_c), unmerged, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_merge_leaves_the_added_identity_output_projection_unmerged():
+    # merged, its diagonal 1 + Δ would lose Δ's small part under bf16 autocast
+    net = make_net(lora_output_projection=True)
+    wake_zero_inits(net)
+    out_proj = net.backbone.get_submodule("middle_block.attention.block.attn.out_proj")
+    to_q = net.backbone.get_submodule("middle_block.attention.block.attn.to_q")
+    identity = out_proj.get_base_layer().weight.detach().clone()
+    assert torch.equal(identity, torch.eye(*identity.shape))
+    net.merge_lora()
+    assert to_q.merged and not out_proj.merged and net.lora_merged
+    assert torch.equal(out_proj.get_base_layer().weight, identity)
+    x = torch.randn(5, identity.shape[1])
+    torch.testing.assert_close(out_proj(x), x + out_proj.lora_B["default"](out_proj.lora_A["default"](x))
+                               * out_proj.scaling["default"])
+
+
 @pytest.mark.parametrize("output_projection", [True, False])
 def test_lora_targets_are_exactly_the_self_attention_projections(output_projection):
     net = make_net(crossattn=False, controlnet=False, lora_output_projection=output_projection)

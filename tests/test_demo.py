@@ -20,7 +20,7 @@ def smoke_config():
     cfg = load_config("tiny")
     return cfg.replace(
         data=dataclasses.replace(cfg.data, patch_size=(32, 32, 32)),
-        sampling=dataclasses.replace(cfg.sampling, steps=3),
+        sampling=dataclasses.replace(cfg.sampling, steps=3, tile_size=(8, 8, 8)),
         evaluation=dataclasses.replace(cfg.evaluation, bootstrap=50),
     )
 

@@ -33,6 +33,7 @@ CFG = load_config("tiny", overrides={
     "backbone": {"steps": 2, "batch_size": 1},
     "demist": {"steps": 2, "batch_size": 1, "token_grid": [2, 2, 2], "token_dim": 12, "lora_rank": 2,
                "hint_channels": [4, 8, 8]},
+    "sampling": {"tile_size": [4, 4, 4]},
 })
 
 

@@ -300,6 +300,14 @@ def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
         stage2.stage2_config(bad, None)
 
 
+def test_a_sampling_tile_other_than_the_training_patch_is_refused():
+    assert stage2.stage2_config(LATENT_CFG, None).sampling.tile_size == (4, 4, 4)  # 16-voxel patches, 4× latent
+    bad = LATENT_CFG.replace(sampling=dataclasses.replace(LATENT_CFG.sampling, tile_size=(8, 8, 8)))
+    with pytest.raises(DemistError, match=r"sampling.tile_size: got \[8, 8, 8\]; expected the Stage-2 latent patch "
+                                          r"\[4, 4, 4\]"):
+        stage2.stage2_config(bad, None)
+
+
 def seeded_noising(z0: torch.Tensor, schedule, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 2's (x_t, t, target) draw from the global RNG seeded with 0, so that draws can be compared."""
     from demist.training.latent_diffusion import sample_noising

@@ -88,8 +88,8 @@ def zero_initialised_modules(controlnet: ControlNet, gate_init: str) -> list[nn.
 class OutputHead(nn.Module):
     """ControlNet residuals → an addition to the network's prediction, from the last residual at x_t's resolution.
 
-    That residual has passed the copy's first resnet (so it depends on t) and its zero-initialised output gate (so
-    the head adds nothing at initialisation, whatever its own default-initialised weights hold)."""
+    That residual has passed the copy's last full-resolution resnet (so it depends on t) and its zero-initialised
+    output gate (so the head adds nothing at initialisation, whatever its own default-initialised weights hold)."""
 
     def __init__(self, channels: int, latent_channels: int) -> None:
         super().__init__()

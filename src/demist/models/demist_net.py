@@ -140,7 +140,7 @@ class DemistNet(nn.Module):
         return sorted(lora_layers(self.backbone))
 
     def merge_lora(self) -> None:
-        """Fold LoRA into the backbone's q/k/v weights for inference (changes them in memory; see `unmerge_lora`)."""
+        """Fold LoRA into the backbone's attention weights for inference (in memory; see `unmerge_lora`)."""
         merge_lora(self.backbone)
 
     def unmerge_lora(self) -> None:

@@ -19,6 +19,7 @@ from demist.models.backbone import ATTENTION_BLOCK_NAME, attention_block_names
 # `.block` appears once the block has been wrapped with cross-attention (crossattn.CrossAttentionWrapper).
 _TARGET_NAME = re.compile(rf"{ATTENTION_BLOCK_NAME.pattern}(\.block)?\.attn\.(to_[qkv]|out_proj)")
 LORA_KEY_MARK = ".lora_"
+_IDENTITY_MARK = "demist_identity_projection"  # set on the identity W_O layers this module adds
 
 
 def add_identity_output_projections(unet: nn.Module) -> list[nn.Linear]:
@@ -34,6 +35,7 @@ def add_identity_output_projections(unet: nn.Module) -> list[nn.Linear]:
             layer.weight.copy_(torch.eye(attn.hidden_input_size, attn.inner_dim))
             layer.bias.zero_()
         layer.requires_grad_(False)
+        setattr(layer, _IDENTITY_MARK, True)
         attn.out_proj, attn.include_fc = layer, True
         added.append(layer)
     return added
@@ -77,9 +79,12 @@ def inject_lora(unet: nn.Module, rank: int, alpha: float) -> list[str]:
 
 
 def merge_lora(module: nn.Module) -> None:
-    """Fold each LoRA update into its base weight (inference: no extra cost per step). Reversible by `unmerge_lora`."""
+    """Fold each LoRA update into its base weight (inference: no extra cost per step). Reversible by `unmerge_lora`.
+
+    An added identity W_O stays unmerged: merged, its diagonal 1 + Δ would lose Δ's small part to bf16 autocast
+    (spacing 2⁻⁷ near 1), whereas unmerged the update runs as its own small matmul and keeps it."""
     for layer in lora_layers(module).values():
-        if not layer.merged:
+        if not layer.merged and not getattr(layer.get_base_layer(), _IDENTITY_MARK, False):
             layer.merge()
 
 
@@ -91,7 +96,7 @@ def unmerge_lora(module: nn.Module) -> None:
 
 
 def lora_is_merged(module: nn.Module) -> bool:
-    """Whether any LoRA layer inside `module` is currently merged."""
+    """Whether any LoRA layer inside `module` is currently merged (`merge_lora` leaves identity W_O layers out)."""
     return any(layer.merged for layer in lora_layers(module).values())
 
 
