@@ -9,7 +9,7 @@ share and cWDM does not need, are not in their curves: the demo's `timings.json`
 `learning_curves.csv` and `learning_curves.png` into --out, with the demo's ridge and aligned-condition rows drawn as
 horizontal lines; finished runs are reused when rerun.
 
-    python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 60 min, 2 cores
+    python benchmarks/learning_curves.py --demo demo --out /tmp/curves                       # about 85 min, 2 cores
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves --methods demist --steps 100,200
     python benchmarks/learning_curves.py --demo demo --out /tmp/curves --finished-only   # score what has finished
 """
