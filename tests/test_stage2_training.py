@@ -301,11 +301,13 @@ def test_a_hint_that_downsamples_unlike_the_autoencoder_is_refused():
 
 
 def test_a_sampling_tile_other_than_the_training_patch_is_refused():
-    assert stage2.stage2_config(LATENT_CFG, None).sampling.tile_size == (4, 4, 4)  # 16-voxel patches, 4× latent
+    from demist.training.latent_diffusion import check_sampling_tile
+
+    check_sampling_tile(LATENT_CFG)  # 16-voxel patches, 4× latent: tiles of 4
     bad = LATENT_CFG.replace(sampling=dataclasses.replace(LATENT_CFG.sampling, tile_size=(8, 8, 8)))
     with pytest.raises(DemistError, match=r"sampling.tile_size: got \[8, 8, 8\]; expected the Stage-2 latent patch "
                                           r"\[4, 4, 4\]"):
-        stage2.stage2_config(bad, None)
+        check_sampling_tile(bad)
 
 
 def seeded_noising(z0: torch.Tensor, schedule, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -50,6 +50,16 @@ def check_against_stage1(cfg: Config, stage1: RunInfo, unet_levels: int) -> None
                           f"{multiple} (autoencoder and UNet downsampling)")
 
 
+def check_sampling_tile(cfg: Config) -> None:
+    """Synthesis runs the UNet in tiles of sampling.tile_size, whose GroupNorm, attention and token grid must see the
+    field they were trained on: the latent patch."""
+    factor = downsampling_factor(cfg.autoencoder)
+    patch = tuple(int(p) // factor for p in cfg.data.patch_size)
+    if tuple(cfg.sampling.tile_size) != patch:
+        raise DemistError(f"config key sampling.tile_size: got {list(cfg.sampling.tile_size)}; expected the Stage-2 "
+                          f"latent patch {list(patch)} (data.patch_size {list(cfg.data.patch_size)} / {factor})")
+
+
 def sample_noising(z0: torch.Tensor, schedule: NoiseSchedule, timestep_power: float = 1.0,
                    input_perturbation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, t, target) for a batch of clean latents: Gaussian noise and timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) (p = 1:

@@ -19,7 +19,7 @@ from demist.diffusion.schedule import NoiseSchedule
 from demist.models.autoencoder import downsampling_factor
 from demist.models.from_runs import FrozenBackbone, Stage1Parts, load_frozen_backbone, load_stage1
 from demist.runs import RunInfo, write_run
-from demist.training.latent_diffusion import check_against_stage1
+from demist.training.latent_diffusion import check_against_stage1, check_sampling_tile
 from demist.training.latent_patches import LatentPatchSampler, encode_sessions, encoding_device
 from demist.training.run_output import check_out
 
@@ -45,6 +45,8 @@ def prepare_latent_stage(manifest: str | Path, stage1_run: str | Path, config: C
     check_out(out, resume)
     stage1 = load_stage1(stage1_run)
     check_against_stage1(config, stage1.run, len(config.unet.channels))
+    if backbone is not None:  # a stage around a frozen backbone (DEMIST, FT-LDM, a student) is sampled in tiles
+        check_sampling_tile(config)
     frozen = load_frozen_backbone(backbone, config, stage1) if backbone is not None else None
     cfg = frozen.config if frozen is not None else config
     sessions = load_sessions(training_records(manifest, subjects), cfg.data, need_target=True)

@@ -116,12 +116,6 @@ def stage2_config(cfg: Config, max_steps: int | None, streams_off: Collection[st
                           f"{len(cfg.autoencoder.channels)} entries")
     if demist.edge_every < 1:
         raise DemistError(f"config key demist.edge_every: got {demist.edge_every}; expected an integer >= 1")
-    # synthesis runs the UNet in tiles of sampling.tile_size, whose GroupNorm, attention and token grid must see the
-    # field they were trained on
-    patch = tuple(int(p) // factor for p in cfg.data.patch_size)
-    if tuple(cfg.sampling.tile_size) != patch:
-        raise DemistError(f"config key sampling.tile_size: got {list(cfg.sampling.tile_size)}; expected the Stage-2 "
-                          f"latent patch {list(patch)} (data.patch_size {list(cfg.data.patch_size)} / {factor})")
     return cfg.replace(demist=demist)
 
 
