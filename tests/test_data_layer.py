@@ -16,6 +16,7 @@ from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
 from demist.data.preprocess import prepare_images, prepare_session, psr_to_native, scaling_region
+from demist.data.space import into_grid
 from demist.errors import DemistError
 
 CFG = load_config("tiny").data
@@ -120,6 +121,8 @@ def test_manifest_loads_relative_paths(small_manifest):
         (lambda t: t.replace("s1/b/flair.nii.gz", ""), "column flair is empty"),
         (lambda t: t.replace("s1,b,", "s1,a,"), "appears twice"),
         (lambda t: t.splitlines()[0] + "\n", "has no sessions"),
+        (lambda t: t.replace("s1,b,", "s1,../b,"), "session '../b'; expected a name without '/'"),
+        (lambda t: t.replace("s1,b,", "..,b,"), "subject '..'; expected a name"),
     ],
 )
 def test_manifest_errors(small_manifest, edit, fragment):
@@ -236,3 +239,45 @@ def test_scaling_region_is_the_interior_unless_that_leaves_under_half_the_brain(
     thin = np.zeros_like(brain)
     thin[2:32, 2:32, 16:18] = True  # a slab two voxels thick erodes to nothing: the whole mask is kept
     assert scaling_region(thin, 2).sum() == thin.sum()
+
+
+def test_a_constant_map_returns_constant_up_to_the_brains_edge_on_a_finer_native_grid():
+    """On a 1 mm T1w the 2 mm model grid's brain edge falls between native voxels: a map that is 0.1 PSR inside the
+    brain (and anything outside it) comes back 0.1 on every native brain voxel, not pulled toward the outside."""
+    images = ellipsoid_session(shape=(60, 64, 56), affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    session = prepare_images(images["t1w"], images["flair"], CFG, brain=images["brain_mask"])
+    inside_brain = np.where(session.brain, 0.1 / CFG.psr_range, 3.0).astype(np.float32)
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    back = psr_to_native(inside_brain, session.grid, CFG.psr_range, session.brain).get_fdata()[brain]
+    np.testing.assert_allclose(back, 0.1, atol=1e-5)
+    masked_first = psr_to_native(inside_brain * session.brain, session.grid, CFG.psr_range).get_fdata()[brain]
+    assert masked_first.min() < 0.08  # what the edge looked like when the masked map was resampled
+
+
+def test_outputs_take_the_t1ws_geometry_but_not_its_display_window():
+    images = ellipsoid_session()
+    t1w = images["t1w"]
+    t1w.header["cal_min"], t1w.header["cal_max"], t1w.header["descrip"] = 0, 1000, b"MPRAGE"
+    session = prepare_images(t1w, images["flair"], CFG, brain=images["brain_mask"], psr=images["psr"])
+    back = psr_to_native(session.psr, session.grid, CFG.psr_range, session.brain)
+    assert (back.header["cal_min"], back.header["cal_max"], back.header["descrip"]) == (0, 0, b"")
+    np.testing.assert_array_equal(back.affine, t1w.affine)
+
+
+def test_an_integer_flair_on_another_grid_is_interpolated_in_floating_point():
+    images = ellipsoid_session()
+    coarse = nib.processing.resample_to_output(images["flair"], voxel_sizes=(2.0, 2.0, 4.0))
+    as_int = nib.Nifti1Image(np.round(np.asarray(coarse.dataobj) * 100).astype(np.int16), coarse.affine)
+    moved = np.asarray(into_grid(as_int, images["t1w"], "flair").dataobj)
+    assert moved.dtype == np.float32
+    assert np.any(np.abs(moved - np.round(moved)) > 0.25)  # halfway between two slices, not rounded to an integer
+
+
+def test_a_flair_slab_that_leaves_out_most_of_the_brain_is_refused():
+    images = ellipsoid_session()
+    flair = images["flair"]
+    shift = np.eye(4)
+    shift[2, 3] = 16  # slices 16-19 only
+    slab = nib.Nifti1Image(np.asarray(flair.dataobj)[:, :, 16:20], flair.affine @ shift)
+    with pytest.raises(DemistError, match=r"flair of session: its field of view covers \d+% of the brain"):
+        prepare_images(images["t1w"], slab, CFG, brain=images["brain_mask"])

@@ -129,7 +129,8 @@ def test_noisy_prediction_numbers_follow_the_noise(evaluated):
     bias = summary["lesion_contrast"]["bias"]["noisy"]
     assert abs(bias["lesion"]) < 0.003 and summary["paired_tests"]["mse"]["noisy"]["vs"] == "perfect"
     assert summary["counts"] == {"sessions": {"perfect": 3, "noisy": 3}, "subjects": 2,
-                                 "skipped": {"perfect": [], "noisy": []}, "lesion_subjects": 1, "lesions": 3}
+                                 "skipped": {"perfect": [], "noisy": []}, "lesion_subjects": 1, "lesions": 3,
+                                 "lesions_dropped": {}}
 
 
 def test_summary_json_is_strict_and_report_states_the_range(evaluated):

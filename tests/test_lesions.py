@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -74,12 +75,12 @@ def test_rois_respect_lesions_wm_and_hemispheres(rotation, grid):
         for region in (roi.pnawm, roi.dnawm):
             assert wm.flat[region].all()
             assert not lesions.flat[region].any()
-        # pNAWM: within ring_mm of its own lesion, but never touching any lesion (1-voxel safety margin).
+        # pNAWM: a ring ring_mm wide beyond a 1-voxel safety margin around every lesion, never touching a lesion.
         ring = world_of(affine, roi.pnawm)
         own = world_of(affine, roi.lesion)
         to_own = np.linalg.norm(ring[:, None] - own[None], axis=2).min(axis=1)
-        assert to_own.max() <= ring_mm + 1e-6
-        assert to_own.min() > 1.5 * 1.0  # beyond the adjacent voxels (1.5 mm grid)
+        assert to_own.max() <= ring_mm + np.sqrt(3) * 1.5 + 1e-6  # the margin reaches a voxel diagonal (1.5 mm grid)
+        assert to_own.min() > 1.5 * 1.0  # beyond the adjacent voxels
         # dNAWM: on the other side of the mid-sagittal plane, at the mirror image of the lesion, far from all lesions.
         distal = world_of(affine, roi.dnawm)
         lesion_side = np.sign(side_of_plane(np.asarray(roi.centroid_world), plane))
@@ -88,6 +89,33 @@ def test_rois_respect_lesions_wm_and_hemispheres(rotation, grid):
         assert np.linalg.norm(distal.mean(axis=0) - mirrored_centroid) < 2.5
         assert np.linalg.norm(distal[:, None] - all_lesion_world[None], axis=2).min() > ring_mm
         assert not np.intersect1d(roi.dnawm, roi.pnawm).size
+
+
+@pytest.mark.parametrize("voxel_mm", [1.0, 2.0])
+def test_the_proximal_ring_has_its_width_beyond_the_margin_at_any_voxel_size(voxel_mm):
+    """A 3 mm ring measured from the lesion would lie inside the one-voxel margin at 2 mm (its diagonal: 3.5 mm)
+    and leave no pNAWM; measured from the margin it is a shell of about the same width at 1 and 2 mm."""
+    shape = (32, 32, 32)
+    affine = np.diag([voxel_mm] * 3 + [1.0])
+    affine[:3, 3] = -np.array(shape) / 2 * voxel_mm
+    world = apply_affine(affine, np.indices(shape).reshape(3, -1).T).reshape(*shape, 3)
+    lesion = np.linalg.norm(world - np.array([8.0, 0.0, 0.0]), axis=-1) <= 5.0
+    (roi,) = lesion_rois(lesion, np.ones(shape, bool), affine, ring_mm=3.0, min_voxels=1,
+                         plane={"point": [0.0, 0.0, 0.0], "normal": [1.0, 0.0, 0.0]})
+    to_lesion = ndimage.distance_transform_edt(~lesion, sampling=voxel_mm).flat[roi.pnawm]
+    assert to_lesion.min() > voxel_mm and to_lesion.max() <= 3.0 + np.sqrt(3) * voxel_mm + 1e-6
+    assert roi.pnawm.size * voxel_mm ** 3 > 2 * roi.lesion.size * voxel_mm ** 3  # a shell, not a few voxels
+
+
+def test_lesions_too_small_to_score_are_counted_by_the_region_that_was_too_small():
+    shape = (24, 24, 24)
+    lesion = np.zeros(shape, bool)
+    lesion[4, 3, 3] = True  # one voxel
+    lesion[16:19, 11:14, 11:14] = True  # 27 voxels
+    drops = Counter()
+    rois = lesion_rois(lesion, np.ones(shape, bool), np.eye(4), ring_mm=2.0, min_voxels=5, drops=drops,
+                       plane={"point": [11.5, 0.0, 0.0], "normal": [1.0, 0.0, 0.0]})
+    assert len(rois) == 1 and drops == Counter({"lesion": 1})
 
 
 def test_mirror_region_has_no_holes_on_an_oblique_grid():

@@ -6,6 +6,7 @@ any trained network.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]) -> dict[str, tuple[dict, 
     far_path = save_image(nib.Nifti1Image(np.asarray(nib.load(paths["flair"]).dataobj), far), tmp_path / "far.nii.gz")
     empty = save_image(nib.Nifti1Image(np.zeros(t1w.shape, np.uint8), t1w.affine), tmp_path / "empty.nii.gz")
     far_mask = save_image(nib.Nifti1Image(np.ones(t1w.shape, np.uint8), far), tmp_path / "farmask.nii.gz")
+    complex_path = save_image(nib.Nifti1Image(np.asarray(t1w.dataobj).astype(np.complex64), t1w.affine),
+                              tmp_path / "complex.nii.gz")
+    slab_affine = t1w.affine.copy()
+    slab_affine[:3, 3] += t1w.affine[:3, 2] * 16  # slices 16-19 of the FLAIR only
+    slab = save_image(nib.Nifti1Image(np.asarray(nib.load(paths["flair"]).dataobj)[:, :, 16:20], slab_affine),
+                      tmp_path / "slab.nii.gz")
     return {
         "missing": ({"t1w": tmp_path / "none.nii.gz"}, "file not found"),
         "not nifti": ({"flair": text}, "FLAIR image"),
@@ -101,11 +108,13 @@ def _bad_cases(tmp_path: Path, paths: dict[str, Path]) -> dict[str, tuple[dict, 
         "no overlap": ({"flair": far_path}, "physical space"),
         "empty mask": ({"mask": empty}, "mask is empty"),
         "mask elsewhere": ({"mask": far_mask}, "physical space"),
+        "complex": ({"t1w": complex_path}, "voxels of type complex64"),
+        "FLAIR slab": ({"flair": slab}, "of the brain; expected the whole brain"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not nifti", "truncated", "4D", "2D", "NaN", "no overlap",
-                                  "empty mask", "mask elsewhere"])
+                                  "empty mask", "mask elsewhere", "complex", "FLAIR slab"])
 def test_bad_input_gives_one_line_and_leaves_nothing(tmp_path, case):
     paths = _inputs(tmp_path)
     change, fragment = _bad_cases(tmp_path, paths)[case]
@@ -126,6 +135,49 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert out.read_bytes() == b"keep me"
     synthesize_files(StandIn(), paths["t1w"], paths["flair"], out, overwrite=True)
     assert nib.load(out).shape == nib.load(paths["t1w"]).shape
+
+
+def test_an_output_that_is_a_directory_or_in_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    paths = _inputs(tmp_path)
+    folder_named_like_a_map = tmp_path / "map.nii.gz"
+    folder_named_like_a_map.mkdir()
+    stand_in = StandIn()
+    with pytest.raises(DemistError, match="is a directory; expected a file name"):
+        synthesize_files(stand_in, paths["t1w"], paths["flair"], folder_named_like_a_map, overwrite=True)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to check then
+        with pytest.raises(DemistError, match="is not writable"):
+            synthesize_files(stand_in, paths["t1w"], paths["flair"], locked / "psr.nii.gz")
+    assert stand_in.calls == []
+
+
+def test_a_map_with_non_finite_voxels_is_never_written(tmp_path):
+    paths = _inputs(tmp_path)
+
+    class Overflowing(StandIn):
+        def predict(self, session, samples=1, seed=0, progress=False):
+            mean, std = super().predict(session, samples, seed, progress)
+            mean[tuple(s // 2 for s in mean.shape)] = np.inf
+            return mean, std
+
+    out = tmp_path / "out" / "map.nii.gz"
+    with pytest.raises(DemistError, match="stand-in: produced 1 NaN or infinite voxels"):
+        synthesize_files(Overflowing(), paths["t1w"], paths["flair"], out)
+    assert not out.exists()
+
+
+def test_a_batch_redoes_a_session_whose_run_stopped_after_the_std_map(small_manifest, tmp_path):
+    from demist.data.manifest import load_manifest
+
+    out_dir = tmp_path / "pred"
+    record = load_manifest(small_manifest)[0]
+    leftover = std_path_for(output_path(out_dir, record.subject, record.session))
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"from an interrupted run")
+    summary = synthesize_manifest(StandIn(), small_manifest, out_dir, samples=2, progress=False)
+    assert not summary.failed and record.key in summary.written
+    assert nib.load(leftover).shape == nib.load(record.t1w).shape
 
 
 def test_batch_goes_on_after_a_failure_and_resumes_without_redoing(small_manifest, tmp_path):

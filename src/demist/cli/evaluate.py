@@ -55,6 +55,8 @@ def evaluate_command(
 ) -> None:
     """Metrics inside the brain, lesion-vs-NAWM contrast against the true PSR (oracle), report and figures."""
     folders = parse_prediction_dirs(pred)
+    if psr_range is not None and not 0 < psr_range < float("inf"):
+        raise DemistError(f"--psr-range {psr_range:g}: expected a positive PSR value such as 0.25")
 
     from demist.config import load_config
     from demist.evaluation.evaluate import evaluate_predictions

@@ -37,9 +37,12 @@ def preprocess_command(
     if (bids is None) == (out_dir is None):
         raise DemistError(("--out-dir: missing; it is needed with --t1w/--flair and --manifest" if bids is None else
                            "--out-dir: not with --bids, which writes DIR/derivatives/demist"))
+    from demist.atomic import check_output_folder
     from demist.devices import resolve_device
     from demist.preprocessing.tools import require_all
 
+    if out_dir is not None:
+        check_output_folder(out_dir, "--out-dir")
     require_all()  # before any output: say which extra is missing
     device_name = str(resolve_device(device))
     if manifest is not None or bids is not None:

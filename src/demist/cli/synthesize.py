@@ -74,11 +74,14 @@ def synthesize_command(
     if steps is not None and steps < 1:
         raise DemistError(f"--steps {steps}: expected 1 or more")
 
+    from demist.atomic import check_output_folder
     from demist.inference.pipeline import check_output_path, synthesize_files
     from demist.methods import load_synthesizer
 
     if output is not None:
         check_output_path(output, overwrite)  # before the model is loaded: fail fast
+    if out_dir is not None:
+        check_output_folder(out_dir, "--out-dir")
     if preprocess and (bids is not None or mask is not None):
         raise DemistError("--preprocess: not with --bids (run `demist preprocess --bids` first) nor --mask (it "
                           "extracts the brain itself)")
@@ -137,20 +140,21 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     from demist.data.manifest import load_manifest
     from demist.inference.batch import LOG_NAME
     from demist.inference.pipeline import synthesize_files
-    from demist.preprocessing.bids import psr_map_beside, write_psr_sidecar
+    from demist.preprocessing.bids import psr_map_beside, psr_sidecar, write_psr_sidecar
 
     def synthesize(record) -> None:
         record.require("t1w", "flair")
         record.require_present("brain_mask")
         out = psr_map_beside(record.t1w)
-        synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples, seed=seed)
+        synthesize_files(synthesizer, record.t1w, record.flair, out, mask=record.brain_mask, samples=samples, seed=seed,
+                         overwrite=True)  # not done (no sidecar): what is there is left from an interrupted run
         sampler, steps = getattr(synthesizer, "sampler", "none"), getattr(synthesizer, "steps", 0)  # none: baselines
         write_psr_sidecar(out, model, sampler, steps, samples)
 
     manifest = _bids_manifest(bids)
     records = load_manifest(manifest, require=(), check_files=False)  # a session with a missing file fails alone
-    summary = run_batch(records, key=lambda r: r.key, done=lambda r: r.t1w is not None
-                        and psr_map_beside(r.t1w).exists(), work=synthesize,
+    summary = run_batch(records, key=lambda r: r.key, done=lambda r: r.t1w is not None  # the sidecar comes last
+                        and psr_sidecar(psr_map_beside(r.t1w)).exists(), work=synthesize,
                         summary=BatchSummary(), desc="sessions")
     write_batch_log(manifest.parent / LOG_NAME, summary, [r.key for r in records])
     typer.echo(str(summary))

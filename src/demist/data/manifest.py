@@ -105,6 +105,10 @@ def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair"),
         for column in ("subject", "session", "group", *require):
             if not row.get(column):
                 raise DemistError(f"{where}: column {column} is empty; expected a value")
+        for column in ("subject", "session"):  # each names a folder of the outputs: <out>/<subject>/<session>/
+            if row[column] in (".", "..") or any(c in row[column] for c in '/\\'):
+                raise DemistError(f"{where}: {column} {row[column]!r}; expected a name without '/' or '\\' that is "
+                                  "not '.' or '..' (outputs go to <out>/<subject>/<session>/)")
         paths: dict[str, Path | None] = {}
         for column in IMAGE_COLUMNS:
             value = row.get(column, "")

@@ -71,6 +71,10 @@ def _checked(img: nib.Nifti1Image | nib.Nifti2Image, data: np.ndarray, label: st
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
         raise DemistError(f"{label}: its affine is singular or not finite; expected a valid voxel-to-world affine")
+    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)
+            or data.dtype == np.bool_):
+        raise DemistError(f"{label}: voxels of type {data.dtype}; expected real intensities (an integer or float "
+                          "type), e.g. the magnitude image, not a complex or RGB one")
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise DemistError(f"{label}: {bad} voxels are NaN or infinite; expected finite values")

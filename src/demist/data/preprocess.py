@@ -18,7 +18,8 @@ from scipy import ndimage
 from demist.config_sections import DataConfig
 from demist.data.manifest import SessionRecord
 from demist.data.nifti import load_image, load_mask
-from demist.data.space import ModelGrid, into_grid, model_grid_for, onto_model_grid
+from demist.data.space import (ModelGrid, in_field_of_view, into_grid, model_grid_for, onto_model_grid,
+                               same_grid)
 from demist.errors import DemistError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 MIN_ZERO_BACKGROUND = 0.2
 #: The mask's interior is used for the percentiles only while it keeps at least this fraction of the brain.
 MIN_INTERIOR_FRACTION = 0.5
+#: A FLAIR (or PSR) on another grid must cover this fraction of the brain; below WARN_BRAIN_COVERAGE a warning says
+#: how much of the brain lies outside it (a FLAIR that misses the lowest cerebellum is common).
+MIN_BRAIN_COVERAGE, WARN_BRAIN_COVERAGE = 0.9, 0.99
 
 
 @dataclass
@@ -101,7 +105,7 @@ def prepare_images(
     """Bring already-loaded images onto one model grid (see the module docstring)."""
     names = names or {}
     name = lambda k: names.get(k, f"{k} of {key}")  # noqa: E731 - a label for error messages
-    flair = into_grid(flair, t1w, name("flair"))
+    flair_native, flair = flair, into_grid(flair, t1w, name("flair"))
     brain_native = (
         np.asarray(into_grid(brain, t1w, name("brain_mask"), is_mask=True).dataobj) > 0
         if brain is not None
@@ -109,6 +113,7 @@ def prepare_images(
     )
     if not brain_native.any():
         raise DemistError(f"{name('brain_mask')}: no brain voxel inside the T1w's field of view")
+    check_brain_coverage(flair_native, t1w, brain_native, name("flair"))
     grid = model_grid_for(t1w, brain_native, cfg.spacing, cfg.divisor)
     brain_img = nib.Nifti1Image(brain_native.astype(np.uint8), t1w.affine)
     brain_m = onto_model_grid(brain_img, grid, is_mask=True)
@@ -123,6 +128,7 @@ def prepare_images(
         grid=grid,
     )
     if psr is not None:
+        check_brain_coverage(psr, t1w, brain_native, name("psr"))
         session.psr = onto_model_grid(into_grid(psr, t1w, name("psr")), grid) / np.float32(cfg.psr_range)
     if lesion is not None:
         session.lesion = onto_model_grid(into_grid(lesion, t1w, name("lesion_mask"), is_mask=True), grid, True)
@@ -158,6 +164,20 @@ def _load_binary(path, what: str) -> nib.Nifti1Image:
     return nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.uint8), img.affine, header)
 
 
-def psr_to_native(psr_model: np.ndarray, grid: ModelGrid, psr_range: float) -> nib.Nifti1Image:
-    """A model-grid prediction (PSR / psr_range) as a PSR-unit image on the T1w's native grid."""
-    return grid.to_native(np.asarray(psr_model, dtype=np.float32) * np.float32(psr_range))
+def check_brain_coverage(img: nib.Nifti1Image, t1w: nib.Nifti1Image, brain: np.ndarray, what: str) -> None:
+    """Refuse an image on another grid whose field of view leaves part of the brain out (a slab, a localizer)."""
+    if same_grid(img, t1w):
+        return
+    covered = float(in_field_of_view(img, t1w)[brain].mean())
+    if covered < MIN_BRAIN_COVERAGE:
+        raise DemistError(f"{what}: its field of view covers {covered:.0%} of the brain; expected the whole brain "
+                          f"(at least {MIN_BRAIN_COVERAGE:.0%}), not a slab or a localizer")
+    if covered < WARN_BRAIN_COVERAGE:
+        log.warning("%s: its field of view covers %.1f%% of the brain; the rest is read as zero", what, 100 * covered)
+
+
+def psr_to_native(psr_model: np.ndarray, grid: ModelGrid, psr_range: float,
+                  brain: np.ndarray | None = None) -> nib.Nifti1Image:
+    """A model-grid prediction (PSR / psr_range) as a PSR-unit image on the T1w's native grid; with `brain` (the
+    model grid's), the edge of the brain is interpolated from inside it only (`ModelGrid.to_native`)."""
+    return grid.to_native(np.asarray(psr_model, dtype=np.float32) * np.float32(psr_range), inside=brain)

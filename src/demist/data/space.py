@@ -18,6 +18,12 @@ from demist.errors import DemistError
 AFFINE_TOLERANCE_MM = 1e-3
 #: Refuse to resample an image that covers less than this fraction of the reference's field of view.
 MIN_OVERLAP = 0.25
+#: Normalised interpolation uses the unmasked value where the mask's interpolated weight is below this.
+NORMALISED_MIN_WEIGHT = 1e-3
+#: Header fields of the native image that describe its intensities, not its geometry, and their empty values:
+#: outputs do not inherit them.
+DISPLAY_FIELDS = {"cal_min": 0, "cal_max": 0, "descrip": b"", "aux_file": b"", "intent_code": 0, "intent_p1": 0,
+                  "intent_p2": 0, "intent_p3": 0, "intent_name": b""}
 
 
 def world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +57,8 @@ def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_ma
             f"{what}: covers {fraction:.0%} of the reference image's physical space; expected the same anatomy "
             f"(check the affines: the images may not be co-registered)"
         )
-    moved = resample_from_to(img, (reference.shape[:3], reference.affine), order=0 if is_mask else 1, cval=0.0)
+    moved = resample_from_to(img if is_mask else _as_float(img), (reference.shape[:3], reference.affine),
+                             order=0 if is_mask else 1, cval=0.0)
     if is_mask:
         return nib.Nifti1Image((np.asarray(moved.dataobj) > 0.5).astype(np.uint8), reference.affine)
     return nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), reference.affine)
@@ -67,18 +74,36 @@ class ModelGrid:
     native_shape: tuple[int, int, int]
     native_header: nib.Nifti1Header
 
-    def to_native(self, volume: np.ndarray, is_mask: bool = False) -> nib.Nifti1Image:
-        """A model-grid volume resampled onto the native grid, with the native header (qform/sform codes kept)."""
+    def to_native(self, volume: np.ndarray, is_mask: bool = False,
+                  inside: np.ndarray | None = None) -> nib.Nifti1Image:
+        """A model-grid volume resampled onto the native grid, with the native header's geometry (qform/sform codes
+        kept) and none of its display or description fields (a T1w's window would hide a PSR map).
+
+        With `inside` (a model-grid mask), native voxels near the mask's edge average only the values inside it
+        (normalised interpolation): plain trilinear resampling of a masked map would pull them toward the zeros
+        outside, and of an unmasked one toward whatever the model predicts beyond the brain."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} is not the model grid's {self.shape}")
-        src = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), self.affine)
-        moved = resample_from_to(src, (self.native_shape, self.native_affine), order=0 if is_mask else 1, cval=0.0)
-        data = np.asarray(moved.dataobj)
-        data = (data > 0.5).astype(np.uint8) if is_mask else data.astype(np.float32)
+        if is_mask:
+            data = (self._resampled(volume, order=0) > 0.5).astype(np.uint8)
+        elif inside is None:
+            data = self._resampled(volume, order=1)
+        else:
+            weight = self._resampled(inside, order=1)
+            inner = self._resampled(np.where(inside, volume, 0.0), order=1)
+            data = np.where(weight > NORMALISED_MIN_WEIGHT, inner / np.maximum(weight, NORMALISED_MIN_WEIGHT),
+                            self._resampled(volume, order=1)).astype(np.float32)
         header = self.native_header.copy()
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(None, None)
+        for field, empty in DISPLAY_FIELDS.items():
+            header[field] = empty
         return nib.Nifti1Image(data, self.native_affine, header)
+
+    def _resampled(self, volume: np.ndarray, order: int) -> np.ndarray:
+        src = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), self.affine)
+        moved = resample_from_to(src, (self.native_shape, self.native_affine), order=order, cval=0.0)
+        return np.asarray(moved.dataobj, dtype=np.float32)
 
 
 def model_grid_for(reference: nib.Nifti1Image, brain: np.ndarray, spacing: float, divisor: int,
@@ -110,6 +135,26 @@ def model_grid_for(reference: nib.Nifti1Image, brain: np.ndarray, spacing: float
 
 def onto_model_grid(img: nib.Nifti1Image, grid: ModelGrid, is_mask: bool = False) -> np.ndarray:
     """Resample a native-grid image onto the model grid."""
-    moved = resample_from_to(img, (grid.shape, grid.affine), order=0 if is_mask else 1, cval=0.0)
+    moved = resample_from_to(img if is_mask else _as_float(img), (grid.shape, grid.affine),
+                             order=0 if is_mask else 1, cval=0.0)
     data = np.asarray(moved.dataobj)
     return data > 0.5 if is_mask else data.astype(np.float32)
+
+
+def _as_float(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """nibabel resamples in the image's own dtype: an integer image would come back rounded."""
+    if np.issubdtype(img.get_data_dtype(), np.floating):
+        return img
+    return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+
+
+def in_field_of_view(img: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.ndarray:
+    """Which voxels of `reference`'s grid lie inside `img`'s field of view (bool, `reference`'s shape)."""
+    to_img = np.linalg.inv(img.affine) @ reference.affine
+    inside = np.ones(reference.shape[:3], dtype=bool)
+    axes = [np.arange(n, dtype=np.float32) for n in reference.shape[:3]]
+    for d in range(3):
+        coordinate = (to_img[d, 0] * axes[0][:, None, None] + to_img[d, 1] * axes[1][None, :, None]
+                      + to_img[d, 2] * axes[2][None, None, :] + to_img[d, 3])
+        inside &= (coordinate >= -0.5) & (coordinate <= img.shape[d] - 0.5)
+    return inside

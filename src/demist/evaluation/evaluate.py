@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,7 +26,8 @@ from demist.evaluation.inputs import (
     ORACLE, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction, load_truth,
     session_plane,
 )
-from demist.evaluation.lesions import LesionROI, contrast_auc, lesion_bias, lesion_rois, roi_means
+from demist.evaluation.lesions import (MIN_ROI_VOXELS, LesionROI, contrast_auc, lesion_bias, lesion_rois,
+                                       roi_means)
 from demist.evaluation.metrics import image_metrics
 from demist.evaluation.report import write_per_session_csv, write_report, write_summary_json
 from demist.evaluation.stats import paired_tests, summarise_sessions
@@ -76,7 +78,7 @@ def _sessions_with_truth(records: list[SessionRecord], sessions: Sequence[str] |
     return kept
 
 
-def _session_rois(truth: SessionTruth, ring_mm: float) -> list[LesionROI]:
+def _session_rois(truth: SessionTruth, ring_mm: float, drops: Counter) -> list[LesionROI]:
     """The lesion ROIs of a patient session; empty (and logged) when masks are missing or hold no lesion."""
     key = truth.record.key
     if truth.lesion is None or truth.wm is None:
@@ -86,7 +88,7 @@ def _session_rois(truth: SessionTruth, ring_mm: float) -> list[LesionROI]:
         logger.info("%s: the lesion mask is empty; no lesion contrast for this patient", key)
         return []
     return lesion_rois(truth.lesion, truth.wm, truth.affine, plane=session_plane(truth.record), ring_mm=ring_mm,
-                       brain_mask=truth.brain)
+                       brain_mask=truth.brain, drops=drops)
 
 
 def _view_centre(flat_indices: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -174,6 +176,7 @@ def evaluate_predictions(
     rows: list[dict[str, Any]] = []
     means: dict[str, list[np.ndarray]] = {source: [] for source in (ORACLE, *methods)}
     used_lesion_keys: list[str] = []
+    drops: Counter = Counter()  # lesions left out of the contrast, by the region that was too small
     shown: FigureSession | None = None
     for record in tqdm(evaluated, desc="evaluating", unit="session", disable=not progress):
         truth = load_truth(record)
@@ -183,7 +186,7 @@ def evaluate_predictions(
             scores = image_metrics(pred / psr_range, target, truth.brain, data_range=DATA_RANGE)
             rows.append({"method": method, "subject": record.subject, "session": record.session,
                          "group": record.group, **scores})
-        rois = _session_rois(truth, ring_mm) if record.key in lesion_keys else []
+        rois = _session_rois(truth, ring_mm, drops) if record.key in lesion_keys else []
         if rois:
             used_lesion_keys.append(record.key)
             means[ORACLE].append(roi_means(truth.psr, rois))
@@ -211,6 +214,7 @@ def evaluate_predictions(
             "skipped": {m: [r.key for r in records if r.key not in found[m]] for m in methods},
             "lesion_subjects": len(used_lesion_keys),
             "lesions": lesion["n_lesions"] if lesion else 0,
+            "lesions_dropped": {f"{region} under {MIN_ROI_VOXELS} voxels": n for region, n in sorted(drops.items())},
         },
         "metrics": summarise_sessions(rows),
         # reference rows (autoencoder ceiling, decoded condition) are diagnostics, never the "best method" to beat

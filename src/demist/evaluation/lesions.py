@@ -2,16 +2,18 @@
 
 Per lesion (a 26-connected component of the lesion mask):
 - lesion: its voxels;
-- pNAWM (proximal normal-appearing WM): white matter within `ring_mm` of the lesion, excluding every lesion and a
-  `margin_voxels` safety margin around all lesions (partial volume at lesion borders);
+- pNAWM (proximal normal-appearing WM): white matter in a ring `ring_mm` wide around the lesion's safety margin
+  (`margin_voxels` voxels around every lesion are left out: partial volume at lesion borders), i.e. outside every
+  lesion and margin; the ring is measured from the margin so that its width does not depend on the voxel size;
 - dNAWM (distal NAWM): the lesion mirrored across the mid-sagittal plane, restricted to white matter that is not
-  within `ring_mm` of any lesion (so it is outside every lesion, its margin and every pNAWM ring).
+  within `ring_mm` of any lesion's margin (so it is outside every lesion, its margin and every pNAWM ring).
 `roi_means` reduces a PSR map to one value per ROI; `contrast_auc` and `lesion_bias` compare those values.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -24,6 +26,9 @@ from demist.data.nifti import voxel_size
 from demist.errors import DemistError
 
 logger = logging.getLogger(__name__)
+
+#: A lesion, pNAWM or dNAWM region smaller than this is too small for a mean; its lesion is left out.
+MIN_ROI_VOXELS = 5
 
 Plane = Mapping[str, Sequence[float]]
 """A plane in world mm: {"point": [x, y, z], "normal": [nx, ny, nz]} (the normal need not be unit length)."""
@@ -162,9 +167,10 @@ def lesion_rois(
     affine: np.ndarray,
     plane: Plane | None = None,
     ring_mm: float = 3.0,
-    min_voxels: int = 5,
+    min_voxels: int = MIN_ROI_VOXELS,
     margin_voxels: int = 1,
     brain_mask: np.ndarray | None = None,
+    drops: Counter | None = None,
 ) -> list[LesionROI]:
     """Lesion, pNAWM and dNAWM voxels of every lesion with at least `min_voxels` voxels in each region.
 
@@ -172,7 +178,8 @@ def lesion_rois(
     are inside. Distances use the voxel size from the affine (`scipy.ndimage.distance_transform_edt` with that
     sampling; exact for orthogonal grids). Without `plane`, it is estimated from `brain_mask` (or, failing that,
     from WM ∪ lesions) by `estimate_midsagittal_plane`. Lesions whose lesion, pNAWM or dNAWM region is smaller than
-    `min_voxels` are dropped and the reason is logged.
+    `min_voxels` are dropped and the reason is logged, and counted in `drops` when given (by the first region that
+    is too small: "lesion", "pNAWM" or "dNAWM").
     """
     lesion = np.asarray(lesion_mask) > 0
     wm = np.asarray(wm_mask) > 0
@@ -193,11 +200,11 @@ def lesion_rois(
 
     spacing = voxel_size(affine)
     labels, count = ndimage.label(lesion, structure=FULL_CONNECTIVITY)
-    margin = ndimage.binary_dilation(lesion, FULL_CONNECTIVITY, iterations=margin_voxels) if margin_voxels else lesion
+    margin = _with_margin(lesion, margin_voxels)
     nawm = wm & ~margin
     reach_mm = ring_mm + DISTANCE_TOLERANCE_MM
-    distal = nawm & (ndimage.distance_transform_edt(~lesion, sampling=spacing) > reach_mm)
-    pad_voxels = np.ceil(ring_mm / spacing).astype(int) + 1
+    distal = nawm & (ndimage.distance_transform_edt(~margin, sampling=spacing) > reach_mm)
+    pad_voxels = np.ceil(ring_mm / spacing).astype(int) + margin_voxels + 1
 
     rois: list[LesionROI] = []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -205,7 +212,7 @@ def lesion_rois(
             slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, pad, n in zip(box, pad_voxels, lesion.shape)
         )
         own = labels[ring_box] == label
-        near = ndimage.distance_transform_edt(~own, sampling=spacing) <= reach_mm
+        near = ndimage.distance_transform_edt(~_with_margin(own, margin_voxels), sampling=spacing) <= reach_mm
         offset = np.array([s.start for s in ring_box])
         lesion_idx = _flat_indices(own, offset, lesion.shape)
         pnawm_idx = _flat_indices(near & nawm[ring_box], offset, lesion.shape)
@@ -217,11 +224,19 @@ def lesion_rois(
         if small:
             logger.debug("lesion %d at %s mm dropped: %s (< min_voxels=%d)", label, np.round(centroid, 1),
                          ", ".join(small), min_voxels)
+            if drops is not None:
+                drops[next(name for name, n in sizes.items() if n < min_voxels)] += 1
             continue
         rois.append(LesionROI(label, lesion.shape, tuple(float(c) for c in centroid), lesion_idx, pnawm_idx, dnawm_idx))
     dropped = "" if len(rois) == count else f" (others: a region under {min_voxels} voxels; details at debug level)"
     logger.info("lesion ROIs: kept %d of %d lesions%s", len(rois), count, dropped)
     return rois
+
+
+def _with_margin(lesion: np.ndarray, margin_voxels: int) -> np.ndarray:
+    if not margin_voxels:
+        return lesion
+    return ndimage.binary_dilation(lesion, FULL_CONNECTIVITY, iterations=margin_voxels)
 
 
 def roi_means(image: np.ndarray, rois: Sequence[LesionROI]) -> np.ndarray:

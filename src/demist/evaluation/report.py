@@ -99,13 +99,19 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
     if lesion is None:
         lines.append("Not computed: no patient session with lesions, a WM mask and every method's prediction.")
     else:
+        dropped = summary["counts"].get("lesions_dropped", {})
+        left_out = (f" ({sum(dropped.values())} more left out: "
+                    + ", ".join(f"{n} with a {reason}" for reason, n in dropped.items()) + ")") if dropped else ""
         lines += [
-            f"First session of each of {lesion['n_subjects']} patients, {lesion['n_lesions']} lesions. Per lesion: "
-            f"mean PSR of the lesion, of its proximal NAWM (WM within {summary['ring_mm']:g} mm) and of its distal "
-            "NAWM (the lesion mirrored across the mid-sagittal plane). AUC: probability that a lesion's PSR is below "
-            f"its NAWM's (0.5 chance), 95% CI from {summary['bootstrap']} bootstrap resamples of lesions. The oracle "
-            "is the true PSR map. Bias: mean (prediction − truth) of lesion PSR, and of the relative contrast "
-            "1 − lesion/pNAWM (negative: lesions flattened).",
+            f"First session of each of {lesion['n_subjects']} patients, {lesion['n_lesions']} lesions{left_out}. "
+            "Per lesion: mean PSR of the lesion, of its proximal NAWM (WM in a ring "
+            f"{summary['ring_mm']:g} mm wide beyond a one-voxel margin around the lesions) and of its distal NAWM (the "
+            "lesion mirrored across the mid-sagittal plane). AUC: the ROC of lesion against NAWM regions over all "
+            "patients' lesions, i.e. the probability that a lesion's mean PSR is below a NAWM region's (its own or "
+            f"another lesion's; 0.5 chance), 95% CI from {summary['bootstrap']} bootstrap resamples of lesions. The "
+            "oracle is the true PSR map; a method above it separates lesions from NAWM more than the truth does. "
+            "Bias: mean (prediction − truth) of lesion PSR, and of the relative contrast 1 − lesion/pNAWM "
+            "(negative: lesions flattened).",
             "",
             *_lesion_table(lesion),
         ]

@@ -59,8 +59,9 @@ def _synthesize_session(synthesizer: Synthesizer, record: SessionRecord, out_dir
                         seed: int) -> None:
     record.require("t1w", "flair")
     record.require_present("brain_mask")
+    # overwrite: the session is not done (no map), so a std map there is left from an interrupted run
     synthesize_files(synthesizer, record.t1w, record.flair, output_path(out_dir, record.subject, record.session),
-                     mask=record.brain_mask, samples=samples, seed=seed, progress=False)
+                     mask=record.brain_mask, samples=samples, seed=seed, overwrite=True, progress=False)
 
 
 def synthesize_manifest_distributed(synthesizer: Synthesizer, manifest: Path, out_dir: Path, samples: int = 1,

@@ -8,6 +8,7 @@ write files atomically.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from demist.data.nifti import load_image, load_mask, save_image
-from demist.data.preprocess import brain_from_background, prepare_images
+from demist.data.preprocess import brain_from_background, prepare_images, psr_to_native
 from demist.data.space import into_grid
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
@@ -47,16 +48,21 @@ def synthesize_images(
         raise DemistError(f"--samples {samples}: expected 1 or more")
     session = prepare_images(t1w, flair, synthesizer.config.data, brain=mask, key="input", names=names)
     mean, std = synthesizer.predict(session, samples=samples, seed=seed, progress=progress)
-    psr_range = np.float32(synthesizer.config.data.psr_range)
+    if not np.all(np.isfinite(mean)):  # e.g. an overflow under reduced precision: never write such a map
+        bad = int(mean.size - np.count_nonzero(np.isfinite(mean)))
+        raise DemistError(f"{synthesizer.method}: produced {bad} NaN or infinite voxels; expected a finite map "
+                          "(try --precision fp32)")
+    psr_range = synthesizer.config.data.psr_range
     brain = native_brain(t1w, mask, names)
-    psr = session.grid.to_native(mean * session.brain * psr_range)
-    psr = nib.Nifti1Image((psr.get_fdata(dtype=np.float32) * brain).astype(np.float32), psr.affine, psr.header)
+    psr = _in_brain(psr_to_native(mean, session.grid, psr_range, session.brain), brain)
     std_img = None
     if std is not None and samples > 1:
-        std_native = session.grid.to_native(std * session.brain * psr_range)
-        std_img = nib.Nifti1Image((std_native.get_fdata(dtype=np.float32) * brain).astype(np.float32),
-                                  std_native.affine, std_native.header)
+        std_img = _in_brain(psr_to_native(std, session.grid, psr_range, session.brain), brain)
     return SynthesisResult(psr=psr, std=std_img)
+
+
+def _in_brain(img: nib.Nifti1Image, brain: np.ndarray) -> nib.Nifti1Image:
+    return nib.Nifti1Image((img.get_fdata(dtype=np.float32) * brain).astype(np.float32), img.affine, img.header)
 
 
 def native_brain(t1w: nib.Nifti1Image, mask: nib.Nifti1Image | None, names: dict[str, str] | None) -> np.ndarray:
@@ -79,10 +85,14 @@ def check_output_path(out: Path, overwrite: bool) -> None:
     if not out.name.endswith((".nii", ".nii.gz")):
         raise DemistError(f"output {out}: not a NIfTI file name; expected a name ending in .nii.gz or .nii")
     for path in (out, std_path_for(out)):
+        if path.is_dir():
+            raise DemistError(f"output {path}: is a directory; expected a file name")
         if path.exists() and not overwrite:
             raise DemistError(f"output {path}: already exists; pass --overwrite to replace it")
     if out.parent.exists() and not out.parent.is_dir():
         raise DemistError(f"output {out}: its folder {out.parent} is not a directory")
+    if out.parent.is_dir() and not os.access(out.parent, os.W_OK):
+        raise DemistError(f"output {out}: its folder {out.parent} is not writable")
 
 
 def synthesize_files(
@@ -111,7 +121,5 @@ def synthesize_files(
         progress=progress,
         names={"t1w": f"T1w image {t1w}", "flair": f"FLAIR image {flair}", "brain_mask": f"brain mask {mask}"},
     )
-    written = [save_image(result.psr, out)]
-    if result.std is not None:
-        written.append(save_image(result.std, std_path_for(out)))
-    return written
+    written = [] if result.std is None else [save_image(result.std, std_path_for(out))]
+    return [save_image(result.psr, out), *written]  # the map last: a batch counts a session done when it exists

@@ -87,7 +87,7 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
                 mean, _ = reference.predict(session)
                 t1w = load_image(record.t1w, f"t1w of {record.key}")
                 mask = load_mask(record.brain_mask, f"brain_mask of {record.key}") if record.brain_mask else None
-                psr = psr_to_native(mean * session.brain, session.grid, psr_range)
+                psr = psr_to_native(mean, session.grid, psr_range, session.brain)
                 data = psr.get_fdata(dtype=np.float32) * native_brain(t1w, mask, None)
                 save_image(nib.Nifti1Image(data.astype(np.float32), psr.affine, psr.header), out)
             except DemistError as exc:

@@ -112,9 +112,14 @@ def write_dataset_description(derivative: Path) -> Path:
     return atomic_write(derivative / "dataset_description.json", json.dumps(content, indent=1) + "\n")
 
 
+def psr_sidecar(psr_map: Path) -> Path:
+    """Where the JSON sidecar of a PSR map goes."""
+    return Path(str(psr_map).removesuffix(".nii.gz") + ".json")
+
+
 def write_psr_sidecar(psr_map: Path, model_run: Path, sampler: str, steps: int, samples: int) -> Path:
     """The JSON sidecar of a synthesized PSR map: which model, which demist, which sampler."""
-    sidecar = Path(str(psr_map).removesuffix(".nii.gz") + ".json")
+    sidecar = psr_sidecar(psr_map)
     content = {"Description": "PSR (macromolecular pool-size ratio) synthesized from T1w + FLAIR by DEMIST",
                "Units": "ratio", "ModelRun": str(Path(model_run).resolve()), "DemistVersion": __version__,
                "Sampler": sampler, "SamplingSteps": steps, "SamplesAveraged": samples}

@@ -251,8 +251,9 @@ def lesion_auc_markdown(lesion_auc: dict[int, dict[str, float]]) -> str:
     sources = list(dict.fromkeys(s for fold in lesion_auc.values() for s in fold))
     if not sources:
         return ""
-    lines = ["", "Per-lesion lesion-vs-NAWM ROC AUC (mean ± SD over folds with lesions; 1 = PSR always lower in the "
-             "lesion than in its NAWM):", "", "| source | AUC | folds |", "|---|---:|---:|"]
+    lines = ["", "Per-lesion lesion-vs-NAWM ROC AUC (mean ± SD over folds with lesions; 1 = every lesion's mean PSR "
+             "below every NAWM region's, its own and the other lesions'):", "", "| source | AUC | folds |",
+             "|---|---:|---:|"]
     for source in sources:
         values = np.array([fold[source] for fold in lesion_auc.values() if source in fold])
         sd = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
