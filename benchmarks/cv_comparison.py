@@ -29,8 +29,8 @@ from demist.workflows.cv import run_cv
 METHODS = "ridge,klgan,vqvae,ftldm,cwdm,demist,demist-no-controlnet,demist-no-lora,demist-no-crossattn"
 
 # Shared by every method: the tiny preset with DEMIST's recipe; Stage 1 is the alignment of E_cond on the embedded
-# prior's autoencoders (1200 steps, as in the demo) and the backbone is the prior's (--prior none trains both per
-# fold with the preset's budgets instead).
+# prior's autoencoders (the preset's steps, as in the demo) and the backbone is the prior's (--prior none trains both
+# per fold with the preset's budgets instead).
 BASE = """base = "tiny"
 """
 
