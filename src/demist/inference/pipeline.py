@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from demist.data.nifti import load_image, load_mask, save_image
-from demist.data.preprocess import brain_from_background, prepare_images, psr_to_native
+from demist.data.preprocess import PreparedSession, brain_from_background, prepare_images, psr_to_native
 from demist.data.space import into_grid
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
@@ -54,14 +54,14 @@ def synthesize_images(
                           "(try --precision fp32)")
     psr_range = synthesizer.config.data.psr_range
     brain = native_brain(t1w, mask, names)
-    psr = _in_brain(psr_to_native(mean, session.grid, psr_range, session.brain), brain)
-    std_img = None
-    if std is not None and samples > 1:
-        std_img = _in_brain(psr_to_native(std, session.grid, psr_range, session.brain), brain)
+    psr = native_map(mean, session, psr_range, brain)
+    std_img = native_map(std, session, psr_range, brain) if std is not None and samples > 1 else None
     return SynthesisResult(psr=psr, std=std_img)
 
 
-def _in_brain(img: nib.Nifti1Image, brain: np.ndarray) -> nib.Nifti1Image:
+def native_map(values: np.ndarray, session: PreparedSession, psr_range: float, brain: np.ndarray) -> nib.Nifti1Image:
+    """A model-grid map (PSR / psr_range) in PSR units on the T1w's native grid, zero outside its native `brain`."""
+    img = psr_to_native(values, session.grid, psr_range, session.brain)
     return nib.Nifti1Image((img.get_fdata(dtype=np.float32) * brain).astype(np.float32), img.affine, img.header)
 
 

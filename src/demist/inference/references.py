@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -23,12 +22,12 @@ from demist.batch_log import BatchSummary
 from demist.config import Config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
-from demist.data.preprocess import PreparedSession, prepare_session, psr_to_native
+from demist.data.preprocess import PreparedSession, prepare_session
 from demist.errors import DemistError
 from demist.inference.base import REFERENCES
 from demist.inference.batch import output_path
 from demist.inference.demist_synthesizer import DemistSynthesizer
-from demist.inference.pipeline import native_brain
+from demist.inference.pipeline import native_brain, native_map
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,7 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
                 mean, _ = reference.predict(session)
                 t1w = load_image(record.t1w, f"t1w of {record.key}")
                 mask = load_mask(record.brain_mask, f"brain_mask of {record.key}") if record.brain_mask else None
-                psr = psr_to_native(mean, session.grid, psr_range, session.brain)
-                data = psr.get_fdata(dtype=np.float32) * native_brain(t1w, mask, None)
-                save_image(nib.Nifti1Image(data.astype(np.float32), psr.affine, psr.header), out)
+                save_image(native_map(mean, session, psr_range, native_brain(t1w, mask, None)), out)
             except DemistError as exc:
                 log.error("%s, session %s: %s", name, record.key, exc)
                 summary.failed[record.key] = str(exc)
