@@ -147,6 +147,17 @@ def test_summary_json_is_strict_and_report_states_the_range(evaluated):
     assert "ms1/a" in summary["figures"]["qualitative.png"]  # the largest lesion of the lesion sessions
 
 
+def test_the_report_says_why_lesions_were_left_out(evaluated):
+    from demist.evaluation.report import report_markdown
+
+    summary, _ = evaluated
+    counts = {**summary["counts"], "lesions_dropped": {"lesion under 5 voxels": 2, "dNAWM under 5 voxels": 1}}
+    some_left_out = report_markdown({**summary, "counts": counts})
+    assert "3 lesions (3 more left out: 2 with a lesion under 5 voxels, 1 with a dNAWM under 5 voxels)" in some_left_out
+    none_kept = report_markdown({**summary, "counts": counts, "lesion_contrast": None})
+    assert "Not computed: every lesion was left out (2 with a lesion under 5 voxels" in none_kept
+
+
 def test_the_plane_comes_from_meta_json_and_is_estimated_without_it(cohort, tmp_path, monkeypatch):
     import demist.evaluation.evaluate as evaluate_module
 

@@ -308,3 +308,13 @@ def test_brain_extraction_that_finds_no_brain_is_refused(tmp_path):
     result = run_cli("preprocess", "--t1w", str(noise), "--flair", str(noise), "--out-dir", str(tmp_path / "out"))
     assert result.returncode == 2 and "brain" in result.stderr and "Traceback" not in result.stderr
     assert not any((tmp_path / "out").rglob("*.nii.gz"))
+
+
+def test_the_psr_map_goes_beside_a_preprocessed_t1w_and_nothing_else():
+    from demist.preprocessing.bids import psr_map_beside
+
+    folder = Path("derivatives/demist/sub-01/ses-a/anat")
+    beside = psr_map_beside(folder / "sub-01_ses-a_desc-preproc_T1w.nii.gz")
+    assert beside == folder / "sub-01_ses-a_desc-demist_PSRmap.nii.gz"
+    with pytest.raises(DemistError, match="not a preprocessed T1w of the derivative"):
+        psr_map_beside(folder / "sub-01_ses-a_T1w.nii.gz")  # its own name would have come back: the T1w overwritten

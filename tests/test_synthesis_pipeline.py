@@ -201,3 +201,11 @@ def test_a_batch_row_naming_a_missing_file_fails_that_session_only(small_manifes
     summary = synthesize_manifest(StandIn(), small_manifest, tmp_path / "pred", progress=False)
     assert len(summary.written) == 2 and list(summary.failed) == [records[1].key]
     assert "flair file" in summary.failed[records[1].key] and "not found" in summary.failed[records[1].key]
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tmp_path):
+    paths = _inputs(tmp_path)
+    stand_in = StandIn()
+    with pytest.raises(DemistError, match="is one of the inputs"):
+        synthesize_files(stand_in, paths["t1w"], paths["flair"], paths["t1w"], overwrite=True)
+    assert stand_in.calls == [] and nib.load(paths["t1w"]).get_data_dtype() == np.float32

@@ -140,7 +140,7 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     from demist.data.manifest import load_manifest
     from demist.inference.batch import LOG_NAME
     from demist.inference.pipeline import synthesize_files
-    from demist.preprocessing.bids import psr_map_beside, psr_sidecar, write_psr_sidecar
+    from demist.preprocessing.bids import PREPROC_T1W, psr_map_beside, psr_sidecar, write_psr_sidecar
 
     def synthesize(record) -> None:
         record.require("t1w", "flair")
@@ -154,6 +154,7 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     manifest = _bids_manifest(bids)
     records = load_manifest(manifest, require=(), check_files=False)  # a session with a missing file fails alone
     summary = run_batch(records, key=lambda r: r.key, done=lambda r: r.t1w is not None  # the sidecar comes last
+                        and r.t1w.name.endswith(PREPROC_T1W) and psr_map_beside(r.t1w).exists()
                         and psr_sidecar(psr_map_beside(r.t1w)).exists(), work=synthesize,
                         summary=BatchSummary(), desc="sessions")
     write_batch_log(manifest.parent / LOG_NAME, summary, [r.key for r in records])

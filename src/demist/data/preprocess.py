@@ -170,7 +170,7 @@ def check_brain_coverage(img: nib.Nifti1Image, t1w: nib.Nifti1Image, brain: np.n
         return
     covered = float(in_field_of_view(img, t1w)[brain].mean())
     if covered < MIN_BRAIN_COVERAGE:
-        raise DemistError(f"{what}: its field of view covers {covered:.0%} of the brain; expected the whole brain "
+        raise DemistError(f"{what}: its field of view covers {covered:.1%} of the brain; expected the whole brain "
                           f"(at least {MIN_BRAIN_COVERAGE:.0%}), not a slab or a localizer")
     if covered < WARN_BRAIN_COVERAGE:
         log.warning("%s: its field of view covers %.1f%% of the brain; the rest is read as zero", what, 100 * covered)

@@ -96,12 +96,14 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     lesion = summary["lesion_contrast"]
-    if lesion is None:
+    dropped = summary["counts"].get("lesions_dropped", {})
+    reasons = ", ".join(f"{n} with a {reason}" for reason, n in dropped.items())
+    if lesion is None and dropped:
+        lines.append(f"Not computed: every lesion was left out ({reasons}).")
+    elif lesion is None:
         lines.append("Not computed: no patient session with lesions, a WM mask and every method's prediction.")
     else:
-        dropped = summary["counts"].get("lesions_dropped", {})
-        left_out = (f" ({sum(dropped.values())} more left out: "
-                    + ", ".join(f"{n} with a {reason}" for reason, n in dropped.items()) + ")") if dropped else ""
+        left_out = f" ({sum(dropped.values())} more left out: {reasons})" if dropped else ""
         lines += [
             f"First session of each of {lesion['n_subjects']} patients, {lesion['n_lesions']} lesions{left_out}. "
             "Per lesion: mean PSR of the lesion, of its proximal NAWM (WM in a ring "

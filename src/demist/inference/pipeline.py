@@ -111,6 +111,9 @@ def synthesize_files(
     Outputs are written only after everything succeeded, each atomically.
     """
     check_output_path(out, overwrite)
+    for given in (t1w, flair, mask):
+        if given is not None and Path(given).resolve() in {out.resolve(), std_path_for(out).resolve()}:
+            raise DemistError(f"output {out}: is one of the inputs ({given}); expected a new file name")
     result = synthesize_images(
         synthesizer,
         load_image(t1w, "T1w"),

@@ -98,7 +98,10 @@ def _choose(images: list, where: str) -> Path:
 
 def psr_map_beside(preprocessed_t1w: Path) -> Path:
     """The PSR map's derivative name, beside the preprocessed T1w of the same session."""
-    return preprocessed_t1w.parent / preprocessed_t1w.name.replace(PREPROC_T1W, "_desc-demist_PSRmap.nii.gz")
+    if not preprocessed_t1w.name.endswith(PREPROC_T1W):
+        raise DemistError(f"t1w {preprocessed_t1w}: not a preprocessed T1w of the derivative; expected a name ending "
+                          f"in {PREPROC_T1W} (as `demist preprocess --bids` writes)")
+    return preprocessed_t1w.parent / (preprocessed_t1w.name.removesuffix(PREPROC_T1W) + "_desc-demist_PSRmap.nii.gz")
 
 
 def write_dataset_description(derivative: Path) -> Path:
