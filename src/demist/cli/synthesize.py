@@ -79,7 +79,7 @@ def synthesize_command(
     from demist.methods import load_synthesizer
 
     if output is not None:
-        check_output_path(output, overwrite)  # before the model is loaded: fail fast
+        check_output_path(output, overwrite, inputs=(t1w, flair, mask))  # before the model is loaded: fail fast
     if out_dir is not None:
         check_output_folder(out_dir, "--out-dir")
     if preprocess and (bids is not None or mask is not None):
@@ -153,10 +153,14 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
 
     manifest = _bids_manifest(bids)
     records = load_manifest(manifest, require=(), check_files=False)  # a session with a missing file fails alone
-    summary = run_batch(records, key=lambda r: r.key, done=lambda r: r.t1w is not None  # the sidecar comes last
-                        and r.t1w.name.endswith(PREPROC_T1W) and psr_map_beside(r.t1w).exists()
-                        and psr_sidecar(psr_map_beside(r.t1w)).exists(), work=synthesize,
-                        summary=BatchSummary(), desc="sessions")
+    def done(record) -> bool:  # the map and its sidecar, written last; a misnamed T1w is left to fail in `synthesize`
+        if record.t1w is None or not record.t1w.name.endswith(PREPROC_T1W):
+            return False
+        psr_map = psr_map_beside(record.t1w)
+        return psr_map.exists() and psr_sidecar(psr_map).exists()
+
+    summary = run_batch(records, key=lambda r: r.key, done=done, work=synthesize, summary=BatchSummary(),
+                        desc="sessions")
     write_batch_log(manifest.parent / LOG_NAME, summary, [r.key for r in records])
     typer.echo(str(summary))
     if summary.failed:

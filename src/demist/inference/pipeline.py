@@ -80,8 +80,9 @@ def std_path_for(out: Path) -> Path:
     return out.with_name(f"{stem}_std{name[len(stem):]}")
 
 
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is not a NIfTI name, or that exists without --overwrite, before any work is done."""
+def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Refuse an output that is not a NIfTI name, that exists without --overwrite, or that is one of `inputs`, before
+    any work is done."""
     if not out.name.endswith((".nii", ".nii.gz")):
         raise DemistError(f"output {out}: not a NIfTI file name; expected a name ending in .nii.gz or .nii")
     for path in (out, std_path_for(out)):
@@ -93,6 +94,9 @@ def check_output_path(out: Path, overwrite: bool) -> None:
         raise DemistError(f"output {out}: its folder {out.parent} is not a directory")
     if out.parent.is_dir() and not os.access(out.parent, os.W_OK):
         raise DemistError(f"output {out}: its folder {out.parent} is not writable")
+    for given in inputs:
+        if given is not None and Path(given).resolve() in {out.resolve(), std_path_for(out).resolve()}:
+            raise DemistError(f"output {out}: is one of the inputs ({given}); expected a new file name")
 
 
 def synthesize_files(
@@ -110,10 +114,7 @@ def synthesize_files(
 
     Outputs are written only after everything succeeded, each atomically.
     """
-    check_output_path(out, overwrite)
-    for given in (t1w, flair, mask):
-        if given is not None and Path(given).resolve() in {out.resolve(), std_path_for(out).resolve()}:
-            raise DemistError(f"output {out}: is one of the inputs ({given}); expected a new file name")
+    check_output_path(out, overwrite, inputs=(t1w, flair, mask))
     result = synthesize_images(
         synthesizer,
         load_image(t1w, "T1w"),
