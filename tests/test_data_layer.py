@@ -202,9 +202,27 @@ def test_images_that_do_not_overlap_are_refused():
 
 def test_unstripped_input_without_mask_is_refused():
     images = ellipsoid_session()
-    noisy = np.asarray(images["t1w"].dataobj) + 0.05
+    noisy = np.asarray(images["t1w"].dataobj) + np.random.default_rng(0).normal(0.05, 0.01, images["t1w"].shape)
     with pytest.raises(DemistError, match="skull-stripped"):
         prepare_images(nib.Nifti1Image(noisy, images["t1w"].affine), images["flair"], CFG)
+
+
+def test_a_stripped_t1w_stored_with_an_intercept_is_still_stripped(tmp_path):
+    """scl_inter ≠ 0: the stored zero background reads as the intercept once loaded; it is still the background."""
+    from demist.data.nifti import load_image
+    from demist.data.preprocess import brain_from_background
+
+    images = ellipsoid_session()
+    data = np.round(np.asarray(images["t1w"].dataobj) * 1000).astype(np.int16)
+    image = nib.Nifti1Image(data, images["t1w"].affine)
+    image.header.set_slope_inter(0.001, 5.0)
+    nib.save(image, tmp_path / "t1w.nii.gz")
+    loaded = load_image(tmp_path / "t1w.nii.gz", "T1w")
+    assert np.asarray(loaded.dataobj).min() == 5.0  # the background, scaled
+    expected = brain_from_background(images["t1w"], "T1w")
+    np.testing.assert_array_equal(brain_from_background(loaded, "T1w"), expected)
+    session = prepare_images(loaded, images["flair"], CFG)
+    assert session.brain.sum() == prepare_images(images["t1w"], images["flair"], CFG).brain.sum()
 
 
 def test_prepare_session_from_manifest(small_manifest):
@@ -252,6 +270,12 @@ def test_a_constant_map_returns_constant_up_to_the_brains_edge_on_a_finer_native
     np.testing.assert_allclose(back, 0.1, atol=1e-5)
     masked_first = psr_to_native(inside_brain * session.brain, session.grid, CFG.psr_range).get_fdata()[brain]
     assert masked_first.min() < 0.08  # what the edge looked like when the masked map was resampled
+    # native brain voxels beyond the mask's reach (here: half of it cut away) take the nearest value inside it
+    half = session.brain.copy()
+    half[: half.shape[0] // 2] = False
+    inside_half = np.where(half, 0.1 / CFG.psr_range, 3.0).astype(np.float32)
+    back = psr_to_native(inside_half, session.grid, CFG.psr_range, half).get_fdata()[brain]
+    np.testing.assert_allclose(back, 0.1, atol=1e-5)
 
 
 def test_outputs_take_the_t1ws_geometry_but_not_its_display_window():
@@ -281,3 +305,20 @@ def test_a_flair_slab_that_leaves_out_most_of_the_brain_is_refused():
     slab = nib.Nifti1Image(np.asarray(flair.dataobj)[:, :, 16:20], flair.affine @ shift)
     with pytest.raises(DemistError, match=r"flair of session: its field of view covers [\d.]+% of the brain"):
         prepare_images(images["t1w"], slab, CFG, brain=images["brain_mask"])
+
+
+def test_ras_view_shows_one_anatomy_whatever_the_storage_order():
+    """The same volume stored as RAS and as a flipped, axis-swapped copy (its affine to match) looks the same in
+    RAS view, and a voxel index follows it there."""
+    from demist.data.space import ras_view, ras_voxel
+
+    volume = np.random.default_rng(0).random((5, 6, 7))
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    stored = np.flip(volume, axis=0).transpose(2, 0, 1)  # stored axes: S, L (R flipped), A
+    swap = np.array([[0, -2.0, 0, 8.0], [0, 0, 2.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    ijk = np.array([[1, 2, 3], [4, 0, 6]])
+    stored_ijk = np.stack([ijk[:, 2], 4 - ijk[:, 0], ijk[:, 1]], axis=1)
+    np.testing.assert_allclose(nib.affines.apply_affine(swap, stored_ijk), nib.affines.apply_affine(ras, ijk))
+    np.testing.assert_array_equal(ras_view(stored, swap), volume)
+    np.testing.assert_array_equal(ras_view(volume, ras), volume)
+    np.testing.assert_array_equal(ras_voxel(stored_ijk, stored.shape, swap), ijk)

@@ -130,7 +130,7 @@ def test_noisy_prediction_numbers_follow_the_noise(evaluated):
     assert abs(bias["lesion"]) < 0.003 and summary["paired_tests"]["mse"]["noisy"]["vs"] == "perfect"
     assert summary["counts"] == {"sessions": {"perfect": 3, "noisy": 3}, "subjects": 2,
                                  "skipped": {"perfect": [], "noisy": []}, "lesion_subjects": 1, "lesions": 3,
-                                 "lesions_dropped": {}}
+                                 "lesions_dropped": {}, "unreadable": {}}
 
 
 def test_summary_json_is_strict_and_report_states_the_range(evaluated):
@@ -143,7 +143,7 @@ def test_summary_json_is_strict_and_report_states_the_range(evaluated):
     assert len(summary["per_session"]) == 6 and summary["per_session"][0].keys() >= {"method", "subject", "mse"}
     report = (out / "report.md").read_text()
     assert "fixed physical range 0.25" in report and "data range 1" in report
-    assert "| perfect | inf |" in report and "| oracle | 1.000 [1.000, 1.000] | — |" in report
+    assert "| perfect | inf |" in report and "| oracle | 1.000 [—] | — |" in report  # one patient: no CI
     assert "ms1/a" in summary["figures"]["qualitative.png"]  # the largest lesion of the lesion sessions
 
 
@@ -205,8 +205,34 @@ def test_a_prediction_elsewhere_in_space_raises(cohort, tmp_path):
     shifted = truth.affine.copy()
     shifted[:3, 3] += 500.0
     save_image(nib.Nifti1Image(np.asarray(truth.dataobj), shifted), tmp_path / "far/ms1/a/psr.nii.gz")
-    with pytest.raises(DemistError, match="far prediction for ms1/a.*physical space"):
-        evaluate_predictions(cohort["manifest"], {"far": tmp_path / "far"}, tmp_path / "out", progress=False)
+    for skip in (False, True):  # skipping it leaves the method nothing to score: an error all the same
+        match = ("far: no session could be scored .*" if skip else "") + "far prediction for ms1/a.*physical space"
+        with pytest.raises(DemistError, match=match):
+            evaluate_predictions(cohort["manifest"], {"far": tmp_path / "far"}, tmp_path / "out", progress=False,
+                                 skip_unreadable=skip)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_unreadable_prediction_leaves_one_session_out(cohort, tmp_path):
+    """A corrupt file costs its own session for its own method; the rest is scored, listed and exits 1."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cohort["root"] / "noisy", broken)
+    (broken / "ms1/b/psr.nii.gz").write_bytes(b"not a NIfTI")
+    out = tmp_path / "cli"
+    app = typer.Typer()
+    app.command("evaluate")(evaluate_command)
+    app.callback()(lambda: None)
+    result = CliRunner().invoke(app, ["evaluate", "--manifest", str(cohort["manifest"]), "--pred-dir",
+                                      f"broken={broken}", "--pred-dir", f"perfect={cohort['root'] / 'perfect'}",
+                                      "--out", str(out)])
+    assert result.exit_code == 1 and "1 file(s) not readable" in result.output
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["counts"]["sessions"] == {"broken": 2, "perfect": 3}
+    assert list(saved["counts"]["unreadable"]) == ["ms1/b"] and "broken" in saved["counts"]["unreadable"]["ms1/b"]
+    assert "- Not readable, left out: ms1/b (broken)" in (out / "report.md").read_text()
+    assert saved["lesion_contrast"]["sessions"] == ["ms1/a"]  # the patient's first session is still complete
 
 
 @pytest.mark.parametrize("case, message", [
@@ -261,3 +287,36 @@ def test_cli_uses_the_config_and_the_psr_range_option(cohort, tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["psr_range"] == 0.5 and saved["ring_mm"] == 4.0 and saved["bootstrap"] == 1000  # tiny preset
     assert saved["metrics"]["demist"]["mse"]["mean"] == pytest.approx((NOISE_PSR / 0.5) ** 2, rel=0.05)
+
+
+def test_a_session_stored_in_another_axis_order_scores_and_shows_the_same(cohort, tmp_path):
+    """The patient's session and a prediction stored with axes permuted and one flipped, on anisotropic voxels (the
+    affine to match): the same metrics, lesion AUC and figure slice as the RAS-stored original."""
+    def reoriented(image: nib.Nifti1Image) -> nib.Nifti1Image:
+        data = np.flip(np.asarray(image.dataobj), axis=0).transpose(2, 0, 1)  # stored axes: S, L, A
+        ras = image.affine
+        affine = np.zeros((4, 4))
+        affine[:3, 0], affine[:3, 1], affine[:3, 2] = ras[:3, 2], -ras[:3, 0], ras[:3, 1]
+        affine[:3, 3] = ras[:3, 3] + ras[:3, 0] * (image.shape[0] - 1)
+        affine[3, 3] = 1
+        return nib.Nifti1Image(data, affine)
+
+    anisotropic = np.diag([1.0, 1.0, 1.5, 1.0])  # z voxels 1.5× taller, in both copies
+    root = cohort["root"]
+    rows, results = {}, {}
+    for name, turn in (("ras", lambda image: image), ("turned", reoriented)):
+        images = {key: turn(nib.Nifti1Image(np.asarray(nib.load(root / "ms1/a" / f"{key}.nii.gz").dataobj),
+                                            nib.load(root / "ms1/a" / f"{key}.nii.gz").affine @ anisotropic))
+                  for key in ("t1w", "flair", "psr", "brain_mask", "lesion_mask", "wm_mask")}
+        noisy = nib.load(root / "noisy/ms1/a/psr.nii.gz")
+        prediction = turn(nib.Nifti1Image(np.asarray(noisy.dataobj), noisy.affine @ anisotropic))
+        save_image(prediction, tmp_path / name / "pred/ms1/a/psr.nii.gz")
+        rows[name] = {"subject": "ms1", "session": "a", "group": "MS", **write_session(tmp_path / name, images)}
+        manifest = write_manifest(tmp_path / name / "manifest.csv", [rows[name]])
+        results[name] = evaluate_predictions(manifest, {"noisy": tmp_path / name / "pred"}, tmp_path / name / "out",
+                                             bootstrap=0, progress=False)
+    ras, turned = results["ras"], results["turned"]
+    assert turned["metrics"]["noisy"]["mse"]["mean"] == pytest.approx(ras["metrics"]["noisy"]["mse"]["mean"])
+    auc = [r["lesion_contrast"]["auc"]["noisy"]["combined"]["auc"] for r in (ras, turned)]
+    assert auc[0] == auc[1] and ras["lesion_contrast"]["n_lesions"] == turned["lesion_contrast"]["n_lesions"] > 0
+    assert turned["figures"]["qualitative.png"] == ras["figures"]["qualitative.png"]

@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 from demist.errors import DemistError
 from demist.evaluation.figures import plot_roc
 from demist.evaluation.lesions import (
+    auc_text,
     contrast_auc,
     estimate_midsagittal_plane,
     lesion_bias,
@@ -229,6 +230,25 @@ def test_auc_bootstrap_and_perfect_prediction_equals_oracle(tmp_path):
         assert method[region]["auc"] == oracle[region]["auc"]
     path = plot_roc({"oracle": oracle, "shrunk": method}, tmp_path / "roc.png")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_patient_bootstrap_resamples_whole_patients():
+    """Two patients whose lesions separate perfectly within each but not across: resampling lesions as if independent
+    gives a narrow CI, resampling patients one as wide as the two patients' own AUCs."""
+    lesion = np.r_[np.full(10, 0.10), np.full(10, 0.20)] + np.linspace(0, 0.001, 20)
+    nawm = np.r_[np.full(10, 0.15), np.full(10, 0.25)]
+    patients = ["sub-a"] * 10 + ["sub-b"] * 10
+    by_lesion = contrast_auc(lesion, nawm, nawm, n_boot=300, seed=1)["combined"]
+    by_patient = contrast_auc(lesion, nawm, nawm, n_boot=300, seed=1, patients=patients)["combined"]
+    assert by_patient["auc"] == by_lesion["auc"] == pytest.approx(0.75)
+    # each patient alone scores 1.0; both together 0.75 (patient b's lesions sit above patient a's NAWM)
+    assert by_patient["ci95"] == pytest.approx((0.75, 1.0))
+    assert by_lesion["ci95"][1] - by_lesion["ci95"][0] < 0.2
+    one = contrast_auc(lesion[:10], nawm[:10], nawm[:10], n_boot=300, patients=patients[:10])["combined"]
+    assert one["auc"] == 1.0 and np.isnan(one["ci95"][0]) and auc_text(one) == "1.000 [—]"
+    assert auc_text(by_patient) == "0.750 [0.750, 1.000]"
+    with pytest.raises(DemistError, match="one per lesion"):
+        contrast_auc(lesion, nawm, nawm, patients=patients[:5])
 
 
 @pytest.mark.parametrize("bad", ["shape", "plane", "lengths", "nan"])

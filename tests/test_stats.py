@@ -53,7 +53,7 @@ def test_summary_weights_folds_not_sessions():
     assert entry["n_folds"] == 3 and entry["n_sessions"] == 12
 
 
-def test_paired_tests_pair_by_session_over_the_sessions_both_scored():
+def test_paired_tests_pair_over_the_sessions_both_scored():
     """Rows in another order and sessions missing for one method: pairs follow the session keys."""
     from scipy.stats import ttest_rel
 
@@ -81,6 +81,36 @@ def test_paired_tests_compare_with_the_best_other_method():
     only_ties = [r for r in per_session_table() if r["method"] != "good"]
     tie = paired_tests(only_ties, metrics=("psnr",))["psnr"]["ok"]
     assert math.isnan(tie["p"]) and not tie["significant"]
+
+
+def test_paired_tests_pair_subjects_not_sessions():
+    """Two sessions per subject: the test runs over the subjects' session means, n counts subjects."""
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(2)
+    rows, means = [], {"good": [], "ok": []}
+    for subject in range(6):
+        level = rng.normal(24, 1.5)
+        for method, shift in (("good", 0.5), ("ok", 0.0)):
+            values = [level + shift + rng.normal(0, 0.3) for _ in range(2)]
+            means[method].append(np.mean(values))
+            rows += [{"method": method, "subject": f"sub-{subject}", "session": f"ses-{i}", "psnr": v}
+                     for i, v in enumerate(values)]
+    result = paired_tests(rows, metrics=("psnr",))["psnr"]["good"]
+    expected = ttest_rel(means["good"], means["ok"])
+    assert result["n"] == 6 and result["n_sessions"] == 12
+    assert result["p"] == pytest.approx(float(expected.pvalue)) and result["t"] == pytest.approx(expected.statistic)
+
+
+def test_the_mean_of_a_methods_samples_is_not_another_method():
+    """'demist-mean3' holds demist's own samples: demist is tested against the best *other* method."""
+    rows = per_session_table()
+    rows += [{**row, "method": "good-mean3", "psnr": row["psnr"] + 0.1} for row in rows if row["method"] == "good"]
+    tests = paired_tests(rows, metrics=("psnr",))["psnr"]
+    assert tests["good"]["vs"] in {"ok", "tie"} and tests["good-mean3"]["vs"] in {"ok", "tie"}
+    assert tests["ok"]["vs"] == "good-mean3"
+    alone = [row for row in rows if row["method"].startswith("good")]  # one method and its mean: nothing to test
+    assert paired_tests(alone, metrics=("psnr",)) == {}
 
 
 def test_summary_writers(tmp_path):

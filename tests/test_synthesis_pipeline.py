@@ -70,6 +70,9 @@ def test_several_samples_write_mean_and_sd(tmp_path):
     assert np.all(std[~brain] == 0)
     # the stand-in's draws have SD 0.01 of psr_range (0.0025 PSR); the SD of 3 draws (ddof 0) is about 0.8 of that
     assert 0.4 * 0.0025 < np.median(std[brain]) < 1.2 * 0.0025
+    # rerun over it with one sample: the earlier SD map described another output and goes with it
+    assert synthesize_files(StandIn(), paths["t1w"], paths["flair"], out, samples=1, overwrite=True) == [out]
+    assert out.exists() and not std_path_for(out).exists()
 
 
 def _inputs(tmp_path: Path) -> dict[str, Path]:

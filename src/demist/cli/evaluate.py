@@ -62,11 +62,16 @@ def evaluate_command(
     from demist.evaluation.evaluate import evaluate_predictions
 
     cfg = load_config(config)
-    evaluate_predictions(
+    summary = evaluate_predictions(
         manifest, folders, out,
         psr_range=cfg.data.psr_range if psr_range is None else psr_range,
         ring_mm=cfg.evaluation.ring_mm,
         bootstrap=cfg.evaluation.bootstrap,
+        skip_unreadable=True,
     )
     typer.echo((out / "report.md").read_text(encoding="utf-8"))
     typer.echo(f"evaluation written to {out}")
+    unreadable = summary["counts"]["unreadable"]
+    if unreadable:  # scored what it could, like a batch; the exit code tells a script that files were left out
+        typer.echo(f"{sum(map(len, unreadable.values()))} file(s) not readable and left out (see the report)", err=True)
+        raise typer.Exit(code=1)

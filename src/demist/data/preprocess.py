@@ -75,15 +75,19 @@ def scaling_region(brain: np.ndarray, margin_vox: float) -> np.ndarray:
 
 
 def brain_from_background(t1w: nib.Nifti1Image, what: str) -> np.ndarray:
-    """A brain mask from a skull-stripped image's zero background; refuse an image that is not skull-stripped."""
+    """A brain mask from a skull-stripped image's constant background (zero, or the image's minimum: a background
+    stored as 0 with a scl_inter reads as the intercept); refuse an image that is not skull-stripped."""
     data = np.asarray(t1w.dataobj)
-    zero = float(np.mean(data == 0))
+    background = data == 0
+    if np.mean(background) < MIN_ZERO_BACKGROUND:
+        background = data == data.min()
+    zero = float(np.mean(background))
     if zero < MIN_ZERO_BACKGROUND:
         raise DemistError(
             f"{what}: only {zero:.0%} of voxels are zero, so it does not look skull-stripped; "
             "pass a brain mask (--mask) or a skull-stripped image"
         )
-    mask = ndimage.binary_fill_holes(data != 0)
+    mask = ndimage.binary_fill_holes(~background)
     labels, n = ndimage.label(mask)
     if n > 1:  # keep the largest component: stray non-zero voxels are not brain
         sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
+from scipy import ndimage
 
 from demist.errors import DemistError
 
@@ -18,7 +19,7 @@ from demist.errors import DemistError
 AFFINE_TOLERANCE_MM = 1e-3
 #: Refuse to resample an image that covers less than this fraction of the reference's field of view.
 MIN_OVERLAP = 0.25
-#: Normalised interpolation uses the unmasked value where the mask's interpolated weight is below this.
+#: Normalised interpolation takes the nearest masked value where the mask's interpolated weight is below this.
 NORMALISED_MIN_WEIGHT = 1e-3
 #: Header fields of the native image that describe its intensities, not its geometry, and their empty values:
 #: outputs do not inherit them.
@@ -80,8 +81,9 @@ class ModelGrid:
         kept) and none of its display or description fields (a T1w's window would hide a PSR map).
 
         With `inside` (a model-grid mask), native voxels near the mask's edge average only the values inside it
-        (normalised interpolation): plain trilinear resampling of a masked map would pull them toward the zeros
-        outside, and of an unmasked one toward whatever the model predicts beyond the brain."""
+        (normalised interpolation), and those beyond its reach take the nearest value inside it: plain trilinear
+        resampling of a masked map would pull them toward the zeros outside, and of an unmasked one toward whatever
+        the model predicts beyond the brain."""
         if tuple(volume.shape) != self.shape:
             raise ValueError(f"volume shape {volume.shape} is not the model grid's {self.shape}")
         if is_mask:
@@ -91,8 +93,11 @@ class ModelGrid:
         else:
             weight = self._resampled(inside, order=1)
             inner = self._resampled(np.where(inside, volume, 0.0), order=1)
+            # Far from every masked voxel (a thin structure the coarser grid missed): the nearest masked value.
+            nearest = ndimage.distance_transform_edt(~np.asarray(inside, dtype=bool), return_distances=False,
+                                                     return_indices=True)
             data = np.where(weight > NORMALISED_MIN_WEIGHT, inner / np.maximum(weight, NORMALISED_MIN_WEIGHT),
-                            self._resampled(volume, order=1)).astype(np.float32)
+                            self._resampled(volume[tuple(nearest)], order=1)).astype(np.float32)
         header = self.native_header.copy()
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(None, None)
@@ -158,3 +163,18 @@ def in_field_of_view(img: nib.Nifti1Image, reference: nib.Nifti1Image) -> np.nda
                       + to_img[d, 2] * axes[2][None, None, :] + to_img[d, 3])
         inside &= (coordinate >= -0.5) & (coordinate <= img.shape[d] - 0.5)
     return inside
+
+
+def ras_view(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """`volume` with its axes permuted and flipped to the closest RAS orientation (for display: axis 2 is then
+    inferior → superior, so `[:, :, z]` is an axial slice whatever order the scanner stored the voxels in)."""
+    return nib.orientations.apply_orientation(np.asarray(volume), nib.orientations.io_orientation(affine))
+
+
+def ras_voxel(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """Voxel indices (n, 3) of a volume of `shape` mapped to the indices of the same voxels in `ras_view`."""
+    ijk = np.atleast_2d(ijk)
+    out = np.empty_like(ijk)
+    for axis, (target, flip) in enumerate(nib.orientations.io_orientation(affine).astype(int)):
+        out[:, target] = shape[axis] - 1 - ijk[:, axis] if flip < 0 else ijk[:, axis]
+    return out

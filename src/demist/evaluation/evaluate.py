@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from demist.atomic import check_output_folder
 from demist.data.manifest import SessionRecord, load_manifest
 from demist.data.nifti import voxel_size
+from demist.data.space import ras_view, ras_voxel
 from demist.errors import DemistError
 from demist.evaluation.inputs import (
     ORACLE, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction, load_truth,
@@ -36,7 +38,7 @@ from demist.inference.base import REFERENCES
 logger = logging.getLogger(__name__)
 
 DATA_RANGE = 1.0  # metrics run on PSR / psr_range, so the data range is 1 by construction
-BOOTSTRAP_SEED = 0  # one seed for every source: all AUC CIs share the same lesion resamples
+BOOTSTRAP_SEED = 0  # one seed for every source: all AUC CIs share the same patient resamples
 ZOOM_HALF_WIDTH_MM = 24.0
 
 
@@ -91,14 +93,48 @@ def _session_rois(truth: SessionTruth, ring_mm: float, drops: Counter) -> list[L
                        brain_mask=truth.brain, drops=drops)
 
 
-def _view_centre(flat_indices: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Where to look at a region: on the axial slice holding most of it, its voxel nearest to that slice's
-    centroid (inside the region even when it is not convex, e.g. a confluent lesion)."""
-    ijk = np.stack(np.unravel_index(flat_indices, shape), axis=1)
+def _view_centre(flat_indices: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    """Where to look at a region, in `ras_view` voxels: on the axial slice holding most of it, its voxel nearest to
+    that slice's centroid (inside the region even when it is not convex, e.g. a confluent lesion)."""
+    ijk = ras_voxel(np.stack(np.unravel_index(flat_indices, shape), axis=1), shape, affine)
     slices, counts = np.unique(ijk[:, 2], return_counts=True)
     on_slice = ijk[ijk[:, 2] == slices[np.argmax(counts)]]
     nearest = np.argmin(((on_slice - on_slice.mean(axis=0)) ** 2).sum(axis=1))
     return tuple(int(v) for v in on_slice[nearest])  # type: ignore[return-value]
+
+
+TRUTH_FILES = "(true maps)"  # the source of an unreadable file that is the session's truth, not a prediction
+
+
+def _load_session(record: SessionRecord, found: Mapping[str, Mapping[str, Path]],
+                  unreadable: dict[str, dict[str, str]] | None) -> tuple[SessionTruth, dict[str, np.ndarray]] | None:
+    """The session's truth and every prediction that could be read. With `unreadable` (a dict to fill), a file that
+    cannot be read is logged and recorded there, so it leaves one session (or one method's session) out instead of
+    the evaluation; without, its DemistError propagates."""
+    try:
+        truth = load_truth(record)
+    except DemistError as exc:
+        if unreadable is None:
+            raise
+        logger.error("%s: true maps not readable, session skipped: %s", record.key, exc)
+        unreadable[record.key] = {TRUTH_FILES: str(exc)}
+        return None
+    preds = {}
+    for method, files in found.items():
+        if record.key in files:
+            try:
+                preds[method] = load_prediction(files[record.key], truth, method)
+            except DemistError as exc:
+                if unreadable is None:
+                    raise
+                logger.error("%s: %s prediction not readable, skipped: %s", record.key, method, exc)
+                unreadable.setdefault(record.key, {})[method] = str(exc)
+    return truth, preds
+
+
+def _failures_text(unreadable: Mapping[str, Mapping[str, str]]) -> str:
+    """One line per unreadable file: "subject/session (source): reason"."""
+    return "; ".join(f"{key} ({source}): {why}" for key, failed in unreadable.items() for source, why in failed.items())
 
 
 def _lesion_summary(means: Mapping[str, list[np.ndarray]], keys: list[str], bootstrap: int) -> dict[str, Any] | None:
@@ -106,7 +142,9 @@ def _lesion_summary(means: Mapping[str, list[np.ndarray]], keys: list[str], boot
     if not keys:
         return None
     pooled = {source: np.concatenate(blocks) for source, blocks in means.items()}
-    aucs = {source: contrast_auc(*values.T, n_boot=bootstrap, seed=BOOTSTRAP_SEED) for source, values in pooled.items()}
+    patients = np.repeat(keys, [len(block) for block in means[ORACLE]])  # one scored session per patient
+    aucs = {source: contrast_auc(*values.T, n_boot=bootstrap, seed=BOOTSTRAP_SEED, patients=patients)
+            for source, values in pooled.items()}
     bias = {source: lesion_bias(values, pooled[ORACLE]) for source, values in pooled.items() if source != ORACLE}
     return {"sessions": keys, "n_subjects": len(keys), "n_lesions": int(len(pooled[ORACLE])), "auc": aucs,
             "bias": bias}
@@ -126,16 +164,24 @@ def _write_figures(out: Path, shown: FigureSession | None, found: Mapping[str, M
     if shown is None:
         logger.warning("no session has every method's prediction: qualitative.png and error_map.png not drawn")
         return captions
-    truth = load_truth(shown.record)
     record = shown.record
-    t1w = load_on_grid(record.t1w, truth.image, f"{record.key} T1w")
-    flair = load_on_grid(record.flair, truth.image, f"{record.key} FLAIR")
-    preds = {method: load_prediction(files[record.key], truth, method) for method, files in found.items()}
-    zoom = max(4, int(round(ZOOM_HALF_WIDTH_MM / float(voxel_size(truth.affine)[:2].mean()))))
-    plot_qualitative(t1w, flair, truth.psr, preds, shown.centre, out / "qualitative.png", zoom_half_width=zoom,
-                     lesion_mask=truth.lesion)
-    plot_error_map(truth.psr, preds, out / "error_map.png", mask=truth.brain, slice_index=shown.centre[2])
-    where = f"{record.key}, axial slice z={shown.centre[2]}"
+    try:  # the session's own files were read once already; the inputs shown beside them were not
+        truth = load_truth(record)
+        t1w = load_on_grid(record.t1w, truth.image, f"{record.key} T1w")
+        flair = load_on_grid(record.flair, truth.image, f"{record.key} FLAIR")
+        preds = {method: load_prediction(files[record.key], truth, method) for method, files in found.items()}
+    except DemistError as exc:
+        logger.error("qualitative.png and error_map.png not drawn: %s", exc)
+        return captions
+    view = lambda volume: ras_view(volume, truth.affine)  # noqa: E731 - axial slices whatever the storage order
+    spacing = voxel_size(truth.affine)[nib.orientations.io_orientation(truth.affine)[:, 0].argsort()]  # RAS order
+    zoom = max(4, int(round(ZOOM_HALF_WIDTH_MM / float(spacing[:2].mean()))))
+    shown_preds = {method: view(pred) for method, pred in preds.items()}
+    plot_qualitative(view(t1w), view(flair), view(truth.psr), shown_preds, shown.centre, out / "qualitative.png",
+                     zoom_half_width=zoom, lesion_mask=None if truth.lesion is None else view(truth.lesion))
+    plot_error_map(view(truth.psr), shown_preds, out / "error_map.png", mask=view(truth.brain),
+                   slice_index=shown.centre[2])
+    where = f"{record.key}, axial slice z={shown.centre[2]} of the volume turned to RAS"
     what = f"its largest lesion ({shown.lesion_voxels} voxels)" if shown.lesion_voxels else "the brain's centre"
     captions["qualitative.png"] = f"MPRAGE, FLAIR, true and predicted PSR through {what}: {where}"
     captions["error_map.png"] = f"prediction − truth (PSR) inside the brain: {where}"
@@ -151,6 +197,7 @@ def evaluate_predictions(
     bootstrap: int = 1000,
     sessions: list[str] | None = None,
     progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> dict:
     """Score each method's PSR maps (`predictions`: method → folder of `<subject>/<session>/psr.nii.gz`) against
     the manifest's true PSR, write the evaluation files into `out` and return the summary: what summary.json
@@ -158,8 +205,11 @@ def evaluate_predictions(
     per_session.csv (method, subject, session, group and the metrics).
 
     `sessions` restricts the evaluation to "subject/session" keys. Sessions a method has no prediction for are
-    logged and skipped; a method with no prediction at all, a prediction that does not overlap the truth's
-    physical space, or a manifest session without psr/brain_mask among the requested ones is a DemistError.
+    logged and skipped. A file that cannot be read or placed on the truth's grid (a prediction that does not overlap
+    it, a corrupt NIfTI) is a DemistError, unless `skip_unreadable`: then it leaves that session out for that method
+    (for every method when it is the truth), and is listed under counts["unreadable"] and in the report. A method
+    with no prediction at all or none readable, or a manifest session without psr/brain_mask among the requested
+    ones, is a DemistError.
     """
     _check_arguments(psr_range, ring_mm, bootstrap)
     out = check_output_folder(out, "--out", "a folder for the evaluation's files")
@@ -178,15 +228,21 @@ def evaluate_predictions(
     used_lesion_keys: list[str] = []
     drops: Counter = Counter()  # lesions left out of the contrast, by the region that was too small
     shown: FigureSession | None = None
+    unreadable: dict[str, dict[str, str]] = {}  # {"subject/session": {TRUTH_FILES or method: reason}}
     for record in tqdm(evaluated, desc="evaluating", unit="session", disable=not progress):
-        truth = load_truth(record)
-        preds = {m: load_prediction(found[m][record.key], truth, m) for m in methods if record.key in found[m]}
+        loaded = _load_session(record, found, unreadable if skip_unreadable else None)
+        if loaded is None:
+            continue
+        truth, preds = loaded
         target = truth.psr / psr_range
         for method, pred in preds.items():
             scores = image_metrics(pred / psr_range, target, truth.brain, data_range=DATA_RANGE)
             rows.append({"method": method, "subject": record.subject, "session": record.session,
                          "group": record.group, **scores})
-        rois = _session_rois(truth, ring_mm, drops) if record.key in lesion_keys else []
+        complete = len(preds) == len(methods)
+        if record.key in lesion_keys and not complete:
+            logger.warning("%s: a prediction could not be read; left out of the lesion contrast", record.key)
+        rois = _session_rois(truth, ring_mm, drops) if record.key in lesion_keys and complete else []
         if rois:
             used_lesion_keys.append(record.key)
             means[ORACLE].append(roi_means(truth.psr, rois))
@@ -194,10 +250,16 @@ def evaluate_predictions(
                 means[method].append(roi_means(preds[method], rois))
             largest = max(rois, key=lambda roi: roi.lesion.size)
             if shown is None or largest.lesion.size > shown.lesion_voxels:
-                shown = FigureSession(record, _view_centre(largest.lesion, truth.psr.shape), int(largest.lesion.size))
-        elif shown is None and len(preds) == len(methods):
-            shown = FigureSession(record, _view_centre(np.flatnonzero(truth.brain), truth.psr.shape), 0)
+                centre = _view_centre(largest.lesion, truth.psr.shape, truth.affine)
+                shown = FigureSession(record, centre, int(largest.lesion.size))
+        elif shown is None and complete:
+            shown = FigureSession(record, _view_centre(np.flatnonzero(truth.brain), truth.psr.shape,
+                                                              truth.affine), 0)
 
+    unscored = [method for method in methods if not any(row["method"] == method for row in rows)]
+    if unscored:
+        raise DemistError(f"{', '.join(unscored)}: no session could be scored ({_failures_text(unreadable)}); "
+                          "expected readable true PSR maps and predictions")
     lesion = _lesion_summary(means, used_lesion_keys, bootstrap)
     compared = [r for r in rows if r["method"] not in REFERENCES]
     summary: dict[str, Any] = {
@@ -215,10 +277,11 @@ def evaluate_predictions(
             "lesion_subjects": len(used_lesion_keys),
             "lesions": lesion["n_lesions"] if lesion else 0,
             "lesions_dropped": {f"{region} under {MIN_ROI_VOXELS} voxels": n for region, n in sorted(drops.items())},
+            "unreadable": unreadable,
         },
         "metrics": summarise_sessions(rows),
         # reference rows (autoencoder ceiling, decoded condition) are diagnostics, never the "best method" to beat
-        "paired_tests": paired_tests(compared) if len({r["method"] for r in compared}) > 1 else {},
+        "paired_tests": paired_tests(compared) if compared else {},
         "lesion_contrast": lesion,
         "per_session": rows,
     }

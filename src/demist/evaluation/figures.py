@@ -22,6 +22,7 @@ from matplotlib.patches import Rectangle
 
 from demist.atomic import atomic_write
 from demist.errors import DemistError
+from demist.evaluation.lesions import auc_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,7 @@ def plot_roc(curves: Mapping[str, Mapping[str, object]], path: str | Path) -> Pa
             entry = result[region]  # type: ignore[index]
             width = 1.8 if region == "combined" else 1.1
             ax.plot(entry["fpr"], entry["tpr"], linestyle=style, color=colour, linewidth=width)
-        combined = result["combined"]  # type: ignore[index]
-        low, high = combined["ci95"]
-        label = f"{name}: AUC {combined['auc']:.3f} [{low:.3f}, {high:.3f}]"
+        label = f"{name}: AUC {auc_text(result['combined'])}"  # type: ignore[index]
         method_handles.append(Line2D([], [], color=colour, label=label))
     ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
     style_handles = [Line2D([], [], color="0.3", linestyle=s, label=ROC_LABELS[r]) for r, s in ROC_STYLES.items()]

@@ -255,7 +255,7 @@ def _pairwise_auc(lesion: np.ndarray, references: np.ndarray) -> float:
     return float(np.mean(difference > 0) + 0.5 * np.mean(difference == 0))
 
 
-def _auc_with_ci(lesion: np.ndarray, references: np.ndarray, boot: np.ndarray) -> dict[str, object]:
+def _auc_with_ci(lesion: np.ndarray, references: np.ndarray, boot: Sequence[np.ndarray]) -> dict[str, object]:
     """AUC, bootstrap 95 % CI and ROC points for lesions (positive) against the (n, m) reference columns."""
     y_true = np.r_[np.ones(len(lesion)), np.zeros(references.size)]
     score = -np.r_[lesion, references.reshape(-1)]
@@ -267,17 +267,30 @@ def _auc_with_ci(lesion: np.ndarray, references: np.ndarray, boot: np.ndarray) -
     return {"auc": auc, "ci95": (float(low), float(high)), "fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
+def _patient_resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
+    """`n_boot` cluster-bootstrap resamples: patients drawn with replacement, each with all of its lesions. None with
+    a single patient, whose lesions share one map and one level and so are not independent draws."""
+    groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    if len(groups) < 2:
+        return []
+    draws = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    return [np.concatenate([groups[g] for g in draw]) for draw in draws]
+
+
 def contrast_auc(
-    lesion_means: np.ndarray, pnawm_means: np.ndarray, dnawm_means: np.ndarray, n_boot: int = 1000, seed: int = 0
+    lesion_means: np.ndarray, pnawm_means: np.ndarray, dnawm_means: np.ndarray, n_boot: int = 1000, seed: int = 0,
+    patients: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, object]:
     """How well per-lesion mean PSR separates lesions from their proximal and distal NAWM.
 
     Lesions are the positive class and the score is −PSR (demyelinated tissue has the LOWER PSR), so AUC is the
     probability that a lesion's mean PSR is below a reference region's (ties count ½); 0.5 is chance, 1 perfect.
     Returns {"n_lesions": n, "pnawm": …, "dnawm": …, "combined": …}: lesions against pNAWM, against dNAWM, and
-    against both pooled; each entry is {"auc", "ci95": (low, high), "fpr", "tpr"} with a percentile bootstrap CI
-    that resamples lesions (each with its own two references) `n_boot` times, and ROC points from
-    `sklearn.metrics.roc_curve` for plotting. Use the same `seed` for every method so they share resamples.
+    against both pooled; each entry is {"auc", "ci95": (low, high), "fpr", "tpr"} with ROC points from
+    `sklearn.metrics.roc_curve` for plotting and a percentile bootstrap CI over `n_boot` resamples. With `patients`
+    (one label per lesion) the resamples draw patients, each with all its lesions and their references, and the CI
+    is NaN with fewer than two patients; without, they draw lesions as if independent. Use the same `seed` for every
+    method so they share resamples.
     """
     columns = [np.asarray(v, dtype=np.float64).reshape(-1) for v in (lesion_means, pnawm_means, dnawm_means)]
     n = len(columns[0])
@@ -289,14 +302,28 @@ def contrast_auc(
         raise DemistError("contrast_auc: NaN or infinite ROI means; expected finite values")
     if n_boot < 0:
         raise DemistError(f"contrast_auc: n_boot={n_boot}; expected ≥ 0")
+    if patients is not None and len(patients) != n:
+        raise DemistError(f"contrast_auc: {len(patients)} patient labels for {n} lesions; expected one per lesion")
     lesion, pnawm, dnawm = columns
-    boot = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    if patients is None:
+        boot: Sequence[np.ndarray] = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    else:
+        boot = _patient_resamples(np.asarray(patients).astype(str), n_boot, seed)
     return {
         "n_lesions": n,
         "pnawm": _auc_with_ci(lesion, pnawm[:, None], boot),
         "dnawm": _auc_with_ci(lesion, dnawm[:, None], boot),
         "combined": _auc_with_ci(lesion, np.stack([pnawm, dnawm], axis=1), boot),
     }
+
+
+def auc_text(entry: Mapping[str, object]) -> str:
+    """"AUC [low, high]" of one `contrast_auc` entry; "[—]" where the CI is undefined (no resamples: a single
+    patient, or a bootstrap of 0)."""
+    low, high = entry["ci95"]  # type: ignore[misc]
+    if low is None or not np.isfinite(low):
+        return f"{entry['auc']:.3f} [—]"
+    return f"{entry['auc']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def lesion_bias(pred_means: np.ndarray, true_means: np.ndarray) -> dict[str, float]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from demist.atomic import atomic_write
 from demist.evaluation.inputs import ORACLE
+from demist.evaluation.lesions import auc_text
 from demist.evaluation.metrics import METRICS
 from demist.evaluation.stats import summary_markdown
 
@@ -50,11 +51,6 @@ def write_summary_json(path: Path, summary: Mapping[str, Any]) -> Path:
     return atomic_write(path, json.dumps(_strict_json(summary), indent=2, allow_nan=False) + "\n")
 
 
-def _auc_cell(entry: Mapping[str, Any]) -> str:
-    low, high = entry["ci95"]
-    return f"{entry['auc']:.3f} [{low:.3f}, {high:.3f}]"
-
-
 def _lesion_table(lesion: Mapping[str, Any]) -> list[str]:
     lines = [
         "| source | AUC vs pNAWM+dNAWM [95% CI] | Δ vs oracle | AUC vs pNAWM | AUC vs dNAWM "
@@ -66,8 +62,8 @@ def _lesion_table(lesion: Mapping[str, Any]) -> list[str]:
         bias = lesion["bias"].get(source)
         delta = "—" if source == ORACLE else f"{auc['combined']['auc'] - oracle_auc:+.3f}"
         bias_cells = ("—", "—") if bias is None else (f"{bias['lesion']:+.4f}", f"{bias['contrast_pnawm']:+.3f}")
-        lines.append(f"| {source} | {_auc_cell(auc['combined'])} | {delta} | {_auc_cell(auc['pnawm'])} "
-                     f"| {_auc_cell(auc['dnawm'])} | {bias_cells[0]} | {bias_cells[1]} |")
+        lines.append(f"| {source} | {auc_text(auc['combined'])} | {delta} | {auc_text(auc['pnawm'])} "
+                     f"| {auc_text(auc['dnawm'])} | {bias_cells[0]} | {bias_cells[1]} |")
     return lines
 
 
@@ -82,6 +78,9 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         f"Manifest: `{summary['manifest']}`. Sessions evaluated per method: {sessions} "
         f"({counts['subjects']} subjects).",
         "",
+        *[f"- Not readable, left out: {key} ({source}): {why}"
+          for key, failed in counts.get("unreadable", {}).items() for source, why in failed.items()],
+        *([""] if counts.get("unreadable") else []),
         "## Image similarity inside the brain mask",
         "",
         f"Metrics are computed on PSR divided by the fixed physical range {psr_range:g} (1.0 = PSR {psr_range:g}), "
@@ -110,7 +109,8 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
             f"{summary['ring_mm']:g} mm wide beyond a one-voxel margin around the lesions) and of its distal NAWM (the "
             "lesion mirrored across the mid-sagittal plane). AUC: the ROC of lesion against NAWM regions over all "
             "patients' lesions, i.e. the probability that a lesion's mean PSR is below a NAWM region's (its own or "
-            f"another lesion's; 0.5 chance), 95% CI from {summary['bootstrap']} bootstrap resamples of lesions. The "
+            f"another lesion's; 0.5 chance), 95% CI from {summary['bootstrap']} bootstrap resamples of patients, "
+            "each with all its lesions ([—]: none, with a single patient). The "
             "oracle is the true PSR map; a method above it separates lesions from NAWM more than the truth does. "
             "Bias: mean (prediction − truth) of lesion PSR, and of the relative contrast 1 − lesion/pNAWM "
             "(negative: lesions flattened).",

@@ -3,7 +3,8 @@
 Data shape: a *per-session table* is a list of dicts, one per (method, held-out session), with keys
 `method`, `subject`, `session` (plus `fold` for cross-validation) and one float per metric (e.g. `psnr`, `ssim`,
 `mse`, `l1`, `ncc` from `image_metrics`). A summary is `{method: {metric: {"mean", "sd", "n_sessions", ...}}}`
-(`n_folds` too for cross-validation); paired tests are `{metric: {method: {"vs", "t", "p", "n", "significant"}}}`.
+(`n_folds` too for cross-validation); paired tests are
+`{metric: {method: {"vs", "t", "p", "n", "n_sessions", "significant"}}}`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from scipy.stats import ttest_rel
 from demist.atomic import atomic_write
 from demist.errors import DemistError
 from demist.evaluation.metrics import HIGHER_IS_BETTER, METRICS
+from demist.inference.base import row_source
 
 ROW_KEYS = ("method", "fold", "subject", "session")
 SESSION_KEYS = ("method", "subject", "session")
@@ -92,35 +94,48 @@ def summarise_sessions(per_session: Sequence[Mapping[str, object]], metrics: Seq
     return summary
 
 
+def _subject_means(rows: Mapping[tuple[str, str], Mapping[str, object]], keys: Sequence[tuple[str, str]],
+                   metric: str) -> np.ndarray:
+    """The metric averaged over each subject's sessions among `keys`, in the order of the subjects' first keys."""
+    by_subject: dict[str, list[float]] = defaultdict(list)
+    for subject, session in keys:
+        by_subject[subject].append(float(rows[(subject, session)][metric]))  # type: ignore[arg-type]
+    return np.array([np.mean(values) for values in by_subject.values()])
+
+
 def paired_tests(
     per_session: Sequence[Mapping[str, object]], metrics: Sequence[str] = METRICS, alpha: float = 0.05
 ) -> Tests:
     """Paired t-test (`scipy.stats.ttest_rel`) of each method against the best *other* method, per metric.
 
     "Best" is the highest mean over held-out sessions for psnr/ssim/ncc and the lowest for mse/l1 (metrics not in
-    `HIGHER_IS_BETTER` count as higher-is-better). Pairs are the sessions both methods scored. For the top method
-    the comparison is with the runner-up, so `significant` there means significantly better; for the others it
-    means significantly different from (worse than) the best.
+    `HIGHER_IS_BETTER` count as higher-is-better). A row holding the same method's samples (DEMIST and the mean of
+    its samples, `demist-meanK`) is not "other". Pairs are subjects: over the sessions both methods scored, each
+    subject's sessions are averaged first, because sessions of one subject share its anatomy and PSR level and are
+    not independent (`n` counts subjects, `n_sessions` sessions). `significant` means significantly different from
+    the method compared with (`vs`); read the direction from the sign of `t` (positive: better for psnr/ssim/ncc,
+    worse for mse/l1). Empty when no two rows are of different methods.
     """
     by_method = _metric_values(per_session, metrics, SESSION_KEYS)
-    if len(by_method) < 2:
-        return {metric: {} for metric in metrics}
+    if len({row_source(m) for m in by_method}) < 2:
+        return {}
     tests: Tests = {}
     for metric in metrics:
         sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
         score = {m: sign * np.mean([float(r[metric]) for r in rows.values()]) for m, rows in by_method.items()}
         tests[metric] = {}
         for method, rows in by_method.items():
-            other = max((m for m in by_method if m != method), key=lambda m: score[m])
+            other = max((m for m in by_method if row_source(m) != row_source(method)), key=lambda m: score[m])
             shared = sorted(rows.keys() & by_method[other].keys())
-            a = np.array([float(rows[key][metric]) for key in shared])  # type: ignore[arg-type]
-            b = np.array([float(by_method[other][key][metric]) for key in shared])  # type: ignore[arg-type]
+            a = _subject_means(rows, shared, metric)
+            b = _subject_means(by_method[other], shared, metric)
             t = p = float("nan")
-            if len(shared) >= 2 and np.all(np.isfinite(a - b)):
+            if len(a) >= 2 and np.all(np.isfinite(a - b)):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # identical columns: t and p are NaN
                     t, p = (float(v) for v in ttest_rel(a, b))
-            tests[metric][method] = {"vs": other, "t": t, "p": p, "n": len(shared), "significant": bool(p < alpha)}
+            tests[metric][method] = {"vs": other, "t": t, "p": p, "n": len(a), "n_sessions": len(shared),
+                                     "significant": bool(p < alpha)}
     return tests
 
 
@@ -151,7 +166,8 @@ def summary_markdown(
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     footnote = f"\n\nMean ± SD across {across}."
     if tests:
-        footnote += " * p < 0.05, paired t-test over the sessions both methods scored, against the best other method."
+        footnote += (" * p < 0.05, paired t-test against the best other method, over the subjects both scored "
+                         "(each subject's sessions averaged).")
     return "\n".join(lines) + footnote + "\n"
 
 
@@ -161,9 +177,10 @@ def write_summary_markdown(path: str | Path, summary: Summary, tests: Tests | No
 
 
 def write_summary_csv(path: str | Path, summary: Summary, tests: Tests | None = None) -> Path:
-    """Long-format CSV: method, metric, mean, sd, n_folds, n_sessions, vs, t, p, significant (test columns empty
-    without `tests`). Written atomically."""
-    columns = ["method", "metric", "mean", "sd", "n_folds", "n_sessions", "vs", "t", "p", "significant"]
+    """Long-format CSV: method, metric, mean, sd, n_folds, n_sessions, vs, n_subjects_tested, t, p, significant
+    (test columns empty without `tests`). Written atomically."""
+    columns = ["method", "metric", "mean", "sd", "n_folds", "n_sessions", "vs", "n_subjects_tested", "t", "p",
+               "significant"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -171,5 +188,6 @@ def write_summary_csv(path: str | Path, summary: Summary, tests: Tests | None = 
         for metric, entry in entries.items():
             test = (tests or {}).get(metric, {}).get(method, {})
             writer.writerow({"method": method, "metric": metric, **entry,
-                             **{key: test.get(key, "") for key in ("vs", "t", "p", "significant")}})
+                             **{key: test.get(key, "") for key in ("vs", "t", "p", "significant")},
+                             "n_subjects_tested": test.get("n", "")})
     return atomic_write(path, buf.getvalue())

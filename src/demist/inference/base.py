@@ -6,6 +6,7 @@ back to the native grid, writing files) is shared, so every method is run and ev
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +25,12 @@ MEAN_SAMPLES = 3
 def mean_row(samples: int, of: str = "demist") -> str:
     """The name of the row that averages `samples` samples per session of the row `of`."""
     return f"{of}-mean{samples}"
+
+
+def row_source(row: str) -> str:
+    """The method whose samples a row holds: `of` for `mean_row(k, of)`, the row itself otherwise."""
+    match = re.fullmatch(r"(.+)-mean\d+", row)
+    return match.group(1) if match else row
 
 
 class Synthesizer(Protocol):

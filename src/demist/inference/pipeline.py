@@ -125,5 +125,9 @@ def synthesize_files(
         progress=progress,
         names={"t1w": f"T1w image {t1w}", "flair": f"FLAIR image {flair}", "brain_mask": f"brain mask {mask}"},
     )
-    written = [] if result.std is None else [save_image(result.std, std_path_for(out))]
+    if result.std is None:
+        std_path_for(out).unlink(missing_ok=True)  # an earlier run's SD (overwritten) would not describe this map
+        written = []
+    else:
+        written = [save_image(result.std, std_path_for(out))]
     return [save_image(result.psr, out), *written]  # the map last: a batch counts a session done when it exists
