@@ -233,20 +233,26 @@ def test_auc_bootstrap_and_perfect_prediction_equals_oracle(tmp_path):
 
 
 def test_patient_bootstrap_resamples_whole_patients():
-    """Two patients whose lesions separate perfectly within each but not across: resampling lesions as if independent
-    gives a narrow CI, resampling patients one as wide as the two patients' own AUCs."""
-    lesion = np.r_[np.full(10, 0.10), np.full(10, 0.20)] + np.linspace(0, 0.001, 20)
-    nawm = np.r_[np.full(10, 0.15), np.full(10, 0.25)]
-    patients = ["sub-a"] * 10 + ["sub-b"] * 10
-    by_lesion = contrast_auc(lesion, nawm, nawm, n_boot=300, seed=1)["combined"]
-    by_patient = contrast_auc(lesion, nawm, nawm, n_boot=300, seed=1, patients=patients)["combined"]
-    assert by_patient["auc"] == by_lesion["auc"] == pytest.approx(0.75)
-    # each patient alone scores 1.0; both together 0.75 (patient b's lesions sit above patient a's NAWM)
-    assert by_patient["ci95"] == pytest.approx((0.75, 1.0))
-    assert by_lesion["ci95"][1] - by_lesion["ci95"][0] < 0.2
-    one = contrast_auc(lesion[:10], nawm[:10], nawm[:10], n_boot=300, patients=patients[:10])["combined"]
-    assert one["auc"] == 1.0 and np.isnan(one["ci95"][0]) and auc_text(one) == "1.000 [—]"
-    assert auc_text(by_patient) == "0.750 [0.750, 1.000]"
+    """Six patients whose lesions separate perfectly within each but not across (each patient has its own level):
+    resampling whole patients gives a wider CI than resampling lesions as if independent; with fewer than
+    MIN_BOOTSTRAP_PATIENTS patients there is no CI."""
+    from demist.evaluation.lesions import MIN_BOOTSTRAP_PATIENTS
+
+    levels = np.repeat(np.array([0.10, 0.20, 0.12, 0.18, 0.14, 0.16]), 8)
+    lesion = levels + np.tile(np.linspace(0, 0.004, 8), 6)
+    nawm = levels + 0.05
+    patients = np.repeat([f"sub-{i}" for i in range(6)], 8)
+    by_lesion = contrast_auc(lesion, nawm, nawm, n_boot=400, seed=1)["combined"]
+    by_patient = contrast_auc(lesion, nawm, nawm, n_boot=400, seed=1, patients=patients)["combined"]
+    assert by_patient["auc"] == by_lesion["auc"] < 1.0
+    width = {name: r["ci95"][1] - r["ci95"][0] for name, r in (("lesion", by_lesion), ("patient", by_patient))}
+    assert width["patient"] > width["lesion"] > 0
+    few = MIN_BOOTSTRAP_PATIENTS - 1
+    some = contrast_auc(lesion[: 8 * few], nawm[: 8 * few], nawm[: 8 * few], n_boot=400,
+                        patients=patients[: 8 * few])["combined"]
+    assert np.isnan(some["ci95"][0]) and auc_text(some) == f"{some['auc']:.3f} [—]"
+    low, high = by_patient["ci95"]
+    assert auc_text(by_patient) == f"{by_patient['auc']:.3f} [{low:.3f}, {high:.3f}]"
     with pytest.raises(DemistError, match="one per lesion"):
         contrast_auc(lesion, nawm, nawm, patients=patients[:5])
 

@@ -267,11 +267,17 @@ def _auc_with_ci(lesion: np.ndarray, references: np.ndarray, boot: Sequence[np.n
     return {"auc": auc, "ci95": (float(low), float(high)), "fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
+#: Fewer patients give no AUC interval: two patients have only three distinct resamples, and a percentile interval
+#: over so few is narrower than the lesion-level one it replaces, not wider.
+MIN_BOOTSTRAP_PATIENTS = 5
+
+
 def _patient_resamples(patients: np.ndarray, n_boot: int, seed: int) -> list[np.ndarray]:
-    """`n_boot` cluster-bootstrap resamples: patients drawn with replacement, each with all of its lesions. None with
-    a single patient, whose lesions share one map and one level and so are not independent draws."""
+    """`n_boot` cluster-bootstrap resamples: patients drawn with replacement, each with all of its lesions (one
+    patient's lesions share one map and one level, so they are not independent draws). None with fewer than
+    MIN_BOOTSTRAP_PATIENTS patients."""
     groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
-    if len(groups) < 2:
+    if len(groups) < MIN_BOOTSTRAP_PATIENTS:
         return []
     draws = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
     return [np.concatenate([groups[g] for g in draw]) for draw in draws]
@@ -289,8 +295,8 @@ def contrast_auc(
     against both pooled; each entry is {"auc", "ci95": (low, high), "fpr", "tpr"} with ROC points from
     `sklearn.metrics.roc_curve` for plotting and a percentile bootstrap CI over `n_boot` resamples. With `patients`
     (one label per lesion) the resamples draw patients, each with all its lesions and their references, and the CI
-    is NaN with fewer than two patients; without, they draw lesions as if independent. Use the same `seed` for every
-    method so they share resamples.
+    is NaN with fewer than MIN_BOOTSTRAP_PATIENTS patients; without, they draw lesions as if independent. Use the
+    same `seed` for every method so they share resamples.
     """
     columns = [np.asarray(v, dtype=np.float64).reshape(-1) for v in (lesion_means, pnawm_means, dnawm_means)]
     n = len(columns[0])
@@ -318,8 +324,8 @@ def contrast_auc(
 
 
 def auc_text(entry: Mapping[str, object]) -> str:
-    """"AUC [low, high]" of one `contrast_auc` entry; "[—]" where the CI is undefined (no resamples: a single
-    patient, or a bootstrap of 0)."""
+    """"AUC [low, high]" of one `contrast_auc` entry; "[—]" where the CI is undefined (no resamples: fewer than
+    MIN_BOOTSTRAP_PATIENTS patients, or a bootstrap of 0)."""
     low, high = entry["ci95"]  # type: ignore[misc]
     if low is None or not np.isfinite(low):
         return f"{entry['auc']:.3f} [—]"

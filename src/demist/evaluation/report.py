@@ -17,7 +17,7 @@ import numpy as np
 
 from demist.atomic import atomic_write
 from demist.evaluation.inputs import ORACLE
-from demist.evaluation.lesions import auc_text
+from demist.evaluation.lesions import MIN_BOOTSTRAP_PATIENTS, auc_text
 from demist.evaluation.metrics import METRICS
 from demist.evaluation.stats import summary_markdown
 
@@ -110,7 +110,7 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
             "lesion mirrored across the mid-sagittal plane). AUC: the ROC of lesion against NAWM regions over all "
             "patients' lesions, i.e. the probability that a lesion's mean PSR is below a NAWM region's (its own or "
             f"another lesion's; 0.5 chance), 95% CI from {summary['bootstrap']} bootstrap resamples of patients, "
-            "each with all its lesions ([—]: none, with a single patient). The "
+            f"each with all its lesions ([—]: none, with fewer than {MIN_BOOTSTRAP_PATIENTS} patients). The "
             "oracle is the true PSR map; a method above it separates lesions from NAWM more than the truth does. "
             "Bias: mean (prediction − truth) of lesion PSR, and of the relative contrast 1 − lesion/pNAWM "
             "(negative: lesions flattened).",
