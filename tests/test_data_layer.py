@@ -310,7 +310,7 @@ def test_a_flair_slab_that_leaves_out_most_of_the_brain_is_refused():
 def test_ras_view_shows_one_anatomy_whatever_the_storage_order():
     """The same volume stored as RAS and as a flipped, axis-swapped copy (its affine to match) looks the same in
     RAS view, and a voxel index follows it there."""
-    from demist.data.space import ras_view, ras_voxel
+    from demist.data.space import ras_view, ras_voxel, ras_voxel_size
 
     volume = np.random.default_rng(0).random((5, 6, 7))
     ras = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -322,3 +322,5 @@ def test_ras_view_shows_one_anatomy_whatever_the_storage_order():
     np.testing.assert_array_equal(ras_view(stored, swap), volume)
     np.testing.assert_array_equal(ras_view(volume, ras), volume)
     np.testing.assert_array_equal(ras_voxel(stored_ijk, stored.shape, swap), ijk)
+    stored_spacing = np.array([[0, -1.0, 0, 0], [0, 0, 2.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])  # stored axes S, L, A
+    np.testing.assert_array_equal(ras_voxel_size(stored_spacing), [1.0, 2.0, 3.0])

@@ -140,7 +140,7 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     from demist.data.manifest import load_manifest
     from demist.inference.batch import LOG_NAME
     from demist.inference.pipeline import synthesize_files
-    from demist.preprocessing.bids import PREPROC_T1W, psr_map_beside, psr_sidecar, write_psr_sidecar
+    from demist.preprocessing.bids import psr_map_beside, psr_sidecar, write_psr_sidecar
 
     def synthesize(record) -> None:
         record.require("t1w", "flair")
@@ -154,9 +154,12 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
     manifest = _bids_manifest(bids)
     records = load_manifest(manifest, require=(), check_files=False)  # a session with a missing file fails alone
     def done(record) -> bool:  # the map and its sidecar, written last; a misnamed T1w is left to fail in `synthesize`
-        if record.t1w is None or not record.t1w.name.endswith(PREPROC_T1W):
+        if record.t1w is None:
             return False
-        psr_map = psr_map_beside(record.t1w)
+        try:
+            psr_map = psr_map_beside(record.t1w)
+        except DemistError:
+            return False
         return psr_map.exists() and psr_sidecar(psr_map).exists()
 
     summary = run_batch(records, key=lambda r: r.key, done=done, work=synthesize, summary=BatchSummary(),

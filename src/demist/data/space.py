@@ -13,6 +13,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
+from demist.data.nifti import voxel_size
 from demist.errors import DemistError
 
 #: Two grids whose affines differ by less than this (mm) are the same grid.
@@ -169,6 +170,11 @@ def ras_view(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """`volume` with its axes permuted and flipped to the closest RAS orientation (for display: axis 2 is then
     inferior → superior, so `[:, :, z]` is an axial slice whatever order the scanner stored the voxels in)."""
     return nib.orientations.apply_orientation(np.asarray(volume), nib.orientations.io_orientation(affine))
+
+
+def ras_voxel_size(affine: np.ndarray) -> np.ndarray:
+    """The voxel size (mm) along each axis of `ras_view`."""
+    return voxel_size(affine)[nib.orientations.io_orientation(affine)[:, 0].argsort()]
 
 
 def ras_voxel(ijk: np.ndarray, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:

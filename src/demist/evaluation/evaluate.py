@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from demist.atomic import check_output_folder
 from demist.data.manifest import SessionRecord, load_manifest
-from demist.data.nifti import voxel_size
-from demist.data.space import ras_view, ras_voxel
+from demist.data.space import ras_view, ras_voxel, ras_voxel_size
 from demist.errors import DemistError
 from demist.evaluation.inputs import (
     ORACLE, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction, load_truth,
@@ -174,8 +172,7 @@ def _write_figures(out: Path, shown: FigureSession | None, found: Mapping[str, M
         logger.error("qualitative.png and error_map.png not drawn: %s", exc)
         return captions
     view = lambda volume: ras_view(volume, truth.affine)  # noqa: E731 - axial slices whatever the storage order
-    spacing = voxel_size(truth.affine)[nib.orientations.io_orientation(truth.affine)[:, 0].argsort()]  # RAS order
-    zoom = max(4, int(round(ZOOM_HALF_WIDTH_MM / float(spacing[:2].mean()))))
+    zoom = max(4, int(round(ZOOM_HALF_WIDTH_MM / float(ras_voxel_size(truth.affine)[:2].mean()))))
     shown_preds = {method: view(pred) for method, pred in preds.items()}
     plot_qualitative(view(t1w), view(flair), view(truth.psr), shown_preds, shown.centre, out / "qualitative.png",
                      zoom_half_width=zoom, lesion_mask=None if truth.lesion is None else view(truth.lesion))
@@ -256,7 +253,8 @@ def evaluate_predictions(
             shown = FigureSession(record, _view_centre(np.flatnonzero(truth.brain), truth.psr.shape,
                                                               truth.affine), 0)
 
-    unscored = [method for method in methods if not any(row["method"] == method for row in rows)]
+    scored = {row["method"] for row in rows}
+    unscored = [method for method in methods if method not in scored]
     if unscored:
         raise DemistError(f"{', '.join(unscored)}: no session could be scored ({_failures_text(unreadable)}); "
                           "expected readable true PSR maps and predictions")
