@@ -191,6 +191,19 @@ def test_flair_on_another_grid_is_resampled_into_t1w_space():
     assert error["coarse"] < 0.25 * error["misplaced"]
 
 
+def test_a_flair_on_another_grid_is_interpolated_once():
+    """A FLAIR stored on the model grid itself, beside an oblique T1w, arrives unchanged: it goes straight onto the
+    model grid, not through the T1w's oblique grid first (which would blur it a second time)."""
+    images = ellipsoid_session(affine=AFFINES["oblique"])
+    brain = images["brain_mask"]
+    grid = prepare_images(images["t1w"], images["flair"], CFG, brain=brain).grid
+    noise = np.random.default_rng(1).uniform(0.5, 1.5, grid.shape).astype(np.float32)  # detail a blur would show
+    session = prepare_images(images["t1w"], nib.Nifti1Image(noise, grid.affine), CFG, brain=brain)
+    region = scaling_region(session.brain, CFG.percentile_margin_mm / CFG.spacing)
+    lo, hi = np.percentile(noise[region], [CFG.percentile_low, CFG.percentile_high])
+    np.testing.assert_allclose(session.flair[session.brain], ((noise - lo) / (hi - lo))[session.brain], atol=1e-5)
+
+
 def test_images_that_do_not_overlap_are_refused():
     images = ellipsoid_session()
     far = images["flair"].affine.copy()

@@ -235,10 +235,30 @@ def test_one_unreadable_prediction_leaves_one_session_out(cohort, tmp_path):
     assert saved["lesion_contrast"]["sessions"] == ["ms1/a"]  # the patient's first session is still complete
 
 
+def test_an_unreadable_lesion_mask_costs_only_the_lesion_contrast(cohort, tmp_path):
+    """A corrupt optional mask leaves the session's image metrics in (skip mode) and is listed; strict, it raises."""
+    with open(cohort["manifest"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    broken = tmp_path / "lesion_mask.nii.gz"
+    broken.write_bytes(b"not a NIfTI")
+    rows[0]["lesion_mask"] = str(broken)  # ms1/a, the patient's first session
+    manifest = write_manifest(tmp_path / "manifest.csv", rows)
+    with pytest.raises(DemistError, match="ms1/a lesion_mask"):
+        evaluate_predictions(manifest, {"noisy": cohort["root"] / "noisy"}, tmp_path / "strict", progress=False)
+    summary = evaluate_predictions(manifest, {"noisy": cohort["root"] / "noisy"}, tmp_path / "out", progress=False,
+                                   skip_unreadable=True)
+    assert summary["counts"]["sessions"] == {"noisy": 3}
+    assert list(summary["counts"]["unreadable"]) == ["ms1/a"]
+    assert list(summary["counts"]["unreadable"]["ms1/a"]) == ["lesion_mask"]
+    assert "- Not readable, left out: ms1/a (lesion_mask)" in (tmp_path / "out" / "report.md").read_text()
+    assert not summary.get("lesion_contrast")  # the patient's first session has no lesions to compare
+
+
 @pytest.mark.parametrize("case, message", [
     ("no_files", "empty.*none of the 3 sessions"),
     ("not_a_folder", "ghost.*not a folder"),
     ("reserved_name", "oracle.*reserved"),
+    ("reserved_source", "'lesion_mask'.*reserved"),
     ("unknown_session", "ms1/zz.*not in the manifest"),
     ("psr_range", r"psr_range=0\.0; expected a positive PSR value"),
     ("out_is_a_file", "--out .*out: is a file; expected a folder"),
@@ -256,6 +276,8 @@ def test_bad_arguments_raise(cohort, tmp_path, case, message):
         predictions = {"ghost": tmp_path / "missing"}
     elif case == "reserved_name":
         predictions = {"oracle": cohort["root"] / "noisy"}
+    elif case == "reserved_source":  # the name under which an unreadable optional mask is listed
+        predictions = {"lesion_mask": cohort["root"] / "noisy"}
     elif case == "unknown_session":
         kwargs = {"sessions": ["ms1/zz"]}
     else:

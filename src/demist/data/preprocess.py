@@ -1,9 +1,11 @@
 """From a session's NIfTI files to model-ready arrays, and back to the T1w's native grid.
 
-The steps follow the paper: every image onto the T1w grid (resampled when it differs but overlaps), then one
-RAS-aligned isotropic model grid around the brain, padded to the networks' divisor; T1w and FLAIR scaled to [0, 1] by
-their 0–99.5th percentiles inside the brain (`tiny`: 1–99.5th, taken 4 mm inside the mask's edge); PSR divided by the
-fixed `psr_range`, so outputs map back to PSR units exactly. `ModelGrid.to_native` undoes the geometry.
+The steps follow the paper: every image onto the T1w's anatomy (refused when its field of view does not overlap the
+T1w's), then one RAS-aligned isotropic model grid around the brain, padded to the networks' divisor. An image on
+another grid than the T1w's goes straight onto the model grid, not through the T1w's grid first: one interpolation,
+not two. T1w and FLAIR are scaled to [0, 1] by their 0–99.5th percentiles inside the brain (`tiny`: 1–99.5th, taken
+4 mm inside the mask's edge); PSR is divided by the fixed `psr_range`, so outputs map back to PSR units exactly.
+`ModelGrid.to_native` undoes the geometry.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from demist.config_sections import DataConfig
 from demist.data.manifest import SessionRecord
 from demist.data.nifti import load_image, load_mask
 from demist.data.space import (ModelGrid, in_field_of_view, into_grid, model_grid_for, onto_model_grid,
-                               same_grid)
+                               require_overlap, same_grid)
 from demist.errors import DemistError
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def prepare_images(
     """Bring already-loaded images onto one model grid (see the module docstring)."""
     names = names or {}
     name = lambda k: names.get(k, f"{k} of {key}")  # noqa: E731 - a label for error messages
-    flair_native, flair = flair, into_grid(flair, t1w, name("flair"))
+    require_overlap(flair, t1w, name("flair"))
     brain_native = (
         np.asarray(into_grid(brain, t1w, name("brain_mask"), is_mask=True).dataobj) > 0
         if brain is not None
@@ -117,7 +119,7 @@ def prepare_images(
     )
     if not brain_native.any():
         raise DemistError(f"{name('brain_mask')}: no brain voxel inside the T1w's field of view")
-    check_brain_coverage(flair_native, t1w, brain_native, name("flair"))
+    check_brain_coverage(flair, t1w, brain_native, name("flair"))
     grid = model_grid_for(t1w, brain_native, cfg.spacing, cfg.divisor)
     brain_img = nib.Nifti1Image(brain_native.astype(np.uint8), t1w.affine)
     brain_m = onto_model_grid(brain_img, grid, is_mask=True)
@@ -133,11 +135,14 @@ def prepare_images(
     )
     if psr is not None:
         check_brain_coverage(psr, t1w, brain_native, name("psr"))
-        session.psr = onto_model_grid(into_grid(psr, t1w, name("psr")), grid) / np.float32(cfg.psr_range)
+        require_overlap(psr, t1w, name("psr"))
+        session.psr = onto_model_grid(psr, grid) / np.float32(cfg.psr_range)
     if lesion is not None:
-        session.lesion = onto_model_grid(into_grid(lesion, t1w, name("lesion_mask"), is_mask=True), grid, True)
+        require_overlap(lesion, t1w, name("lesion_mask"))
+        session.lesion = onto_model_grid(lesion, grid, is_mask=True)
     if wm is not None:
-        session.wm = onto_model_grid(into_grid(wm, t1w, name("wm_mask"), is_mask=True), grid, True)
+        require_overlap(wm, t1w, name("wm_mask"))
+        session.wm = onto_model_grid(wm, grid, is_mask=True)
     return session
 
 

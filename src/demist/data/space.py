@@ -49,16 +49,21 @@ def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
     return tuple(a.shape[:3]) == tuple(b.shape[:3]) and bool(np.allclose(a.affine, b.affine, atol=AFFINE_TOLERANCE_MM))
 
 
-def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_mask: bool = False) -> nib.Nifti1Image:
-    """`img` on `reference`'s grid: returned as is when the grids match, resampled when they overlap, else refused."""
-    if same_grid(img, reference):
-        return img
+def require_overlap(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str) -> None:
+    """Refuse an image whose field of view barely meets the reference's: not the same anatomy."""
     fraction = overlap_fraction(img, reference)
     if fraction < MIN_OVERLAP:
         raise DemistError(
             f"{what}: covers {fraction:.0%} of the reference image's physical space; expected the same anatomy "
             f"(check the affines: the images may not be co-registered)"
         )
+
+
+def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_mask: bool = False) -> nib.Nifti1Image:
+    """`img` on `reference`'s grid: returned as is when the grids match, resampled when they overlap, else refused."""
+    if same_grid(img, reference):
+        return img
+    require_overlap(img, reference, what)
     moved = resample_from_to(img if is_mask else _as_float(img), (reference.shape[:3], reference.affine),
                              order=0 if is_mask else 1, cval=0.0)
     if is_mask:

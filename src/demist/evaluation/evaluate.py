@@ -23,8 +23,8 @@ from demist.data.manifest import SessionRecord, load_manifest
 from demist.data.space import ras_view, ras_voxel, ras_voxel_size
 from demist.errors import DemistError
 from demist.evaluation.inputs import (
-    ORACLE, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction, load_truth,
-    session_plane,
+    ORACLE, TRUTH_FILES, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction,
+    load_truth, session_plane,
 )
 from demist.evaluation.lesions import (MIN_ROI_VOXELS, LesionROI, contrast_auc, lesion_bias, lesion_rois,
                                        roi_means)
@@ -82,7 +82,7 @@ def _session_rois(truth: SessionTruth, ring_mm: float, drops: Counter) -> list[L
     """The lesion ROIs of a patient session; empty (and logged) when masks are missing or hold no lesion."""
     key = truth.record.key
     if truth.lesion is None or truth.wm is None:
-        logger.warning("%s: no lesion_mask or wm_mask in the manifest; left out of the lesion contrast", key)
+        logger.warning("%s: no (readable) lesion_mask or wm_mask; left out of the lesion contrast", key)
         return []
     if not truth.lesion.any():
         logger.info("%s: the lesion mask is empty; no lesion contrast for this patient", key)
@@ -101,22 +101,25 @@ def _view_centre(flat_indices: np.ndarray, shape: tuple[int, ...], affine: np.nd
     return tuple(int(v) for v in on_slice[nearest])  # type: ignore[return-value]
 
 
-TRUTH_FILES = "(true maps)"  # the source of an unreadable file that is the session's truth, not a prediction
-
 
 def _load_session(record: SessionRecord, found: Mapping[str, Mapping[str, Path]],
                   unreadable: dict[str, dict[str, str]] | None) -> tuple[SessionTruth, dict[str, np.ndarray]] | None:
     """The session's truth and every prediction that could be read. With `unreadable` (a dict to fill), a file that
     cannot be read is logged and recorded there, so it leaves one session (or one method's session) out instead of
     the evaluation; without, its DemistError propagates."""
+    masks: dict[str, str] | None = None if unreadable is None else {}
     try:
-        truth = load_truth(record)
+        truth = load_truth(record, masks)
     except DemistError as exc:
         if unreadable is None:
             raise
         logger.error("%s: true maps not readable, session skipped: %s", record.key, exc)
         unreadable[record.key] = {TRUTH_FILES: str(exc)}
         return None
+    if masks:  # the session is still scored, without what those masks give
+        for column, why in masks.items():
+            logger.error("%s: %s not readable, left out of the lesion contrast: %s", record.key, column, why)
+        unreadable.setdefault(record.key, {}).update(masks)  # type: ignore[union-attr]
     preds = {}
     for method, files in found.items():
         if record.key in files:
@@ -204,7 +207,8 @@ def evaluate_predictions(
     `sessions` restricts the evaluation to "subject/session" keys. Sessions a method has no prediction for are
     logged and skipped. A file that cannot be read or placed on the truth's grid (a prediction that does not overlap
     it, a corrupt NIfTI) is a DemistError, unless `skip_unreadable`: then it leaves that session out for that method
-    (for every method when it is the truth), and is listed under counts["unreadable"] and in the report. A method
+    (for every method when it is the truth; an unreadable lesion or WM mask only leaves out the session's lesion
+    contrast), and is listed under counts["unreadable"] and in the report. A method
     with no prediction at all or none readable, or a manifest session without psr/brain_mask among the requested
     ones, is a DemistError.
     """

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 PREDICTION_NAME = "psr.nii.gz"
 ORACLE = "oracle"
 """The name under which the true PSR map enters the lesion-contrast comparison (reserved as a method name)."""
+TRUTH_FILES = "true maps"
+"""Where an evaluation lists an unreadable true PSR or brain mask, beside the methods' and the optional masks' names."""
+OPTIONAL_MASKS = ("lesion_mask", "wm_mask")
+RESERVED_NAMES = frozenset({ORACLE, TRUTH_FILES, *OPTIONAL_MASKS})
 CONTROL_GROUPS = frozenset({"hc", "control", "controls", "healthy"})
 """Manifest `group` values (any case) of healthy controls; every other group is a patient group."""
 
@@ -49,7 +53,7 @@ def find_predictions(
     found: dict[str, dict[str, Path]] = {}
     for method, folder in predictions.items():
         folder = Path(folder)
-        if not method or method == ORACLE:
+        if not method or method in RESERVED_NAMES:
             raise DemistError(f"prediction method name {method!r}: empty or reserved; expected another name")
         if not folder.is_dir():
             raise DemistError(f"predictions of {method} {folder}: not a folder; expected the --out-dir of "
@@ -95,18 +99,28 @@ def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: boo
     return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
 
 
-def load_truth(record: SessionRecord) -> SessionTruth:
-    """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them."""
+def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = None) -> SessionTruth:
+    """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them.
+
+    With `unreadable_masks` (a dict to fill), a lesion or WM mask that cannot be read is left out (None) and its
+    reason recorded under its column, so the session's image metrics survive it; without, its DemistError propagates.
+    """
     record.require("psr", "brain_mask")
     image = load_image(record.psr, f"{record.key} PSR")
     brain = load_on_grid(record.brain_mask, image, f"{record.key} brain mask", is_mask=True)
     if not brain.any():
         raise DemistError(f"{record.key} brain mask {record.brain_mask}: empty on the PSR grid; expected the brain")
-    optional = {
-        column: load_on_grid(getattr(record, column), image, f"{record.key} {column}", is_mask=True)
-        if getattr(record, column) is not None else None
-        for column in ("lesion_mask", "wm_mask")
-    }
+    optional: dict[str, np.ndarray | None] = {}
+    for column in OPTIONAL_MASKS:
+        path = getattr(record, column)
+        try:
+            optional[column] = None if path is None else load_on_grid(path, image, f"{record.key} {column}",
+                                                                      is_mask=True)
+        except DemistError as exc:
+            if unreadable_masks is None:
+                raise
+            unreadable_masks[column] = str(exc)
+            optional[column] = None
     return SessionTruth(record, image, np.asarray(image.dataobj, dtype=np.float32), brain,
                         optional["lesion_mask"], optional["wm_mask"])
 
