@@ -16,7 +16,7 @@ from demist.config import load_config
 from demist.data.manifest import load_manifest
 from demist.data.nifti import load_image, load_mask, save_image
 from demist.data.preprocess import prepare_images, prepare_session, psr_to_native, scaling_region
-from demist.data.space import into_grid
+from demist.data.space import onto_model_grid
 from demist.errors import DemistError
 
 CFG = load_config("tiny").data
@@ -173,7 +173,7 @@ def test_ras_input_on_the_model_spacing_is_not_interpolated():
     np.testing.assert_allclose(back.get_fdata(), images["psr"].get_fdata(), atol=1e-6)
 
 
-def test_flair_on_another_grid_is_resampled_into_t1w_space():
+def test_a_flair_on_another_grid_lands_on_the_t1w_anatomy():
     """The same anatomy on a grid cut 3 voxels later lands exactly where the FLAIR on the T1w's grid does; on a
     coarser grid it lands there up to the blur, far closer than the same data read 3 voxels off."""
     images = ellipsoid_session()
@@ -191,17 +191,23 @@ def test_flair_on_another_grid_is_resampled_into_t1w_space():
     assert error["coarse"] < 0.25 * error["misplaced"]
 
 
-def test_a_flair_on_another_grid_is_interpolated_once():
-    """A FLAIR stored on the model grid itself, beside an oblique T1w, arrives unchanged: it goes straight onto the
-    model grid, not through the T1w's oblique grid first (which would blur it a second time)."""
+def test_images_on_another_grid_are_interpolated_once():
+    """A FLAIR, a PSR map and a lesion mask stored on the model grid itself, beside an oblique T1w, arrive unchanged:
+    they go straight onto the model grid, not through the T1w's oblique grid first (a second blur)."""
     images = ellipsoid_session(affine=AFFINES["oblique"])
     brain = images["brain_mask"]
     grid = prepare_images(images["t1w"], images["flair"], CFG, brain=brain).grid
-    noise = np.random.default_rng(1).uniform(0.5, 1.5, grid.shape).astype(np.float32)  # detail a blur would show
-    session = prepare_images(images["t1w"], nib.Nifti1Image(noise, grid.affine), CFG, brain=brain)
+    rng = np.random.default_rng(1)
+    noise = rng.uniform(0.5, 1.5, grid.shape).astype(np.float32)  # detail that a second interpolation would blur
+    spots = (rng.uniform(size=grid.shape) < 0.1).astype(np.uint8)  # single voxels a second move would shift or lose
+    on_grid = lambda data: nib.Nifti1Image(data, grid.affine)  # noqa: E731
+    session = prepare_images(images["t1w"], on_grid(noise), CFG, brain=brain, psr=on_grid(noise * 0.1),
+                             lesion=on_grid(spots))
     region = scaling_region(session.brain, CFG.percentile_margin_mm / CFG.spacing)
     lo, hi = np.percentile(noise[region], [CFG.percentile_low, CFG.percentile_high])
     np.testing.assert_allclose(session.flair[session.brain], ((noise - lo) / (hi - lo))[session.brain], atol=1e-5)
+    np.testing.assert_allclose(session.psr, noise * np.float32(0.1 / CFG.psr_range), rtol=1e-5)
+    np.testing.assert_array_equal(session.lesion, spots > 0)
 
 
 def test_images_that_do_not_overlap_are_refused():
@@ -305,7 +311,8 @@ def test_an_integer_flair_on_another_grid_is_interpolated_in_floating_point():
     images = ellipsoid_session()
     coarse = nib.processing.resample_to_output(images["flair"], voxel_sizes=(2.0, 2.0, 4.0))
     as_int = nib.Nifti1Image(np.round(np.asarray(coarse.dataobj) * 100).astype(np.int16), coarse.affine)
-    moved = np.asarray(into_grid(as_int, images["t1w"], "flair").dataobj)
+    grid = prepare_images(images["t1w"], images["flair"], CFG).grid
+    moved = onto_model_grid(as_int, grid)
     assert moved.dtype == np.float32
     assert np.any(np.abs(moved - np.round(moved)) > 0.25)  # halfway between two slices, not rounded to an integer
 
@@ -337,3 +344,19 @@ def test_ras_view_shows_one_anatomy_whatever_the_storage_order():
     np.testing.assert_array_equal(ras_voxel(stored_ijk, stored.shape, swap), ijk)
     stored_spacing = np.array([[0, -1.0, 0, 0], [0, 0, 2.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])  # stored axes S, L, A
     np.testing.assert_array_equal(ras_voxel_size(stored_spacing), [1.0, 2.0, 3.0])
+
+
+def test_cohort_summary_reads_masks_stored_on_another_grid(tmp_path):
+    """A lesion mask stored on a larger grid (the same anatomy, 3 more voxels on every side) gives the same lesion
+    volume and PSR means as the one on the PSR map's grid."""
+    from helpers import two_subject_manifest
+    from demist.data.summary import cohort_summary
+
+    manifest = two_subject_manifest(tmp_path)
+    before = cohort_summary(manifest)
+    path = tmp_path / "s1" / "a" / "lesion_mask.nii.gz"
+    mask = load_image(path)
+    shift = np.eye(4)
+    shift[:3, 3] = -3  # voxel 0 of the padded grid is voxel -3 of the old one
+    save_image(nib.Nifti1Image(np.pad(np.asarray(mask.dataobj), 3), mask.affine @ shift), path)
+    assert cohort_summary(manifest) == before

@@ -241,7 +241,7 @@ def test_an_unreadable_lesion_mask_costs_only_the_lesion_contrast(cohort, tmp_pa
         rows = list(csv.DictReader(f))
     broken = tmp_path / "lesion_mask.nii.gz"
     broken.write_bytes(b"not a NIfTI")
-    rows[0]["lesion_mask"] = str(broken)  # ms1/a, the patient's first session
+    original, rows[0]["lesion_mask"] = rows[0]["lesion_mask"], str(broken)  # ms1/a, the patient's first session
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
     with pytest.raises(DemistError, match="ms1/a lesion_mask"):
         evaluate_predictions(manifest, {"noisy": cohort["root"] / "noisy"}, tmp_path / "strict", progress=False)
@@ -250,8 +250,13 @@ def test_an_unreadable_lesion_mask_costs_only_the_lesion_contrast(cohort, tmp_pa
     assert summary["counts"]["sessions"] == {"noisy": 3}
     assert list(summary["counts"]["unreadable"]) == ["ms1/a"]
     assert list(summary["counts"]["unreadable"]["ms1/a"]) == ["lesion_mask"]
-    assert "- Not readable, left out: ms1/a (lesion_mask)" in (tmp_path / "out" / "report.md").read_text()
+    assert "- Not readable, lesion contrast out: ms1/a (lesion_mask)" in (tmp_path / "out" / "report.md").read_text()
     assert not summary.get("lesion_contrast")  # the patient's first session has no lesions to compare
+    assert (tmp_path / "out" / "qualitative.png").is_file()  # drawn on that session, without the lesion outline
+    rows[0]["lesion_mask"], rows[2]["lesion_mask"] = original, str(broken)  # now the control's is broken
+    manifest = write_manifest(tmp_path / "manifest2.csv", rows)
+    summary = evaluate_predictions(manifest, {"noisy": cohort["root"] / "noisy"}, tmp_path / "out2", progress=False)
+    assert summary["counts"]["unreadable"] == {} and summary["lesion_contrast"]  # no lesion contrast reads it
 
 
 @pytest.mark.parametrize("case, message", [

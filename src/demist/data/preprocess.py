@@ -1,11 +1,12 @@
 """From a session's NIfTI files to model-ready arrays, and back to the T1w's native grid.
 
 The steps follow the paper: every image onto the T1w's anatomy (refused when its field of view does not overlap the
-T1w's), then one RAS-aligned isotropic model grid around the brain, padded to the networks' divisor. An image on
-another grid than the T1w's goes straight onto the model grid, not through the T1w's grid first: one interpolation,
-not two. T1w and FLAIR are scaled to [0, 1] by their 0–99.5th percentiles inside the brain (`tiny`: 1–99.5th, taken
-4 mm inside the mask's edge); PSR is divided by the fixed `psr_range`, so outputs map back to PSR units exactly.
-`ModelGrid.to_native` undoes the geometry.
+T1w's), then one RAS-aligned isotropic model grid around the brain, padded to the networks' divisor. A FLAIR, PSR map
+or lesion/WM mask on another grid than the T1w's goes straight onto the model grid, not through the T1w's grid first:
+one interpolation, not two. (The brain mask alone goes through the T1w's grid: the native brain sets the model grid
+and where outputs are zero.) T1w and FLAIR are scaled to [0, 1] by their 0–99.5th percentiles inside the brain
+(`tiny`: 1–99.5th, taken 4 mm inside the mask's edge); PSR is divided by the fixed `psr_range`, so outputs map back
+to PSR units exactly. `ModelGrid.to_native` undoes the geometry.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def prepare_images(
         grid=grid,
     )
     if psr is not None:
-        check_brain_coverage(psr, t1w, brain_native, name("psr"))
         require_overlap(psr, t1w, name("psr"))
+        check_brain_coverage(psr, t1w, brain_native, name("psr"))
         session.psr = onto_model_grid(psr, grid) / np.float32(cfg.psr_range)
     if lesion is not None:
         require_overlap(lesion, t1w, name("lesion_mask"))

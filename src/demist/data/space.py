@@ -145,7 +145,7 @@ def model_grid_for(reference: nib.Nifti1Image, brain: np.ndarray, spacing: float
 
 
 def onto_model_grid(img: nib.Nifti1Image, grid: ModelGrid, is_mask: bool = False) -> np.ndarray:
-    """Resample a native-grid image onto the model grid."""
+    """Resample an image on any grid that overlaps the session's onto the model grid (trilinear; masks nearest)."""
     moved = resample_from_to(img if is_mask else _as_float(img), (grid.shape, grid.affine),
                              order=0 if is_mask else 1, cval=0.0)
     data = np.asarray(moved.dataobj)

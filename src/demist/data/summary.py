@@ -9,6 +9,7 @@ import numpy as np
 
 from demist.data.manifest import load_manifest, subjects_of
 from demist.data.nifti import load_image
+from demist.data.space import into_grid
 
 
 def cohort_summary(manifest: str | Path) -> str:
@@ -25,11 +26,13 @@ def cohort_summary(manifest: str | Path) -> str:
         if r.psr is None or r.wm_mask is None or r.lesion_mask is None:
             lines.append(f"{r.key:<20}{r.group:<7}{'(no PSR or masks)':>35}")
             continue
-        psr = np.asarray(load_image(r.psr, "psr").dataobj)
-        lesion_img = load_image(r.lesion_mask, "lesion_mask")
-        lesion = np.asarray(lesion_img.dataobj) > 0.5
-        wm = np.asarray(load_image(r.wm_mask, "wm_mask").dataobj) > 0.5
-        voxel_ml = abs(np.linalg.det(lesion_img.affine[:3, :3])) / 1000.0
+        psr_img = load_image(r.psr, f"psr of {r.key}")
+        psr = np.asarray(psr_img.dataobj)
+        on_psr = lambda path, what: np.asarray(  # noqa: E731 - a mask may be stored on another grid
+            into_grid(load_image(path, what), psr_img, what, is_mask=True).dataobj) > 0.5
+        lesion = on_psr(r.lesion_mask, f"lesion_mask of {r.key}")
+        wm = on_psr(r.wm_mask, f"wm_mask of {r.key}")
+        voxel_ml = abs(np.linalg.det(psr_img.affine[:3, :3])) / 1000.0
         nawm = psr[wm & ~lesion].mean() if (wm & ~lesion).any() else float("nan")
         les = f"{psr[lesion].mean():.4f}" if lesion.any() else "-"
         lines.append(f"{r.key:<20}{r.group:<7}{lesion.sum() * voxel_ml:>13.2f}{nawm:>10.4f}{les:>12}")

@@ -101,25 +101,26 @@ def _view_centre(flat_indices: np.ndarray, shape: tuple[int, ...], affine: np.nd
     return tuple(int(v) for v in on_slice[nearest])  # type: ignore[return-value]
 
 
-
 def _load_session(record: SessionRecord, found: Mapping[str, Mapping[str, Path]],
-                  unreadable: dict[str, dict[str, str]] | None) -> tuple[SessionTruth, dict[str, np.ndarray]] | None:
-    """The session's truth and every prediction that could be read. With `unreadable` (a dict to fill), a file that
-    cannot be read is logged and recorded there, so it leaves one session (or one method's session) out instead of
-    the evaluation; without, its DemistError propagates."""
+                  unreadable: dict[str, dict[str, str]] | None,
+                  lesion_contrast: bool) -> tuple[SessionTruth, dict[str, np.ndarray]] | None:
+    """The session's truth (its lesion and WM masks only for the `lesion_contrast`) and every prediction that could
+    be read. With `unreadable` (a dict to fill), a file that cannot be read is logged and recorded there, so it
+    leaves one session (or one method's session, or one session's lesion contrast) out instead of the evaluation;
+    without, its DemistError propagates."""
     masks: dict[str, str] | None = None if unreadable is None else {}
     try:
-        truth = load_truth(record, masks)
+        truth = load_truth(record, masks, masks=lesion_contrast)
     except DemistError as exc:
         if unreadable is None:
             raise
         logger.error("%s: true maps not readable, session skipped: %s", record.key, exc)
         unreadable[record.key] = {TRUTH_FILES: str(exc)}
         return None
-    if masks:  # the session is still scored, without what those masks give
+    if masks and unreadable is not None:  # the session is still scored, without its lesion contrast
         for column, why in masks.items():
             logger.error("%s: %s not readable, left out of the lesion contrast: %s", record.key, column, why)
-        unreadable.setdefault(record.key, {}).update(masks)  # type: ignore[union-attr]
+        unreadable.setdefault(record.key, {}).update(masks)
     preds = {}
     for method, files in found.items():
         if record.key in files:
@@ -167,7 +168,7 @@ def _write_figures(out: Path, shown: FigureSession | None, found: Mapping[str, M
         return captions
     record = shown.record
     try:  # the session's own files were read once already; the inputs shown beside them were not
-        truth = load_truth(record)
+        truth = load_truth(record, {})  # its lesion mask is only an outline on the figure: shown if readable
         t1w = load_on_grid(record.t1w, truth.image, f"{record.key} T1w")
         flair = load_on_grid(record.flair, truth.image, f"{record.key} FLAIR")
         preds = {method: load_prediction(files[record.key], truth, method) for method, files in found.items()}
@@ -231,7 +232,7 @@ def evaluate_predictions(
     shown: FigureSession | None = None
     unreadable: dict[str, dict[str, str]] = {}  # {"subject/session": {TRUTH_FILES or method: reason}}
     for record in tqdm(evaluated, desc="evaluating", unit="session", disable=not progress):
-        loaded = _load_session(record, found, unreadable if skip_unreadable else None)
+        loaded = _load_session(record, found, unreadable if skip_unreadable else None, record.key in lesion_keys)
         if loaded is None:
             continue
         truth, preds = loaded

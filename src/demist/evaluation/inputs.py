@@ -99,8 +99,10 @@ def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: boo
     return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
 
 
-def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = None) -> SessionTruth:
-    """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them.
+def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = None,
+               masks: bool = True) -> SessionTruth:
+    """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them
+    (unless `masks` is False: then they are not read, and are None).
 
     With `unreadable_masks` (a dict to fill), a lesion or WM mask that cannot be read is left out (None) and its
     reason recorded under its column, so the session's image metrics survive it; without, its DemistError propagates.
@@ -114,8 +116,8 @@ def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = 
     for column in OPTIONAL_MASKS:
         path = getattr(record, column)
         try:
-            optional[column] = None if path is None else load_on_grid(path, image, f"{record.key} {column}",
-                                                                      is_mask=True)
+            optional[column] = (None if path is None or not masks
+                                else load_on_grid(path, image, f"{record.key} {column}", is_mask=True))
         except DemistError as exc:
             if unreadable_masks is None:
                 raise

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from demist.atomic import atomic_write
-from demist.evaluation.inputs import ORACLE
+from demist.evaluation.inputs import OPTIONAL_MASKS, ORACLE
 from demist.evaluation.lesions import MIN_BOOTSTRAP_PATIENTS, auc_text
 from demist.evaluation.metrics import METRICS
 from demist.evaluation.stats import summary_markdown
@@ -78,7 +78,7 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
         f"Manifest: `{summary['manifest']}`. Sessions evaluated per method: {sessions} "
         f"({counts['subjects']} subjects).",
         "",
-        *[f"- Not readable, left out: {key} ({source}): {why}"
+        *[f"- Not readable, {'lesion contrast' if source in OPTIONAL_MASKS else 'left'} out: {key} ({source}): {why}"
           for key, failed in counts.get("unreadable", {}).items() for source, why in failed.items()],
         *([""] if counts.get("unreadable") else []),
         "## Image similarity inside the brain mask",
