@@ -108,19 +108,19 @@ def _load_session(record: SessionRecord, found: Mapping[str, Mapping[str, Path]]
     be read. With `unreadable` (a dict to fill), a file that cannot be read is logged and recorded there, so it
     leaves one session (or one method's session, or one session's lesion contrast) out instead of the evaluation;
     without, its DemistError propagates."""
-    masks: dict[str, str] | None = None if unreadable is None else {}
+    bad_masks: dict[str, str] | None = None if unreadable is None else {}
     try:
-        truth = load_truth(record, masks, masks=lesion_contrast)
+        truth = load_truth(record, bad_masks, masks=lesion_contrast)
     except DemistError as exc:
         if unreadable is None:
             raise
         logger.error("%s: true maps not readable, session skipped: %s", record.key, exc)
         unreadable[record.key] = {TRUTH_FILES: str(exc)}
         return None
-    if masks and unreadable is not None:  # the session is still scored, without its lesion contrast
-        for column, why in masks.items():
+    if bad_masks and unreadable is not None:  # the session is still scored, without its lesion contrast
+        for column, why in bad_masks.items():
             logger.error("%s: %s not readable, left out of the lesion contrast: %s", record.key, column, why)
-        unreadable.setdefault(record.key, {}).update(masks)
+        unreadable.setdefault(record.key, {}).update(bad_masks)
     preds = {}
     for method, files in found.items():
         if record.key in files:
@@ -209,9 +209,8 @@ def evaluate_predictions(
     logged and skipped. A file that cannot be read or placed on the truth's grid (a prediction that does not overlap
     it, a corrupt NIfTI) is a DemistError, unless `skip_unreadable`: then it leaves that session out for that method
     (for every method when it is the truth; an unreadable lesion or WM mask only leaves out the session's lesion
-    contrast), and is listed under counts["unreadable"] and in the report. A method
-    with no prediction at all or none readable, or a manifest session without psr/brain_mask among the requested
-    ones, is a DemistError.
+    contrast), and is listed under counts["unreadable"] and in the report. A method with no prediction at all or none
+    readable, or a manifest session without psr/brain_mask among the requested ones, is a DemistError.
     """
     _check_arguments(psr_range, ring_mm, bootstrap)
     out = check_output_folder(out, "--out", "a folder for the evaluation's files")
