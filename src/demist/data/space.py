@@ -6,15 +6,19 @@ neighbour for masks, zero outside the source's field of view.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from demist.data.nifti import voxel_size
+from demist.data.nifti import load_image, voxel_size
 from demist.errors import DemistError
+
+logger = logging.getLogger(__name__)
 
 #: Two grids whose affines differ by less than this (mm) are the same grid.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -69,6 +73,18 @@ def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_ma
     if is_mask:
         return nib.Nifti1Image((np.asarray(moved.dataobj) > 0.5).astype(np.uint8), reference.affine)
     return nib.Nifti1Image(np.asarray(moved.dataobj, dtype=np.float32), reference.affine)
+
+
+def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: bool = False,
+                 onto: str = "the reference image") -> np.ndarray:
+    """The volume at `path` on `reference`'s grid (`into_grid`; bool for masks, float32 otherwise); a resampling
+    is logged, naming the reference as `onto`."""
+    image = load_image(path, what)
+    if not same_grid(image, reference):
+        logger.warning("%s %s: not on the grid of %s; resampling it (%s)", what, path, onto,
+                       "nearest neighbour" if is_mask else "trilinear")
+    data = np.asarray(into_grid(image, reference, f"{what} image {path}", is_mask=is_mask).dataobj)
+    return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)

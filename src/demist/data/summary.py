@@ -9,7 +9,7 @@ import numpy as np
 
 from demist.data.manifest import load_manifest, subjects_of
 from demist.data.nifti import load_image
-from demist.data.space import into_grid
+from demist.data.space import load_on_grid
 
 
 def cohort_summary(manifest: str | Path) -> str:
@@ -28,10 +28,8 @@ def cohort_summary(manifest: str | Path) -> str:
             continue
         psr_img = load_image(r.psr, f"psr of {r.key}")
         psr = np.asarray(psr_img.dataobj)
-        on_psr = lambda path, what: np.asarray(  # noqa: E731 - a mask may be stored on another grid
-            into_grid(load_image(path, what), psr_img, what, is_mask=True).dataobj) > 0.5
-        lesion = on_psr(r.lesion_mask, f"lesion_mask of {r.key}")
-        wm = on_psr(r.wm_mask, f"wm_mask of {r.key}")
+        lesion = load_on_grid(r.lesion_mask, psr_img, f"lesion_mask of {r.key}", is_mask=True, onto="the PSR map")
+        wm = load_on_grid(r.wm_mask, psr_img, f"wm_mask of {r.key}", is_mask=True, onto="the PSR map")
         voxel_ml = abs(np.linalg.det(psr_img.affine[:3, :3])) / 1000.0
         nawm = psr[wm & ~lesion].mean() if (wm & ~lesion).any() else float("nan")
         les = f"{psr[lesion].mean():.4f}" if lesion.any() else "-"

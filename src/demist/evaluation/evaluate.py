@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from demist.atomic import check_output_folder
 from demist.data.manifest import SessionRecord, load_manifest
-from demist.data.space import ras_view, ras_voxel, ras_voxel_size
+from demist.data.space import load_on_grid, ras_view, ras_voxel, ras_voxel_size
 from demist.errors import DemistError
 from demist.evaluation.inputs import (
-    ORACLE, TRUTH_FILES, SessionTruth, find_predictions, first_patient_sessions, load_on_grid, load_prediction,
+    ORACLE, TRUTH_FILES, TRUTH_GRID, SessionTruth, find_predictions, first_patient_sessions, load_prediction,
     load_truth, session_plane,
 )
 from demist.evaluation.lesions import (MIN_ROI_VOXELS, LesionROI, contrast_auc, lesion_bias, lesion_rois,
@@ -169,8 +169,8 @@ def _write_figures(out: Path, shown: FigureSession | None, found: Mapping[str, M
     record = shown.record
     try:  # the session's own files were read once already; the inputs shown beside them were not
         truth = load_truth(record, {})  # its lesion mask is only an outline on the figure: shown if readable
-        t1w = load_on_grid(record.t1w, truth.image, f"{record.key} T1w")
-        flair = load_on_grid(record.flair, truth.image, f"{record.key} FLAIR")
+        t1w = load_on_grid(record.t1w, truth.image, f"{record.key} T1w", onto=TRUTH_GRID)
+        flair = load_on_grid(record.flair, truth.image, f"{record.key} FLAIR", onto=TRUTH_GRID)
         preds = {method: load_prediction(files[record.key], truth, method) for method, files in found.items()}
     except DemistError as exc:
         logger.error("qualitative.png and error_map.png not drawn: %s", exc)
@@ -229,7 +229,7 @@ def evaluate_predictions(
     used_lesion_keys: list[str] = []
     drops: Counter = Counter()  # lesions left out of the contrast, by the region that was too small
     shown: FigureSession | None = None
-    unreadable: dict[str, dict[str, str]] = {}  # {"subject/session": {TRUTH_FILES or method: reason}}
+    unreadable: dict[str, dict[str, str]] = {}  # {"subject/session": {TRUTH_FILES, a method or a mask column: reason}}
     for record in tqdm(evaluated, desc="evaluating", unit="session", disable=not progress):
         loaded = _load_session(record, found, unreadable if skip_unreadable else None, record.key in lesion_keys)
         if loaded is None:
@@ -254,8 +254,8 @@ def evaluate_predictions(
                 centre = _view_centre(largest.lesion, truth.psr.shape, truth.affine)
                 shown = FigureSession(record, centre, int(largest.lesion.size))
         elif shown is None and complete:
-            shown = FigureSession(record, _view_centre(np.flatnonzero(truth.brain), truth.psr.shape,
-                                                              truth.affine), 0)
+            centre = _view_centre(np.flatnonzero(truth.brain), truth.psr.shape, truth.affine)
+            shown = FigureSession(record, centre, 0)
 
     scored = {row["method"] for row in rows}
     unscored = [method for method in methods if method not in scored]

@@ -18,7 +18,7 @@ import numpy as np
 
 from demist.data.manifest import SessionRecord
 from demist.data.nifti import load_image
-from demist.data.space import into_grid, same_grid
+from demist.data.space import load_on_grid
 from demist.errors import DemistError
 from demist.evaluation.lesions import Plane
 
@@ -30,6 +30,7 @@ ORACLE = "oracle"
 TRUTH_FILES = "true maps"
 """Where an evaluation lists an unreadable true PSR or brain mask, beside the methods' and the optional masks' names."""
 OPTIONAL_MASKS = ("lesion_mask", "wm_mask")
+TRUTH_GRID = "the true PSR map"  # the grid every evaluated volume is brought onto
 RESERVED_NAMES = frozenset({ORACLE, TRUTH_FILES, *OPTIONAL_MASKS})
 CONTROL_GROUPS = frozenset({"hc", "control", "controls", "healthy"})
 """Manifest `group` values (any case) of healthy controls; every other group is a patient group."""
@@ -89,16 +90,6 @@ class SessionTruth:
         return self.image.affine
 
 
-def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: bool = False) -> np.ndarray:
-    """A volume on `reference`'s grid (bool for masks, float32 otherwise); a resampling is logged."""
-    image = load_image(path, what)
-    if not same_grid(image, reference):
-        logger.warning("%s %s: not on the grid of the true PSR map; resampling it (%s)", what, path,
-                       "nearest neighbour" if is_mask else "trilinear")
-    data = np.asarray(into_grid(image, reference, f"{what} image {path}", is_mask=is_mask).dataobj)
-    return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
-
-
 def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = None,
                masks: bool = True) -> SessionTruth:
     """The session's true PSR and brain mask (both required), and its lesion and WM masks if the manifest has them
@@ -109,7 +100,7 @@ def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = 
     """
     record.require("psr", "brain_mask")
     image = load_image(record.psr, f"{record.key} PSR")
-    brain = load_on_grid(record.brain_mask, image, f"{record.key} brain mask", is_mask=True)
+    brain = load_on_grid(record.brain_mask, image, f"{record.key} brain mask", is_mask=True, onto=TRUTH_GRID)
     if not brain.any():
         raise DemistError(f"{record.key} brain mask {record.brain_mask}: empty on the PSR grid; expected the brain")
     optional: dict[str, np.ndarray | None] = {}
@@ -117,7 +108,7 @@ def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = 
         path = getattr(record, column)
         try:
             optional[column] = (None if path is None or not masks
-                                else load_on_grid(path, image, f"{record.key} {column}", is_mask=True))
+                                else load_on_grid(path, image, f"{record.key} {column}", is_mask=True, onto=TRUTH_GRID))
         except DemistError as exc:
             if unreadable_masks is None:
                 raise
@@ -129,7 +120,7 @@ def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = 
 
 def load_prediction(path: Path, truth: SessionTruth, method: str) -> np.ndarray:
     """A method's PSR map for the session of `truth`, on the truth's grid (float32, PSR units)."""
-    return load_on_grid(path, truth.image, f"{method} prediction for {truth.record.key}")
+    return load_on_grid(path, truth.image, f"{method} prediction for {truth.record.key}", onto=TRUTH_GRID)
 
 
 def session_plane(record: SessionRecord) -> Plane | None:
