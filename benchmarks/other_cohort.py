@@ -6,6 +6,9 @@ D_PSR(E_PSR(y)); aligned-condition: D_PSR(z_c)) synthesize every session through
 `demist evaluate` scores them. Nothing is retrained: this is the demo's generalisation, not a new split.
 
     python benchmarks/other_cohort.py --demo demo --out /tmp/other [--cohort-seed 77] [--cohort-subjects 8]
+    python benchmarks/other_cohort.py --demo demo --out /tmp/other --also subpixel=/tmp/recipe/runs/subpixel-hint
+
+`--also NAME=RUN` scores another DEMIST run (e.g. a `benchmarks/stage2_recipe.py` variant) beside the demo's.
 """
 
 from __future__ import annotations
@@ -30,19 +33,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Folder for the cohort, predictions and evaluation.")
     parser.add_argument("--cohort-seed", type=int, default=77, help="Seed of the new cohort (not the demo's).")
     parser.add_argument("--cohort-subjects", type=int, default=8)
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=RUN",
+                        help="Another DEMIST run to score beside the demo's (repeatable).")
     args = parser.parse_args()
     if args.cohort_seed in (args.seed, PRIOR_SEED):
         parser.error(f"--cohort-seed {args.cohort_seed}: the demo's or the prior's cohort; expected another seed")
     demo = finished_demo(args)
+    also = dict(item.split("=", 1) for item in args.also if "=" in item)
+    if len(also) != len(args.also):
+        parser.error(f"--also {args.also}: expected NAME=RUN")
     print("load average (1, 5, 15 min) at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
 
     demist = load_synthesizer(demo.run("demist"), device="cpu")
     manifest = generate_cohort(args.out / "cohort", args.cohort_subjects, demist.config.data.spacing,
                                args.cohort_seed, progress=False)
-    rows = {name: args.out / "predictions" / name for name in ("demist", "ridge", "ae-ceiling", "aligned-condition")}
-    for name in ("demist", "ridge"):
-        synthesizer = demist if name == "demist" else load_synthesizer(demo.run(name), device="cpu")
+    rows = {name: args.out / "predictions" / name
+            for name in ("demist", *also, "ridge", "ae-ceiling", "aligned-condition")}
+    for name in ("demist", *also, "ridge"):
+        synthesizer = (demist if name == "demist" else
+                       load_synthesizer(also[name] if name in also else demo.run(name), device="cpu"))
         print(f"{name}: {synthesize_manifest(synthesizer, manifest, rows[name], progress=False)}", flush=True)
     references = synthesize_references(demist, manifest, {k: rows[k] for k in ("ae-ceiling", "aligned-condition")})
     for name, summary in references.items():

@@ -35,6 +35,7 @@ from finished_demo import add_demo_arguments, chosen, finished_demo, lesion_auc
 VARIANTS = {
     "recipe": {},
     "image-hint": {"controlnet_hint": "latent+image"},
+    "subpixel-hint": {"controlnet_hint": "latent+subpixel"},
     "no-output-head": {"controlnet_output_head": False},
     "paper-init": {"controlnet_gate_init": "zero", "zero_init_lr_scale": 1.0},
     "no-lora-wo": {"lora_output_projection": False},

@@ -61,7 +61,7 @@ def brain_session(key: str, shape=(20, 18, 16), seed: int = 0) -> PreparedSessio
     brain = np.zeros(shape, bool)
     brain[5:15, 4:14, 3:12] = True
     image = lambda: (rng.random(shape) * brain).astype(np.float32)  # noqa: E731
-    return PreparedSession(key=key, t1w=image(), flair=image(), brain=brain, grid=None, psr=image())
+    return PreparedSession(key=key, t1w=image(), flair=image(), brain=brain, grid=None, native_brain=brain, psr=image())
 
 
 def oblique_affine(spacing=(1.7, 1.7, 2.3)) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -62,8 +64,7 @@ def test_ridge_recovers_a_known_linear_map(sessions):
     for session in sessions[:2]:
         volumes = iter_feature_volumes(session, spec)
         target = intercept + sum(w * v.astype(np.float64) for w, (_, v) in zip(weights, volumes))
-        train.append(PreparedSession(key=session.key, t1w=session.t1w, flair=session.flair, brain=session.brain,
-                                     grid=session.grid, psr=np.where(session.brain, target, 0.0)))
+        train.append(dataclasses.replace(session, psr=np.where(session.brain, target, 0.0)))
     model = fit_ridge(train, CONFIG, seed=0, spec=spec, alphas=(1e-12,))
     np.testing.assert_allclose(model.coef, weights, atol=1e-6)
     assert model.intercept == pytest.approx(intercept, abs=1e-6)
@@ -126,16 +127,14 @@ def test_constant_predicts_the_training_mean_and_round_trips(sessions, tmp_path)
 
 
 def test_fitting_uses_only_the_given_sessions(sessions):
-    shifted = PreparedSession(key="sub9/a", t1w=sessions[1].t1w, flair=sessions[1].flair, brain=sessions[1].brain,
-                              grid=sessions[1].grid, psr=sessions[1].psr + np.float32(0.5) * sessions[1].brain)
+    shifted = dataclasses.replace(sessions[1], key="sub9/a", psr=sessions[1].psr + np.float32(0.5) * sessions[1].brain)
     alone = fit_constant([sessions[0]], CONFIG, seed=0)
     assert alone.value == pytest.approx(float(sessions[0].psr[sessions[0].brain].astype(np.float64).mean()))
     assert fit_constant([sessions[0], shifted], CONFIG, seed=0).value > alone.value + 0.1
     ridge_alone = fit_ridge([sessions[0]], CONFIG, seed=0)
     assert ridge_alone.training["sessions"] == [sessions[0].key]
     assert not np.allclose(fit_ridge([sessions[0], shifted], CONFIG, seed=0).intercept, ridge_alone.intercept)
-    no_target = PreparedSession(key="sub8/a", t1w=sessions[0].t1w, flair=sessions[0].flair,
-                                brain=sessions[0].brain, grid=sessions[0].grid)
+    no_target = dataclasses.replace(sessions[0], key="sub8/a", psr=None)
     with pytest.raises(DemistError, match="sub8/a"):
         fit_ridge([no_target], CONFIG, seed=0)
     with pytest.raises(DemistError, match="none given"):

@@ -287,7 +287,7 @@ def test_cross_attention_without_lora_trains_on_cpu():
     assert wrapper.cross_norm.weight.grad is not None
 
 
-GATE_AND_HINT = [(g, h) for g in ("zero", "default") for h in ("latent", "latent+image")]
+GATE_AND_HINT = [(g, h) for g in ("zero", "default") for h in ("latent", "latent+image", "latent+subpixel")]
 
 
 def image_for(x_t: torch.Tensor, seed: int = 3) -> torch.Tensor:
@@ -301,8 +301,8 @@ def test_network_equals_backbone_at_init_for_every_gate_init_and_hint(gate_init,
     backbone = random_backbone()
     net = make_net(backbone, controlnet_gate_init=gate_init, controlnet_hint=hint)
     x_t, t, z_c = inputs()
-    image_hint = net.embed_image(image_for(x_t)) if hint == "latent+image" else None
-    assert net.uses_image == (hint == "latent+image")
+    image_hint = net.embed_image(image_for(x_t)) if hint != "latent" else None
+    assert net.uses_image == (hint != "latent")
     with torch.no_grad():
         reference = backbone(x_t, t)
         assert torch.equal(net(x_t, t, z_c, image_hint), reference)
@@ -315,8 +315,9 @@ def test_network_equals_backbone_at_init_for_every_gate_init_and_hint(gate_init,
         assert not torch.allclose(net(x_t, t, z_c, image_hint), reference, atol=1e-3)
 
 
-def test_image_hint_trains_and_is_checked():
-    net = make_net(controlnet_gate_init="default", controlnet_hint="latent+image")
+@pytest.mark.parametrize("hint", ["latent+image", "latent+subpixel"])
+def test_image_hint_trains_and_is_checked(hint):
+    net = make_net(controlnet_gate_init="default", controlnet_hint=hint)
     wake_zero_inits(net)
     x_t, t, z_c = inputs()
     image = image_for(x_t)
@@ -331,6 +332,19 @@ def test_image_hint_trains_and_is_checked():
         net(x_t, t, z_c, hint[..., :4])
     with pytest.raises(DemistError, match="image_hint: given"):
         make_net()(x_t, t, z_c, hint)
+
+
+def test_subpixel_hint_reads_every_image_voxel_at_the_latent_voxel_above_it():
+    net = make_net(controlnet_gate_init="default", controlnet_hint="latent+subpixel")
+    image = image_for(inputs()[0])
+    before = net.embed_image(image)
+    for voxel in [(0, 0, 0), (3, 2, 1), (9, 14, 6)]:  # any voxel of a 4³ block, not only a strided grid's
+        changed = image.clone()
+        changed[(0, 1, *voxel)] += 1.0
+        moved = (net.embed_image(changed) - before).abs().sum(dim=1)[0]
+        latent = tuple(v // 4 for v in voxel)
+        assert moved[latent] > 0
+        assert moved.nonzero().max(dim=0).values.le(torch.tensor(latent) + 2).all()  # two 3³ convs: a local change
 
 
 def test_hint_bf16_is_a_precision_of_the_same_embedding_with_fp32_output_and_weights():

@@ -58,6 +58,14 @@ def test_output_is_on_the_t1w_grid_in_psr_units(orientation):
     assert 0.07 < np.median(psr[wm]) < 0.11
 
 
+def test_without_a_mask_the_output_is_cut_to_the_skull_stripped_t1w():
+    images = ellipsoid_session()
+    brain = np.asarray(images["brain_mask"].dataobj) > 0
+    stripped = nib.Nifti1Image(np.asarray(images["t1w"].dataobj) * brain, images["t1w"].affine)
+    psr = synthesize_images(StandIn(), stripped, images["flair"]).psr.get_fdata()
+    assert np.all(psr[~brain] == 0) and np.count_nonzero(psr[brain]) > 0.9 * brain.sum()
+
+
 def test_several_samples_write_mean_and_sd(tmp_path):
     images = ellipsoid_session()
     paths = {k: save_image(v, tmp_path / f"{k}.nii.gz") for k, v in images.items()}

@@ -9,7 +9,7 @@ from demist.errors import DemistError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 GATE_INITS = ("zero", "default")  # demist.controlnet_gate_init
-CONTROLNET_HINTS = ("latent", "latent+image")  # demist.controlnet_hint
+CONTROLNET_HINTS = ("latent", "latent+image", "latent+subpixel")  # demist.controlnet_hint
 AUTOENCODER_NORMS = ("group", "channel")  # autoencoder.norm
 #: DEMIST's three streams, each by its [demist] switch (also its `demist train demist --no-<switch>` flag and the
 #: "demist-no-<switch>" ablation's name).
@@ -206,9 +206,13 @@ class DemistConfig:
     # cross-attention output projections, LoRA-B) [paper: 1.0].
     zero_init_lr_scale: float
     # "latent" [paper]: the ControlNet sees z_c only. "latent+image": it also sees T1w + FLAIR at image resolution
-    # through MONAI's ControlNet conditioning embedding, i.e. what E_cond compresses away.
+    # through MONAI's ControlNet conditioning embedding (strided convolutions at image resolution), i.e. what E_cond
+    # compresses away. "latent+subpixel": the same images, each f³ block of voxels moved into channels at latent
+    # resolution (MONAI's pixel unshuffle, lossless) and embedded there, at a fraction of the strided cost.
     controlnet_hint: str
-    hint_channels: tuple[int, ...]  # the image hint's embedding channels: one 2× downsampling per entry after the first
+    # The image hint's embedding channels: one 2× downsampling per entry after the first, so 2^(len − 1) must be the
+    # autoencoder's factor f; with "latent+subpixel" the last entry is the width of its latent-resolution embedding.
+    hint_channels: tuple[int, ...]
     # The image hint's embedding (full-resolution convolutions, ~70 % of an fp32 Stage-2 step) runs under bf16
     # autocast where the hardware has bf16, even when the rest trains in fp32 [paper: no image hint; false].
     hint_bf16: bool
@@ -227,8 +231,8 @@ class DemistConfig:
 
     @property
     def uses_image_hint(self) -> bool:
-        """Whether the ControlNet's hint includes T1w + FLAIR at image resolution."""
-        return self.controlnet and self.controlnet_hint == "latent+image"
+        """Whether the ControlNet's hint includes T1w + FLAIR (strided or rearranged into channels)."""
+        return self.controlnet and self.controlnet_hint != "latent"
 
     @property
     def uses_output_head(self) -> bool:

@@ -38,13 +38,15 @@ MIN_BRAIN_COVERAGE, WARN_BRAIN_COVERAGE = 0.9, 0.99
 
 @dataclass
 class PreparedSession:
-    """One session on the model grid. Intensities are float32; masks are bool; `psr` is PSR / psr_range."""
+    """One session on the model grid. Intensities are float32; masks are bool; `psr` is PSR / psr_range.
+    `native_brain` is the brain on the T1w's own grid, which every output written there is cut to."""
 
     key: str
     t1w: np.ndarray
     flair: np.ndarray
     brain: np.ndarray
     grid: ModelGrid
+    native_brain: np.ndarray
     psr: np.ndarray | None = None
     lesion: np.ndarray | None = None
     wm: np.ndarray | None = None
@@ -133,6 +135,7 @@ def prepare_images(
         flair=scale_percentiles(flair_m, region, cfg.percentile_low, cfg.percentile_high) * brain_m,
         brain=brain_m,
         grid=grid,
+        native_brain=brain_native,
     )
     if psr is not None:
         require_overlap(psr, t1w, name("psr"))

@@ -16,8 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from demist.data.nifti import load_image, load_mask, save_image
-from demist.data.preprocess import PreparedSession, brain_from_background, prepare_images, psr_to_native
-from demist.data.space import into_grid
+from demist.data.preprocess import PreparedSession, prepare_images, psr_to_native
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
 
@@ -53,24 +52,17 @@ def synthesize_images(
         raise DemistError(f"{synthesizer.method}: produced {bad} NaN or infinite voxels; expected a finite map "
                           "(try --precision fp32)")
     psr_range = synthesizer.config.data.psr_range
-    brain = native_brain(t1w, mask, names)
-    psr = native_map(mean, session, psr_range, brain)
-    std_img = native_map(std, session, psr_range, brain) if std is not None and samples > 1 else None
+    psr = native_map(mean, session, psr_range)
+    std_img = native_map(std, session, psr_range) if std is not None and samples > 1 else None
     return SynthesisResult(psr=psr, std=std_img)
 
 
-def native_map(values: np.ndarray, session: PreparedSession, psr_range: float, brain: np.ndarray) -> nib.Nifti1Image:
-    """A model-grid map (PSR / psr_range) in PSR units on the T1w's native grid, zero outside its native `brain`."""
+def native_map(values: np.ndarray, session: PreparedSession, psr_range: float) -> nib.Nifti1Image:
+    """A model-grid map (PSR / psr_range) in PSR units on the T1w's native grid, zero outside the session's brain
+    there."""
     img = psr_to_native(values, session.grid, psr_range, session.brain)
-    return nib.Nifti1Image((img.get_fdata(dtype=np.float32) * brain).astype(np.float32), img.affine, img.header)
-
-
-def native_brain(t1w: nib.Nifti1Image, mask: nib.Nifti1Image | None, names: dict[str, str] | None) -> np.ndarray:
-    """The brain on the T1w's grid: the given mask, or the skull-stripped T1w's non-zero region."""
-    names = names or {}
-    if mask is None:
-        return brain_from_background(t1w, names.get("t1w", "T1w"))
-    return np.asarray(into_grid(mask, t1w, names.get("brain_mask", "brain mask"), is_mask=True).dataobj) > 0
+    data = img.get_fdata(dtype=np.float32) * session.native_brain
+    return nib.Nifti1Image(data.astype(np.float32), img.affine, img.header)
 
 
 def std_path_for(out: Path) -> Path:

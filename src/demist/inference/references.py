@@ -21,13 +21,13 @@ import torch
 from demist.batch_log import BatchSummary
 from demist.config import Config
 from demist.data.manifest import load_manifest
-from demist.data.nifti import load_image, load_mask, save_image
+from demist.data.nifti import save_image
 from demist.data.preprocess import PreparedSession, prepare_session
 from demist.errors import DemistError
 from demist.inference.base import REFERENCES
 from demist.inference.batch import output_path
 from demist.inference.demist_synthesizer import DemistSynthesizer
-from demist.inference.pipeline import native_brain, native_map
+from demist.inference.pipeline import native_map
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
             try:
                 session = prepare_session(record, demist.config.data, need_target=reference.needs_target)
                 mean, _ = reference.predict(session)
-                t1w = load_image(record.t1w, f"t1w of {record.key}")
-                mask = load_mask(record.brain_mask, f"brain_mask of {record.key}") if record.brain_mask else None
-                save_image(native_map(mean, session, psr_range, native_brain(t1w, mask, None)), out)
+                save_image(native_map(mean, session, psr_range), out)
             except DemistError as exc:
                 log.error("%s, session %s: %s", name, record.key, exc)
                 summary.failed[record.key] = str(exc)

@@ -7,7 +7,9 @@ the input gate holds. The paper zero-initialises the input gate too (`gate_init=
 the copy's body until the output gates have grown, and `gate_init="default"` starts the gate at PyTorch's default.
 
 Optionally (`demist.controlnet_hint = "latent+image"`) the hint also carries T1w + FLAIR at image resolution through
-MONAI's `ControlNetConditioningEmbedding` (`build_image_hint`), computed by the caller and added after the gate.
+MONAI's `ControlNetConditioningEmbedding` (`build_image_hint`), computed by the caller and added after the gate. With
+`"latent+subpixel"` the same images are first rearranged into channels at latent resolution (MONAI's pixel unshuffle)
+and embedded there (`SubpixelConditioningEmbedding`).
 
 Optionally (`demist.controlnet_output_head = true`) a 1×1×1 conv carries the copy's last full-resolution output
 (already through its zero gate, so it adds nothing at initialisation) straight to the network's output
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
+from monai.networks.utils import pixelunshuffle
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
@@ -69,11 +72,30 @@ def build_gated_controlnet(backbone: DiffusionModelUNet, unet_cfg: UNetConfig, l
     return controlnet
 
 
-def build_image_hint(out_channels: int, channels: tuple[int, ...], gate_init: str = "zero") -> nn.Module:
-    """MONAI's ControlNet conditioning embedding: T1w + FLAIR → `out_channels` features, downsampled 2× per entry of
-    `channels` after the first. MONAI zero-initialises its output conv; `gate_init="default"` re-initialises it."""
-    embedding = ControlNetConditioningEmbedding(spatial_dims=3, in_channels=IMAGE_CHANNELS,
-                                                out_channels=out_channels, channels=tuple(channels))
+class SubpixelConditioningEmbedding(ControlNetConditioningEmbedding):
+    """T1w + FLAIR → each f³ block of image voxels as f³·2 channels of one latent voxel (lossless), then MONAI's
+    conditioning embedding at latent resolution: the image's full detail at the cost of a latent-resolution conv."""
+
+    def __init__(self, out_channels: int, width: int, factor: int) -> None:
+        super().__init__(spatial_dims=3, in_channels=IMAGE_CHANNELS * factor ** 3, out_channels=out_channels,
+                         channels=(width,))
+        self.factor = factor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return super().forward(pixelunshuffle(image, spatial_dims=3, scale_factor=self.factor))
+
+
+def build_image_hint(out_channels: int, channels: tuple[int, ...], gate_init: str = "zero",
+                     kind: str = "latent+image") -> nn.Module:
+    """T1w + FLAIR → `out_channels` features at 1 / 2^(len(channels) − 1) of the image's resolution: MONAI's
+    ControlNet conditioning embedding, strided (`kind="latent+image"`, 2× per entry of `channels` after the first) or
+    after a pixel unshuffle (`"latent+subpixel"`, width `channels[-1]`). MONAI zero-initialises its output conv;
+    `gate_init="default"` re-initialises it."""
+    if kind == "latent+subpixel":
+        embedding = SubpixelConditioningEmbedding(out_channels, channels[-1], 2 ** (len(channels) - 1))
+    else:
+        embedding = ControlNetConditioningEmbedding(spatial_dims=3, in_channels=IMAGE_CHANNELS,
+                                                    out_channels=out_channels, channels=tuple(channels))
     if gate_init == "default":
         embedding.conv_out.conv.reset_parameters()
     return embedding

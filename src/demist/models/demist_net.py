@@ -2,7 +2,7 @@
 
 - semantic: z_c → tokens (`tokens.TokenEncoder`) → new cross-attention around every self-attention block;
 - spatial: a gated ControlNet copy of the encoder, whose outputs are added to the frozen skip connections (its hint
-  is z_c, and with `controlnet_hint = "latent+image"` also T1w + FLAIR at image resolution, `embed_image`; with
+  is z_c, and with `controlnet_hint = "latent+image"` or `"latent+subpixel"` also T1w + FLAIR, `embed_image`; with
   `controlnet_output_head` its full-resolution output also reaches the prediction directly);
 - adaptive: LoRA on the q/k/v (and output) projections of every self-attention block.
 Every new path ends in a zero-initialised layer, so an untrained DemistNet predicts exactly what its backbone
@@ -61,8 +61,8 @@ class DemistNet(nn.Module):
         self.gate_init = demist_cfg.controlnet_gate_init
         self.controlnet = (build_gated_controlnet(backbone, unet_cfg, latent_channels, flash, self.gate_init)
                            if demist_cfg.controlnet else None)
-        self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init)
-                           if demist_cfg.uses_image_hint else None)
+        self.image_hint = (build_image_hint(unet_cfg.channels[0], demist_cfg.hint_channels, self.gate_init,
+                                            demist_cfg.controlnet_hint) if demist_cfg.uses_image_hint else None)
         self.hint_bf16 = demist_cfg.hint_bf16
         self.output_head = (OutputHead(unet_cfg.channels[0], latent_channels) if demist_cfg.uses_output_head
                             else None)
