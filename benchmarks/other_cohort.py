@@ -40,8 +40,9 @@ def main() -> None:
         parser.error(f"--cohort-seed {args.cohort_seed}: the demo's or the prior's cohort; expected another seed")
     demo = finished_demo(args)
     also = dict(item.split("=", 1) for item in args.also if "=" in item)
-    if len(also) != len(args.also):
-        parser.error(f"--also {args.also}: expected NAME=RUN")
+    rows_taken = ("demist", "ridge", "ae-ceiling", "aligned-condition")
+    if len(also) != len(args.also) or any(not name or name in rows_taken for name in also):
+        parser.error(f"--also {args.also}: expected NAME=RUN, NAME not one of {', '.join(rows_taken)}")
     print("load average (1, 5, 15 min) at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
 
@@ -49,7 +50,7 @@ def main() -> None:
     manifest = generate_cohort(args.out / "cohort", args.cohort_subjects, demist.config.data.spacing,
                                args.cohort_seed, progress=False)
     rows = {name: args.out / "predictions" / name
-            for name in ("demist", *also, "ridge", "ae-ceiling", "aligned-condition")}
+            for name in (rows_taken[0], *also, *rows_taken[1:])}
     for name in ("demist", *also, "ridge"):
         synthesizer = (demist if name == "demist" else
                        load_synthesizer(also[name] if name in also else demo.run(name), device="cpu"))

@@ -213,8 +213,9 @@ class DemistConfig:
     # The image hint's embedding channels: one 2× downsampling per entry after the first, so 2^(len − 1) must be the
     # autoencoder's factor f; with "latent+subpixel" the last entry is the width of its latent-resolution embedding.
     hint_channels: tuple[int, ...]
-    # The image hint's embedding (full-resolution convolutions, ~70 % of an fp32 Stage-2 step) runs under bf16
-    # autocast where the hardware has bf16, even when the rest trains in fp32 [paper: no image hint; false].
+    # The image hint's embedding runs under bf16 autocast where the hardware has bf16, even when the rest trains in
+    # fp32 (for "latent+image" it is full-resolution convolutions, ~70 % of an fp32 Stage-2 step) [paper: no image
+    # hint; false].
     hint_bf16: bool
     lora_output_projection: bool  # LoRA on W_O as well as W_Q, W_K, W_V [paper: true]
     # Training timesteps t = ⌊T·u^p⌋, u ~ U(0, 1) [paper: 1, uniform]. p < 1 draws the noisy timesteps, where only

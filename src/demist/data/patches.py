@@ -8,6 +8,7 @@ is a slice, so no worker processes are needed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence
 
@@ -30,7 +31,9 @@ def load_sessions(records: Sequence[SessionRecord], data_cfg: DataConfig,
     if not records:
         raise DemistError("manifest: no sessions to train on; expected at least one row")
     bar = tqdm(records, desc="preparing sessions", disable=len(records) < 4, leave=False)
-    return [prepare_session(record, data_cfg, need_target=need_target) for record in bar]
+    # training never writes native maps, and a 1 mm native mask can outweigh a 2 mm session's own arrays
+    return [dataclasses.replace(prepare_session(record, data_cfg, need_target=need_target), native_brain=None)
+            for record in bar]
 
 
 def session_arrays(session: PreparedSession, need_target: bool) -> dict[str, np.ndarray]:

@@ -39,14 +39,15 @@ MIN_BRAIN_COVERAGE, WARN_BRAIN_COVERAGE = 0.9, 0.99
 @dataclass
 class PreparedSession:
     """One session on the model grid. Intensities are float32; masks are bool; `psr` is PSR / psr_range.
-    `native_brain` is the brain on the T1w's own grid, which every output written there is cut to."""
+    `native_brain` is the brain on the T1w's own grid, which every output written there is cut to (None where a
+    session is only trained on)."""
 
     key: str
     t1w: np.ndarray
     flair: np.ndarray
     brain: np.ndarray
     grid: ModelGrid
-    native_brain: np.ndarray
+    native_brain: np.ndarray | None = None
     psr: np.ndarray | None = None
     lesion: np.ndarray | None = None
     wm: np.ndarray | None = None

@@ -171,8 +171,9 @@ class DemistSynthesizer:
         def embed(x: torch.Tensor) -> torch.Tensor:  # the synthesizer's precision, not the training's hint_bf16
             return self.net.embed_image(self._layout(x), bf16=self.use_bf16)
 
-        # Plain strided convolutions, no normalisation: large tiles (those of the UNet, at image resolution) give the
-        # untiled result away from tile borders, at a fraction of the cost of the autoencoders' small windows.
+        # Plain convolutions (strided, or after a pixel unshuffle), no normalisation: large tiles (those of the UNet,
+        # at image resolution) give the untiled result away from tile borders, at a fraction of the cost of the
+        # autoencoders' small windows.
         factor = downsampling(self.config)
         latent = tuple(s // factor for s in condition.shape[2:])
         tile = tuple(factor * t for t in self._latent_tile(latent))

@@ -60,6 +60,8 @@ def synthesize_images(
 def native_map(values: np.ndarray, session: PreparedSession, psr_range: float) -> nib.Nifti1Image:
     """A model-grid map (PSR / psr_range) in PSR units on the T1w's native grid, zero outside the session's brain
     there."""
+    if session.native_brain is None:
+        raise RuntimeError(f"session {session.key}: prepared without its native brain")  # a bug, not user input
     img = psr_to_native(values, session.grid, psr_range, session.brain)
     data = img.get_fdata(dtype=np.float32) * session.native_brain
     return nib.Nifti1Image(data.astype(np.float32), img.affine, img.header)

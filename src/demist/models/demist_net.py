@@ -88,7 +88,7 @@ class DemistNet(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     @property
     def uses_image(self) -> bool:
-        """Whether the ControlNet's hint includes T1w + FLAIR at image resolution (pass `image_hint` to forward)."""
+        """Whether the ControlNet's hint includes T1w + FLAIR, by either image hint (pass `image_hint` to forward)."""
         return self.image_hint is not None
 
     def embed_image(self, image: torch.Tensor, bf16: bool | None = None) -> torch.Tensor:

@@ -5,8 +5,8 @@ factor), cropped from whole sessions encoded once (`latent_patches`); both encod
 `demist.finetune_cond_encoder`, which encodes z_c from each image patch instead (so that E_cond gets gradients; its
 latents then differ slightly from the whole-volume ones at inference); x_t = √ᾱ_t·z_y + √(1−ᾱ_t)·ε at a uniform t; then
 
-    loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type; with
-                                                 `controlnet_hint = "latent+image"` the net also sees the image patch)
+    loss = ‖target − DemistNet(x_t, t, z_c)‖²   (target: ε, v or z_y — the backbone's prediction type; with an
+                                                 image hint, "latent+image" or "+subpixel", it also sees the image)
          + λ_edge·‖∇D_PSR(ẑ_y / s) − ∇y‖₁   on every `edge_every`-th step (ẑ_y: the x0 the prediction implies)
          + λ_align·‖z_c − z_y‖²             only when E_cond is fine-tuned.
 
