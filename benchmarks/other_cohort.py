@@ -20,11 +20,14 @@ from pathlib import Path
 
 from demist.data.phantom.cohort import generate_cohort
 from demist.evaluation.evaluate import evaluate_predictions
+from demist.inference.base import REFERENCES
 from demist.inference.batch import synthesize_manifest
 from demist.inference.references import synthesize_references
 from demist.methods import load_synthesizer
 from demist.prior import PRIOR_SEED
 from finished_demo import add_demo_arguments, finished_demo, lesion_auc
+
+ROWS = ("demist", "ridge", *REFERENCES)  # the rows every run scores; --also adds others
 
 
 def main() -> None:
@@ -40,22 +43,20 @@ def main() -> None:
         parser.error(f"--cohort-seed {args.cohort_seed}: the demo's or the prior's cohort; expected another seed")
     demo = finished_demo(args)
     also = dict(item.split("=", 1) for item in args.also if "=" in item)
-    rows_taken = ("demist", "ridge", "ae-ceiling", "aligned-condition")
-    if len(also) != len(args.also) or any(not name or name in rows_taken for name in also):
-        parser.error(f"--also {args.also}: expected NAME=RUN, NAME not one of {', '.join(rows_taken)}")
+    if len(also) != len(args.also) or any(not name or name in ROWS for name in also):
+        parser.error(f"--also {args.also}: expected NAME=RUN, NAME not one of {', '.join(ROWS)}")
     print("load average (1, 5, 15 min) at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
 
     demist = load_synthesizer(demo.run("demist"), device="cpu")
     manifest = generate_cohort(args.out / "cohort", args.cohort_subjects, demist.config.data.spacing,
                                args.cohort_seed, progress=False)
-    rows = {name: args.out / "predictions" / name
-            for name in (rows_taken[0], *also, *rows_taken[1:])}
-    for name in ("demist", *also, "ridge"):
-        synthesizer = (demist if name == "demist" else
-                       load_synthesizer(also[name] if name in also else demo.run(name), device="cpu"))
+    runs = {"demist": None, **also, "ridge": demo.run("ridge")}  # None: the demo's DEMIST, already loaded
+    rows = {name: args.out / "predictions" / name for name in (*runs, *REFERENCES)}
+    for name, run in runs.items():
+        synthesizer = demist if run is None else load_synthesizer(run, device="cpu")
         print(f"{name}: {synthesize_manifest(synthesizer, manifest, rows[name], progress=False)}", flush=True)
-    references = synthesize_references(demist, manifest, {k: rows[k] for k in ("ae-ceiling", "aligned-condition")})
+    references = synthesize_references(demist, manifest, {k: rows[k] for k in REFERENCES})
     for name, summary in references.items():
         print(f"{name}: {summary}", flush=True)
     result = evaluate_predictions(manifest, rows, args.out / "evaluation", psr_range=demist.config.data.psr_range,
