@@ -45,7 +45,7 @@ from demist.data.patches import PatchSampler, session_tensors
 from demist.data.preprocess import PreparedSession, prepare_session, psr_to_native
 from demist.devices import bf16_autocast
 from demist.evaluation.evaluate import evaluate_predictions
-from demist.inference.batch import OUTPUT_NAME
+from demist.data.manifest import PREDICTION_NAME
 from finished_demo import add_demo_arguments, finished_demo, lesion_auc
 
 #: The demo's rows, in the report's order; rows the demo did not write are skipped.
@@ -150,7 +150,8 @@ def main() -> None:
     for name, predict in yardsticks.items():
         rows[name] = args.out / "predictions" / name
         for session in test:
-            save_image(psr_to_native(predict(session), session.grid, psr_range), rows[name] / session.key / OUTPUT_NAME)
+            save_image(psr_to_native(predict(session), session.grid, psr_range),
+                       rows[name] / session.key / PREDICTION_NAME)
     result = evaluate_predictions(demo.manifest, rows, args.out / "evaluation", psr_range=psr_range,
                                   sessions=test_keys, bootstrap=100, progress=False)
 
@@ -162,7 +163,7 @@ def main() -> None:
         for key, record in truth.items():
             brain = np.asarray(nib.load(record.brain_mask).dataobj) > 0.5
             target = np.asarray(nib.load(record.psr).dataobj, dtype=np.float64)
-            errors.append(float((np.asarray(nib.load(folder / key / OUTPUT_NAME).dataobj) - target)[brain].mean()))
+            errors.append(float((np.asarray(nib.load(folder / key / PREDICTION_NAME).dataobj) - target)[brain].mean()))
         metrics, auc = result["metrics"][name], lesion_auc(result, name)
         print(f"| {name} | {metrics['psnr']['mean']:.2f} | {metrics['ssim']['mean']:.4f} | {auc:.3f} | "
               f"{metrics['psnr_centred']['mean']:.2f} | {', '.join(f'{e:+.4f}' for e in errors)} |")

@@ -272,7 +272,9 @@ def test_demo_command_passes_distill_and_held_out_subjects_and_refuses_student_s
     assert isinstance(refused.exception, DemistError) and "without --distill" in str(refused.exception)
     both = CliRunner().invoke(app, ["--out", str(tmp_path / "g"), "--held-out", "2", "--held-out-subjects", "sub-001"])
     assert isinstance(both.exception, DemistError) and "expected one of them" in str(both.exception)
-    assert len(plans) == 1  # nothing ran
+    typo = CliRunner().invoke(app, ["--out", str(tmp_path / "h"), "--subjects", "6", "--held-out-subjects", "sub-07"])
+    assert isinstance(typo.exception, DemistError) and "'sub-07' not in a cohort of 6" in str(typo.exception)
+    assert len(plans) == 1 and not (tmp_path / "h").exists()  # refused before the cohort is generated
 
 
 def test_the_demo_says_its_time_estimate_is_tinys_when_it_runs_another_config(tmp_path) -> None:

@@ -200,6 +200,17 @@ def test_a_prediction_on_another_overlapping_grid_is_resampled(cohort, tmp_path)
     assert summary["metrics"]["crop"]["mse"]["mean"] < 1e-10
 
 
+def test_a_prediction_of_part_of_the_brain_is_refused(cohort, tmp_path):
+    """A map whose field of view leaves most of the brain out (a slab) would be scored against zeros there."""
+    truth = nib.load(cohort["root"] / "ms1/a/psr.nii.gz")
+    slab = np.asarray(truth.dataobj)[:, :, 10:14]
+    affine = truth.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 10], [0, 0, 0, 1]])
+    save_image(nib.Nifti1Image(slab, affine), tmp_path / "slab/ms1/a/psr.nii.gz")
+    with pytest.raises(DemistError, match=r"slab prediction for ms1/a .*covers \d+\.\d% of the brain; expected"):
+        evaluate_predictions(cohort["manifest"], {"slab": tmp_path / "slab"}, tmp_path / "out", progress=False,
+                             sessions=["ms1/a"])
+
+
 def test_a_prediction_elsewhere_in_space_raises(cohort, tmp_path):
     truth = nib.load(cohort["root"] / "ms1/a/psr.nii.gz")
     shifted = truth.affine.copy()

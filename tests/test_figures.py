@@ -27,7 +27,7 @@ def _png_ok(path) -> bool:
     return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_image_figures_write_png(tmp_path, volumes):
+def test_image_figures_write_png_and_refuse_bad_inputs(tmp_path, volumes):
     pred, target, mask = volumes
     psr = target * 0.25
     preds = {"ridge": pred * 0.25, "DEMIST": psr}
@@ -53,3 +53,16 @@ def test_image_figures_write_png(tmp_path, volumes):
         plot_qualitative(target, target, psr, {}, (14, 14, 14), tmp_path / "bad.png", lesion_mask=lesion[:-1])
     with pytest.raises(DemistError):
         plot_loss_curves({"missing": tmp_path / "nope.jsonl"}, tmp_path / "bad.png")
+
+
+def test_axial_panel_is_the_slice_at_z_with_anterior_up_and_right_to_the_right():
+    """Every panel of the figures is `_axial(volume, z)`: the slice at that z, rows along y (anterior up with
+    origin="lower"), columns along x (the patient's right on the right of the image in RAS)."""
+    from demist.evaluation.figures import _axial
+
+    volume = np.zeros((6, 8, 4), dtype=np.float32)
+    volume[5, 7, 2] = 1.0  # the most right, most anterior voxel of slice z = 2
+    volume[5, 7, 3] = 2.0  # the same voxel one slice up
+    image = _axial(volume, 2)
+    assert image.shape == (8, 6)  # rows: y, columns: x
+    assert image[7, 5] == 1.0 and image.sum() == 1.0

@@ -176,8 +176,10 @@ def test_a_cohort_the_prior_was_trained_on_is_refused(built, tmp_path):
 def test_stage1_refuses_a_prior_and_a_bundle_together(small_manifest, tmp_path, monkeypatch, capsys):
     from demist import cli
 
+    (tmp_path / "autoencoder.pt").write_bytes(b"")
     monkeypatch.setattr(sys, "argv", ["demist", "train", "stage1", "--manifest", str(small_manifest), "--out",
-                                      str(tmp_path / "o"), "--prior", "embedded", "--init-bundle", str(tmp_path)])
+                                      str(tmp_path / "o"), "--prior", "embedded", "--init-bundle",
+                                      str(tmp_path / "autoencoder.pt")])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2

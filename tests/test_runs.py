@@ -84,8 +84,23 @@ def test_a_finished_run_is_neither_overwritten_nor_trained_again(tmp_path: Path)
     with pytest.raises(DemistError, match="notes.txt: is a file; expected a directory"):
         check_out(tmp_path / "notes.txt", resume=False)
     check_out(tmp_path / "new", resume=False)  # a new directory, or an interrupted run with --resume, is fine
-    (tmp_path / "interrupted").mkdir()
+    (tmp_path / "interrupted" / "checkpoints" / "step-10").mkdir(parents=True)
+    (tmp_path / "interrupted" / "metrics.jsonl").write_text("{}\n")
     check_out(tmp_path / "interrupted", resume=True)
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_run(tmp_path: Path) -> None:
+    """`--out` pointing at a folder of inputs would scatter run.json and weights among them."""
+    from demist.training.run_output import check_out
+
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "t1w.nii.gz").write_bytes(b"")
+    for resume in (False, True):
+        with pytest.raises(DemistError, match=r"holds files that are not a demist run's \(t1w.nii.gz\)"):
+            check_out(tmp_path / "scans", resume=resume)
+    (tmp_path / "stage1" / "psr_ae" / "checkpoints").mkdir(parents=True)  # Stage 1 keeps sub-runs inside its own
+    (tmp_path / "stage1" / "psr_ae" / ".psr.safetensors.x1.tmp").write_bytes(b"")  # an atomic write's leftover
+    check_out(tmp_path / "stage1", resume=False)
 
 
 def test_tampered_or_missing_component_is_refused(tmp_path: Path) -> None:

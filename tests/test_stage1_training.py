@@ -61,6 +61,19 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
      "--out-dir {manifest}: is a file; expected a folder"),
     (["preprocess", "--t1w", "{manifest}", "--flair", "{manifest}", "--out-dir", "{manifest}"],
      "--out-dir {manifest}: is a file; expected a folder"),
+    # checked whatever --model holds, before it loads (a baseline would ignore them)
+    (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--sampler", "foo"],
+     "--sampler foo: unknown"),
+    (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--start-strength", "5"],
+     "--start-strength 5.0: got 5.0; expected a number in (0, 1]"),
+    (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--precision", "fp8"],
+     "--precision fp8: expected one of auto, fp32"),
+    (["train", "autoencoder", "--manifest", "{manifest}", "--modality", "psr", "--out", "{tmp}/o", "--device", "gpu"],
+     "--device gpu: unknown"),
+    (["cv", "--manifest", "{manifest}", "--out", "{tmp}/cv", "--folds", "2", "--fold", "5"],
+     "--fold 5: expected a fold from 0 to 1"),
+    (["preprocess", "--t1w", "{manifest}", "--flair", "{manifest}", "--out-dir", "{tmp}/p", "--subject", "a/b"],
+     "--subject 'a/b'; expected a name without '/'"),
 ])
 def test_bad_user_input_is_one_line_with_exit_code_2(args, message, tmp_path: Path, small_manifest: Path,
                                                     monkeypatch, capsys) -> None:

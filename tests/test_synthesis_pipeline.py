@@ -18,7 +18,8 @@ from helpers import ellipsoid_session
 from demist.config import Config, load_config
 from demist.data.nifti import save_image
 from demist.errors import DemistError
-from demist.inference.batch import output_path, synthesize_manifest
+from demist.data.manifest import PREDICTION_NAME, prediction_path
+from demist.inference.batch import synthesize_manifest
 from demist.inference.pipeline import std_path_for, synthesize_files, synthesize_images
 from helpers import AFFINES
 
@@ -183,7 +184,7 @@ def test_a_batch_redoes_a_session_whose_run_stopped_after_the_std_map(small_mani
 
     out_dir = tmp_path / "pred"
     record = load_manifest(small_manifest)[0]
-    leftover = std_path_for(output_path(out_dir, record.subject, record.session))
+    leftover = std_path_for(prediction_path(out_dir, record))
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"from an interrupted run")
     summary = synthesize_manifest(StandIn(), small_manifest, out_dir, samples=2, progress=False)
@@ -198,7 +199,7 @@ def test_batch_goes_on_after_a_failure_and_resumes_without_redoing(small_manifes
     assert len(summary.written) == 2 and len(summary.failed) == 1 and not summary.skipped
     failed = next(iter(summary.failed))
     subject, session = failed.split("/")
-    assert not output_path(out_dir, subject, session).exists()
+    assert not (out_dir / subject / session / PREDICTION_NAME).exists()
     again = StandIn()
     summary = synthesize_manifest(again, small_manifest, out_dir, progress=False)
     assert again.calls == ["input"] and summary.written == [failed] and len(summary.skipped) == 2

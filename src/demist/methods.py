@@ -8,14 +8,20 @@ A method is a name, the shared runs it builds on (`needs`: a Stage-1 run, a back
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from demist.config import Config
 from demist.config_sections import STREAM_SWITCHES
 from demist.errors import DemistError
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI's --help stays fast
+    from demist.inference.base import Synthesizer
+
+log = logging.getLogger(__name__)
 
 #: The shared per-cohort runs a method can build on.
 SHARED_RUNS = ("stage1", "backbone")
@@ -200,7 +206,7 @@ def parse_methods(text: str) -> list[Method]:
     return [METHODS[n] for n in dict.fromkeys(names)]
 
 
-def load_synthesizer(run_dir: str | Path, **options: Any):  # -> demist.inference.base.Synthesizer
+def load_synthesizer(run_dir: str | Path, **options: Any) -> Synthesizer:
     """The method a run directory holds, ready to predict. `options` (sampler, steps, start_strength, device) go to
     the methods that understand them; the others ignore them."""
     from demist.runs import read_run
@@ -212,7 +218,12 @@ def load_synthesizer(run_dir: str | Path, **options: Any):  # -> demist.inferenc
         raise DemistError(
             f"--model {run_dir}: holds a {run.stage!r} run of {run.method!r}, which cannot synthesize; "
             "expected the run directory of `demist train demist`, of `demist train ftldm` or of a baseline")
-    return method.load(run, **{k: v for k, v in options.items() if k in method.load_options and v is not None})
+    given = {k: v for k, v in options.items() if v is not None}
+    ignored = sorted(k for k in given if k not in method.load_options and k != "device")  # --device: every command's
+    if ignored:
+        log.warning("--model %s: %s takes no %s; ignored", run_dir, run.method,
+                    ", ".join(f"--{k.replace('_', '-')}" for k in ignored))
+    return method.load(run, **{k: v for k, v in given.items() if k in method.load_options})
 
 
 def methods_markdown() -> str:

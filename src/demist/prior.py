@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from demist.config import INPUT_SCALING_KEYS, Config
 from demist.errors import DemistError
-from demist.runs import RunInfo, read_run, state_digest
+from demist.runs import METRICS_FILE, RUN_FILE, RunInfo, read_run, state_digest
 from demist.models.from_runs import BACKBONE_STAGE, PSR_DIGEST
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ SHARED_SECTIONS = ("autoencoder", "data", "unet", "diffusion")
 #: The shipped tiny prior's synthetic cohort (seed and size), apart from the default seed 0 of every command.
 PRIOR_SEED = 1000
 PRIOR_SUBJECTS = 40
-_EXPORTED = ("run.json", "metrics.jsonl")  # besides the weights, what a prior keeps of each run
+_EXPORTED = (RUN_FILE, METRICS_FILE)  # besides the weights, what a prior keeps of each run
 
 
 @dataclass(frozen=True)
@@ -155,21 +155,21 @@ def train_prior(out: str | Path, cfg: Config, *, subjects: int = PRIOR_SUBJECTS,
     """Pretrain a prior into `out`: a synthetic cohort (out/cohort), Stage 1 and the backbone on all of it
     (out/runs), and the prior itself (out/prior: the three runs without their checkpoints). Resumable: finished
     parts are kept when rerun."""
-    from demist.data.manifest import load_manifest
+    from demist.data.manifest import MANIFEST_NAME, load_manifest
     from demist.data.phantom import generate_cohort
     from demist.data.phantom.cohort import check_same_cohort
     from demist.training.backbone import train_backbone
     from demist.training.stage1 import train_stage1
 
     out = Path(out)
-    manifest = out / "cohort" / "manifest.csv"
+    manifest = out / "cohort" / MANIFEST_NAME
     check_same_cohort(out / "cohort", subjects, cfg.data.spacing, seed)  # a rerun continues the same prior
     if not manifest.is_file():
         generate_cohort(out / "cohort", subjects, spacing=cfg.data.spacing, seed=seed)
     runs = out / "runs"
-    if not (runs / "stage1" / "stage1" / "run.json").is_file():
+    if not (runs / "stage1" / "stage1" / RUN_FILE).is_file():
         train_stage1(load_manifest(manifest), cfg, runs / "stage1", max_steps=max_steps, device=device, resume=True)
-    if not (runs / "backbone" / "run.json").is_file():
+    if not (runs / "backbone" / RUN_FILE).is_file():
         train_backbone(manifest, runs / "stage1" / "stage1", cfg, runs / "backbone", max_steps=max_steps,
                        device=device, resume=(runs / "backbone").exists())
     description = {"cohort": {"generator": "demist.data.phantom", "subjects": subjects, "seed": seed,

@@ -13,8 +13,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,12 +22,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from demist.version import __version__
+from demist.atomic import atomic_path, atomic_write
 from demist.config import Config, config_from_dict, config_to_dict
 from demist.errors import DemistError
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"  # the training loop's log of losses and evaluations, one JSON record per line
+TENSORBOARD_DIR = "tensorboard"  # the same log for TensorBoard, where the config asks for it
 RUN_FORMAT = "demist-run"
 RUN_FORMAT_VERSION = 1
 WEIGHTS_FORMAT = "demist-weights"
@@ -57,17 +58,10 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 def save_weights(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """Write a state dict as safetensors (atomically) with string `metadata`; returns the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata))
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return digest
 
 
@@ -114,14 +108,7 @@ class RunInfo:
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_run(run_dir: str | Path, *, method: str, stage: str, config: Config,

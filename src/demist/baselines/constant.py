@@ -61,7 +61,8 @@ class ConstantSynthesizer:
         return cls(config=run.config, value=float(state["value"][0]), training=dict(run.training))
 
 
-def _fit(sessions: Iterable[PreparedSession], config: Config) -> ConstantSynthesizer:
+def fit_constant(sessions: Iterable[PreparedSession], config: Config) -> ConstantSynthesizer:
+    """The mean PSR / psr_range over the brains of `sessions` (an exact fit)."""
     total, total_sq, count, keys = 0.0, 0.0, 0, []
     for session in sessions:
         if session.psr is None:
@@ -81,20 +82,12 @@ def _fit(sessions: Iterable[PreparedSession], config: Config) -> ConstantSynthes
     return ConstantSynthesizer(config=config, value=mean, training=training)
 
 
-def fit_constant(train: list[PreparedSession], config: Config, seed: int) -> ConstantSynthesizer:
-    """The mean PSR / psr_range over the brains of `train` (`seed` is unused: the fit is exact)."""
-    return _fit(train, config)
-
-
-def train_constant(manifest: str | Path, config: Config, out: str | Path, device: str = "cpu",
-                   subjects: Sequence[str] | None = None, progress: bool = True) -> ConstantSynthesizer:
-    """Fit on the manifest's sessions (or those of `subjects`), save to `out`, return the model.
-
-    `device` is accepted for a uniform training interface and unused.
-    """
+def train_constant(manifest: str | Path, config: Config, out: str | Path, subjects: Sequence[str] | None = None,
+                   progress: bool = True) -> ConstantSynthesizer:
+    """Fit on the manifest's sessions (or those of `subjects`), save to `out`, return the model."""
     check_out(Path(out), resume=False)  # before the fit: a finished run is never overwritten
     records = training_records(manifest, subjects)
-    model = _fit(iter_prepared(records, config, progress), config)
+    model = fit_constant(iter_prepared(records, config, progress), config)
     model.training["manifest"] = str(Path(manifest).resolve())
     model.save(out)
     return model

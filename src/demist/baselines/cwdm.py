@@ -4,8 +4,8 @@ PSR / psr_range and the [T1w, FLAIR] condition are each split into 8 Haar sub-ba
 resolution). A MONAI `DiffusionModelUNet` without conditioning inputs (channels `baselines.cwdm_channels`,
 self-attention at the last level only) sees the noisy PSR sub-bands with the 16 condition sub-bands concatenated
 and predicts the clean PSR sub-bands (prediction type "sample", the [diffusion] noise schedule); the loss is their
-mean squared error. Sampling runs a `demist.diffusion.samplers` sampler (by default [sampling]'s: DDIM with
-`sampling.steps`) on the whole volume, each network call tiled, then the inverse transform. Several samples give a
+mean squared error. Sampling runs a `demist.diffusion.samplers` sampler (by default [sampling]'s `sampler` and
+`steps`) on the whole volume, each network call tiled, then the inverse transform. Several samples give a
 mean and a voxelwise SD.
 """
 
@@ -28,6 +28,7 @@ from demist.data.preprocess import PreparedSession
 from demist.diffusion.samplers import SAMPLERS
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
+from demist.inference.base import mean_and_sd, sample_seed
 from demist.inference.tiling import tiled
 from demist.models.autoencoder import COND_CHANNELS, PSR_CHANNELS
 from demist.training.loop import Phase, Stage, warmup_cosine
@@ -123,12 +124,10 @@ class CWDMSynthesizer(TranslationSynthesizer):
         cond_bands = dwt3(condition)
         outputs = []
         for k in range(samples):
-            generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            generator = torch.Generator(device=self.device).manual_seed(sample_seed(seed, k))
             sample = self._sample(cond_bands, generator, tile=True, progress=progress)
             outputs.append(sample[crop][0, 0].cpu().numpy() * session.brain)
-        stack = np.stack(outputs)
-        std = stack.std(axis=0).astype(np.float32) if samples > 1 else None
-        return stack.mean(axis=0).astype(np.float32), std
+        return mean_and_sd(outputs)
 
 
 def cwdm_stage(config: Config, network: nn.Module, sampler: PatchSampler) -> Stage:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from demist.data.nifti import voxel_size
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 
@@ -43,11 +43,6 @@ class FeatureSpec:
         return names
 
 
-def voxel_sizes_mm(session: PreparedSession) -> np.ndarray:
-    """The model grid's voxel sizes (mm) along each array axis."""
-    return np.asarray(nib.affines.voxel_sizes(session.grid.affine), dtype=np.float64)
-
-
 def smooth_in_mask(volume: np.ndarray, mask: np.ndarray, sigma_vox: np.ndarray | float,
                    mask_weight: np.ndarray | None = None) -> np.ndarray:
     """Gaussian smoothing of `volume` restricted to `mask` (normalised convolution); zero outside the mask.
@@ -70,7 +65,7 @@ def iter_feature_volumes(session: PreparedSession, spec: FeatureSpec) -> Iterato
     t1w, flair = session.t1w.astype(np.float32), session.flair.astype(np.float32)
     yield "t1w", t1w
     yield "flair", flair
-    voxel = voxel_sizes_mm(session)
+    voxel = voxel_size(session.grid.affine)
     for sigma in spec.sigmas_mm:
         sigma_vox = sigma / voxel
         mask_weight = ndimage.gaussian_filter(brain.astype(np.float32), sigma_vox, mode="constant", cval=0.0)

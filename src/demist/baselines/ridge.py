@@ -132,12 +132,11 @@ def fit_ridge(train: list[PreparedSession], config: Config, seed: int, spec: Fea
     return _fit(train, len(train), config, seed, spec or FeatureSpec(), alphas, max_voxels)
 
 
-def train_ridge(manifest: str | Path, config: Config, out: str | Path, device: str = "cpu",
-                subjects: Sequence[str] | None = None, progress: bool = True) -> RidgeSynthesizer:
+def train_ridge(manifest: str | Path, config: Config, out: str | Path, subjects: Sequence[str] | None = None,
+                progress: bool = True) -> RidgeSynthesizer:
     """Fit on the manifest's sessions (or those of `subjects`), save to `out`, return the model.
 
-    Sessions are prepared one at a time; `device` is accepted for a uniform training interface and unused (the
-    fit is a small least-squares problem on the CPU).
+    Sessions are prepared one at a time; the fit is a small least-squares problem on the CPU.
     """
     check_out(Path(out), resume=False)  # before the fit: a finished run is never overwritten
     records = training_records(manifest, subjects)

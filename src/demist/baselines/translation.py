@@ -32,7 +32,6 @@ from demist.runs import RunInfo, read_run, write_run
 from demist.training.loop import Stage, seed_everything, train
 from demist.training.losses import reconstruction_loss, voxel_weights
 from demist.training.run_output import check_out, data_fingerprint, training_record, weights_metadata
-from demist.training.stage1 import evaluation_batches
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def train_translation(synthesizer_cls: type[TranslationSynthesizer], build_stage
     model = synthesizer_cls(config=config, network=network.eval(), training=training,
                             device=next(network.parameters()).device)
     if result.is_main_process:
-        model.metrics["train_patch_psnr"] = model.patch_psnr(evaluation_batches(sampler), seed=config.train.seed)
+        model.metrics["train_patch_psnr"] = model.patch_psnr(sampler.evaluation_batches(), seed=config.train.seed)
         logger.info("%s: PSNR %.2f dB inside the brain on evaluation patches of the training sessions", method,
                     model.metrics["train_patch_psnr"])
         model.save(out)

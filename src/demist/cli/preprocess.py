@@ -34,6 +34,11 @@ def preprocess_command(
     if single and (t1w is None or flair is None):
         given = "--t1w" if flair is None else "--flair"
         raise DemistError(f"one session needs both --t1w and --flair; got only {given}")
+    if single:  # before any work: they name the session's folders in the manifest this writes
+        from demist.data.manifest import check_folder_name
+
+        check_folder_name(subject, "--subject")
+        check_folder_name(session, "--session")
     if (bids is None) == (out_dir is None):
         raise DemistError(("--out-dir: missing; it is needed with --t1w/--flair and --manifest" if bids is None else
                            "--out-dir: not with --bids, which writes DIR/derivatives/demist"))
@@ -56,8 +61,8 @@ def preprocess_command(
             raise typer.Exit(code=1)
         return
 
-    from demist.data.manifest import SessionRecord
-    from demist.preprocessing.batch import MANIFEST_NAME, write_session_manifest
+    from demist.data.manifest import MANIFEST_NAME, SessionRecord
+    from demist.preprocessing.batch import write_session_manifest
     from demist.preprocessing.session import SessionFiles, preprocess_session
 
     for path, what in ((t1w, "--t1w"), (flair, "--flair")):

@@ -43,8 +43,8 @@ def synthesize_command(
         None, "--max-memory", help="DEMIST/FT-LDM: GiB one synthesis may use (default 4). Bounds the autoencoder "
         "windows where the model allows it (channel norm: in one piece when it fits); the UNet always runs at its "
         "training tile, and a budget below what that needs is refused."),
-    precision: str = typer.Option("auto", "--precision", help="DEMIST/FT-LDM: auto (bf16 where the hardware has it) "
-                                  "or fp32 (the reference path, for checks)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="DEMIST/FT-LDM: auto (the default: bf16 where "
+                                            "the hardware has it) or fp32 (the reference path, for checks)."),
     samples: int = typer.Option(1, "--samples", help="Samples to average; >1 also writes <name>_std.nii.gz."),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same map."),
     device: str = DEVICE,
@@ -73,6 +73,7 @@ def synthesize_command(
         raise DemistError(f"--samples {samples}: expected 1 or more")
     if steps is not None and steps < 1:
         raise DemistError(f"--steps {steps}: expected 1 or more")
+    _check_sampling_options(sampler, start_strength, anchor_sigma, max_memory, precision)
 
     from demist.atomic import check_output_folder
     from demist.inference.pipeline import check_output_path, synthesize_files
@@ -123,10 +124,31 @@ def synthesize_command(
         typer.echo(f"wrote {path}")
 
 
+def _check_sampling_options(sampler: str | None, start_strength: float | None, anchor_sigma: float | None,
+                            max_memory: float | None, precision: str | None) -> None:
+    """Checked whatever the model, before it loads: a model that has no use for an option ignores it (and says so),
+    but a value that no model accepts is a mistake."""
+    from demist.config_sections import check_anchor_sigma, check_start_strength
+    from demist.diffusion.samplers import SAMPLERS
+    from demist.inference.demist_synthesizer import SYNTHESIS_PRECISIONS
+
+    if sampler is not None and sampler not in SAMPLERS:
+        raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
+    if start_strength is not None:
+        check_start_strength(start_strength, f"--start-strength {start_strength}")
+    if anchor_sigma is not None:
+        check_anchor_sigma(anchor_sigma, f"--anchor-sigma {anchor_sigma}")
+    if max_memory is not None and not max_memory > 0:
+        raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
+    if precision is not None and precision not in SYNTHESIS_PRECISIONS:
+        raise DemistError(f"--precision {precision}: expected one of {', '.join(SYNTHESIS_PRECISIONS)}")
+
+
 def _bids_manifest(bids: Path) -> Path:
+    from demist.data.manifest import MANIFEST_NAME
     from demist.preprocessing.bids import DERIVATIVE
 
-    manifest = bids / DERIVATIVE / "manifest.csv"
+    manifest = bids / DERIVATIVE / MANIFEST_NAME
     if not manifest.is_file():
         raise DemistError(f"--bids {bids}: no {DERIVATIVE}/manifest.csv; run `demist preprocess --bids {bids}` first")
     return manifest

@@ -26,7 +26,16 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 
-INIT_BUNDLE = typer.Option(None, "--init-bundle",
+
+
+def _check_bundle_file(path: Optional[Path]) -> Optional[Path]:
+    if path is not None and not path.is_file():
+        problem = "is a directory" if path.is_dir() else "file not found"
+        raise DemistError(f"--init-bundle {path}: {problem}; expected the MONAI bundle's autoencoder weights (.pt)")
+    return path
+
+
+INIT_BUNDLE = typer.Option(None, "--init-bundle", callback=_check_bundle_file,
                            help="Initialise from a MONAI bundle autoencoder file (.pt, old or new key layout).")
 
 

@@ -79,6 +79,14 @@ def demo(
         steps = cfg.distill.student_steps if student_steps is None else student_steps
         student_timesteps(cfg.replace(distill=dataclasses.replace(cfg.distill, student_steps=steps)),
                           NoiseSchedule.from_config(cfg.diffusion))
+    if named:  # the cohort is not generated yet: check the names against the IDs it will have, not after it
+        from demist.data.phantom.subject import phantom_subject_id
+
+        ids = [phantom_subject_id(i) for i in range(subjects)]
+        unknown = [s for s in named if s not in ids]
+        if unknown:
+            raise DemistError(f"--held-out-subjects: {', '.join(map(repr, unknown))} not in a cohort of {subjects} "
+                              f"subjects; expected some of {ids[0]} … {ids[-1]}")
     if not named and held_out >= subjects:
         raise DemistError(f"--held-out {held_out} with --subjects {subjects}: expected fewer held-out subjects than "
                           "subjects, so that some are left to train on")

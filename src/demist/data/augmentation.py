@@ -11,7 +11,7 @@ import torch
 from monai.transforms import RandBiasField
 
 #: Degree of the Legendre polynomial of the field's logarithm (MONAI's default): up to three half-periods across a
-#: patch, i.e. ~40 mm features on `tiny`'s 128 mm patches, like a multi-channel head coil's receive field.
+#: patch, i.e. ~20 mm features on the alignment's 64 mm patches (`tiny`: 32³ voxels of 2 mm).
 BIAS_FIELD_DEGREE = 3
 
 

@@ -21,6 +21,10 @@ REQUIRED_COLUMNS = ("subject", "session", "group", "t1w", "flair", "psr", "brain
 OPTIONAL_COLUMNS = ("wm_mask", "meta")
 MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 IMAGE_COLUMNS = ("t1w", "flair", "psr", "brain_mask", "lesion_mask", "wm_mask", "meta")
+MANIFEST_NAME = "manifest.csv"  # the file name of every manifest demist writes
+PREDICTION_NAME = "psr.nii.gz"  # a batch's PSR map of one session: <folder>/<subject>/<session>/psr.nii.gz
+#: `group` values (any case) that name healthy controls; every other group is a patient group.
+CONTROL_GROUPS = frozenset({"hc", "control", "controls", "healthy"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class SessionRecord:
         """`subject/session`, unique within a manifest."""
         return f"{self.subject}/{self.session}"
 
+    @property
+    def is_patient(self) -> bool:
+        """True unless the session's group names healthy controls (`CONTROL_GROUPS`)."""
+        return self.group.strip().lower() not in CONTROL_GROUPS
+
     def require(self, *columns: str) -> None:
         """Raise if any of `columns` is empty for this session, or names a file that does not exist."""
         missing = [c for c in columns if getattr(self, c) is None]
@@ -56,6 +65,19 @@ class SessionRecord:
     def require_present(self, *columns: str) -> None:
         """Raise if any of `columns` that is filled names a file that does not exist (empty ones may stay empty)."""
         self.require(*[c for c in columns if getattr(self, c) is not None])
+
+
+def check_folder_name(name: str, what: str) -> None:
+    """A subject or session label names a folder of the outputs (<out>/<subject>/<session>/): one non-empty path
+    component. `what` says where the label came from."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\"):
+        raise DemistError(f"{what} {name!r}; expected a name without '/' or '\\' that is not empty, '.' or '..' "
+                          "(outputs go to <out>/<subject>/<session>/)")
+
+
+def prediction_path(folder: Path, record: SessionRecord) -> Path:
+    """Where a batch writes, and the evaluation reads, one session's PSR map."""
+    return Path(folder) / record.subject / record.session / PREDICTION_NAME
 
 
 def write_manifest(path: str | Path, rows: Sequence[Mapping[str, str]]) -> Path:
@@ -81,7 +103,8 @@ def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair"),
     """
     path = Path(path)
     if not path.is_file():
-        raise DemistError(f"manifest {path}: file not found; expected a CSV with columns {', '.join(REQUIRED_COLUMNS)}")
+        problem = "is a directory" if path.is_dir() else "file not found"
+        raise DemistError(f"manifest {path}: {problem}; expected a CSV with columns {', '.join(REQUIRED_COLUMNS)}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -105,10 +128,8 @@ def load_manifest(path: str | Path, require: Sequence[str] = ("t1w", "flair"),
         for column in ("subject", "session", "group", *require):
             if not row.get(column):
                 raise DemistError(f"{where}: column {column} is empty; expected a value")
-        for column in ("subject", "session"):  # each names a folder of the outputs: <out>/<subject>/<session>/
-            if row[column] in (".", "..") or any(c in row[column] for c in '/\\'):
-                raise DemistError(f"{where}: {column} {row[column]!r}; expected a name without '/' or '\\' that is "
-                                  "not '.' or '..' (outputs go to <out>/<subject>/<session>/)")
+        for column in ("subject", "session"):
+            check_folder_name(row[column], f"{where}: {column}")
         paths: dict[str, Path | None] = {}
         for column in IMAGE_COLUMNS:
             value = row.get(column, "")

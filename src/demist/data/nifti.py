@@ -124,8 +124,8 @@ def save_image(img: nib.Nifti1Image, path: str | Path, overwrite: bool = True) -
 
 
 def voxel_size(affine: np.ndarray) -> np.ndarray:
-    """Voxel edge lengths in mm from an affine (column norms of its 3×3 part)."""
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    """Voxel edge lengths in mm along each array axis of an image with this affine."""
+    return np.asarray(nib.affines.voxel_sizes(np.asarray(affine)), dtype=np.float64)
 
 
 def scanner_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

@@ -22,6 +22,10 @@ from demist.errors import DemistError
 
 logger = logging.getLogger(__name__)
 
+#: The step index of the first fixed evaluation batch: far beyond any training step, so never drawn in training.
+EVAL_STEP = 2**40
+EVAL_BATCHES = 4  # evaluation batches a stage scores itself on
+
 
 def load_sessions(records: Sequence[SessionRecord], data_cfg: DataConfig,
                   need_target: bool = True) -> list[PreparedSession]:
@@ -101,3 +105,7 @@ class PatchSampler:
             for key, volume in self.volumes[index].items():
                 samples[key].append(volume[window])
         return {k: torch.from_numpy(np.stack(v)) for k, v in samples.items()}
+
+    def evaluation_batches(self, count: int = EVAL_BATCHES) -> list[dict[str, torch.Tensor]]:
+        """Fixed patches of the training sessions, never drawn as a training batch."""
+        return [self.batch(EVAL_STEP + i, 0) for i in range(count)]

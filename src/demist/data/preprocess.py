@@ -21,8 +21,8 @@ from scipy import ndimage
 from demist.config_sections import DataConfig
 from demist.data.manifest import SessionRecord
 from demist.data.nifti import load_image, load_mask
-from demist.data.space import (ModelGrid, in_field_of_view, into_grid, model_grid_for, onto_model_grid,
-                               require_overlap, same_grid)
+from demist.data.space import (ModelGrid, check_brain_coverage, into_grid, model_grid_for, onto_model_grid,
+                               require_overlap)
 from demist.errors import DemistError
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 MIN_ZERO_BACKGROUND = 0.2
 #: The mask's interior is used for the percentiles only while it keeps at least this fraction of the brain.
 MIN_INTERIOR_FRACTION = 0.5
-#: A FLAIR (or PSR) on another grid must cover this fraction of the brain; below WARN_BRAIN_COVERAGE a warning says
-#: how much of the brain lies outside it (a FLAIR that misses the lowest cerebellum is common).
-MIN_BRAIN_COVERAGE, WARN_BRAIN_COVERAGE = 0.9, 0.99
 
 
 @dataclass
@@ -122,6 +119,9 @@ def prepare_images(
         else brain_from_background(t1w, name("t1w"))
     )
     if not brain_native.any():
+        if brain is None:
+            raise DemistError(f"{name('t1w')}: every voxel is background, so no brain to synthesize in; expected a "
+                              "skull-stripped T1w, or a brain mask (--mask)")
         raise DemistError(f"{name('brain_mask')}: no brain voxel inside the T1w's field of view")
     check_brain_coverage(flair, t1w, brain_native, name("flair"))
     grid = model_grid_for(t1w, brain_native, cfg.spacing, cfg.divisor)
@@ -176,18 +176,6 @@ def _load_binary(path, what: str) -> nib.Nifti1Image:
     header = img.header.copy()
     header.set_data_dtype(np.uint8)
     return nib.Nifti1Image((np.asarray(img.dataobj) > 0.5).astype(np.uint8), img.affine, header)
-
-
-def check_brain_coverage(img: nib.Nifti1Image, t1w: nib.Nifti1Image, brain: np.ndarray, what: str) -> None:
-    """Refuse an image on another grid whose field of view leaves part of the brain out (a slab, a localizer)."""
-    if same_grid(img, t1w):
-        return
-    covered = float(in_field_of_view(img, t1w)[brain].mean())
-    if covered < MIN_BRAIN_COVERAGE:
-        raise DemistError(f"{what}: its field of view covers {covered:.1%} of the brain; expected the whole brain "
-                          f"(at least {MIN_BRAIN_COVERAGE:.0%}), not a slab or a localizer")
-    if covered < WARN_BRAIN_COVERAGE:
-        log.warning("%s: its field of view covers %.1f%% of the brain; the rest is read as zero", what, 100 * covered)
 
 
 def psr_to_native(psr_model: np.ndarray, grid: ModelGrid, psr_range: float,

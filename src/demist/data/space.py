@@ -20,6 +20,10 @@ from demist.errors import DemistError
 
 logger = logging.getLogger(__name__)
 
+#: A FLAIR (or PSR) on another grid must cover this fraction of the brain; below WARN_BRAIN_COVERAGE a warning says
+#: how much of the brain lies outside it (a FLAIR that misses the lowest cerebellum is common).
+MIN_BRAIN_COVERAGE, WARN_BRAIN_COVERAGE = 0.9, 0.99
+
 #: Two grids whose affines differ by less than this (mm) are the same grid.
 AFFINE_TOLERANCE_MM = 1e-3
 #: Refuse to resample an image that covers less than this fraction of the reference's field of view.
@@ -76,15 +80,33 @@ def into_grid(img: nib.Nifti1Image, reference: nib.Nifti1Image, what: str, is_ma
 
 
 def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: bool = False,
-                 onto: str = "the reference image") -> np.ndarray:
+                 onto: str = "the reference image", brain: np.ndarray | None = None) -> np.ndarray:
     """The volume at `path` on `reference`'s grid (`into_grid`; bool for masks, float32 otherwise); a resampling
-    is logged, naming the reference as `onto`."""
+    is logged, naming the reference as `onto`. With `brain` (a mask on `reference`'s grid), an image on another grid
+    must cover it (`check_brain_coverage`)."""
     image = load_image(path, what)
+    if brain is not None and not same_grid(image, reference):
+        require_overlap(image, reference, f"{what} image {path}")  # first: not co-registered at all says more
+        check_brain_coverage(image, reference, brain, f"{what} {path}")
     if not same_grid(image, reference):
         logger.warning("%s %s: not on the grid of %s; resampling it (%s)", what, path, onto,
                        "nearest neighbour" if is_mask else "trilinear")
     data = np.asarray(into_grid(image, reference, f"{what} image {path}", is_mask=is_mask).dataobj)
     return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
+
+
+def check_brain_coverage(img: nib.Nifti1Image, reference: nib.Nifti1Image, brain: np.ndarray, what: str) -> None:
+    """Refuse an image on another grid than `reference` whose field of view leaves part of `brain` (a mask on
+    `reference`'s grid) out: a slab, a localizer, a map of another region."""
+    if same_grid(img, reference):
+        return
+    covered = float(in_field_of_view(img, reference)[brain].mean())
+    if covered < MIN_BRAIN_COVERAGE:
+        raise DemistError(f"{what}: its field of view covers {covered:.1%} of the brain; expected the whole brain "
+                          f"(at least {MIN_BRAIN_COVERAGE:.0%}), not a slab or a localizer")
+    if covered < WARN_BRAIN_COVERAGE:
+        logger.warning("%s: its field of view covers %.1f%% of the brain; the rest is read as zero", what,
+                       100 * covered)
 
 
 @dataclass(frozen=True)

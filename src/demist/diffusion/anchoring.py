@@ -11,15 +11,12 @@ is the paper's sampler.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
+from demist.diffusion.samplers import Model
 from demist.diffusion.schedule import NoiseSchedule
-
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:

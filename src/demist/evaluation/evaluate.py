@@ -26,7 +26,7 @@ from demist.evaluation.inputs import (
     ORACLE, TRUTH_FILES, TRUTH_GRID, SessionTruth, find_predictions, first_patient_sessions, load_prediction,
     load_truth, session_plane,
 )
-from demist.evaluation.lesions import (MIN_ROI_VOXELS, LesionROI, contrast_auc, lesion_bias, lesion_rois,
+from demist.evaluation.lesions import (MIN_ROI_VOXELS, RING_MM, LesionROI, contrast_auc, lesion_bias, lesion_rois,
                                        roi_means)
 from demist.evaluation.metrics import image_metrics
 from demist.evaluation.report import write_per_session_csv, write_report, write_summary_json
@@ -194,7 +194,7 @@ def evaluate_predictions(
     predictions: dict[str, Path],
     out: Path,
     psr_range: float = 0.25,
-    ring_mm: float = 4.0,
+    ring_mm: float = RING_MM,
     bootstrap: int = 1000,
     sessions: list[str] | None = None,
     progress: bool = True,

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from demist.data.manifest import SessionRecord
+from demist.data.manifest import PREDICTION_NAME, SessionRecord, prediction_path
 from demist.data.nifti import load_image
 from demist.data.space import load_on_grid
 from demist.errors import DemistError
@@ -24,7 +24,6 @@ from demist.evaluation.lesions import Plane
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_NAME = "psr.nii.gz"
 ORACLE = "oracle"
 """The name under which the true PSR map enters the lesion-contrast comparison (reserved as a method name)."""
 TRUTH_FILES = "true maps"
@@ -32,13 +31,6 @@ TRUTH_FILES = "true maps"
 OPTIONAL_MASKS = ("lesion_mask", "wm_mask")
 TRUTH_GRID = "the true PSR map"  # the grid every evaluated volume is brought onto
 RESERVED_NAMES = frozenset({ORACLE, TRUTH_FILES, *OPTIONAL_MASKS})
-CONTROL_GROUPS = frozenset({"hc", "control", "controls", "healthy"})
-"""Manifest `group` values (any case) of healthy controls; every other group is a patient group."""
-
-
-def prediction_path(folder: Path, record: SessionRecord) -> Path:
-    """Where a method's prediction for one session lives."""
-    return folder / record.subject / record.session / PREDICTION_NAME
 
 
 def find_predictions(
@@ -120,7 +112,8 @@ def load_truth(record: SessionRecord, unreadable_masks: dict[str, str] | None = 
 
 def load_prediction(path: Path, truth: SessionTruth, method: str) -> np.ndarray:
     """A method's PSR map for the session of `truth`, on the truth's grid (float32, PSR units)."""
-    return load_on_grid(path, truth.image, f"{method} prediction for {truth.record.key}", onto=TRUTH_GRID)
+    return load_on_grid(path, truth.image, f"{method} prediction for {truth.record.key}", onto=TRUTH_GRID,
+                        brain=truth.brain)
 
 
 def session_plane(record: SessionRecord) -> Plane | None:
@@ -139,15 +132,10 @@ def session_plane(record: SessionRecord) -> Plane | None:
     return plane
 
 
-def is_patient(record: SessionRecord) -> bool:
-    """True unless the session's group names healthy controls (see CONTROL_GROUPS)."""
-    return record.group.strip().lower() not in CONTROL_GROUPS
-
-
 def first_patient_sessions(records: Sequence[SessionRecord]) -> list[SessionRecord]:
     """The first session (in manifest order) of each patient subject among `records`."""
     first: dict[str, SessionRecord] = {}
     for record in records:
-        if is_patient(record):
+        if record.is_patient:
             first.setdefault(record.subject, record)
     return list(first.values())

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: A lesion, pNAWM or dNAWM region smaller than this is too small for a mean; its lesion is left out.
 MIN_ROI_VOXELS = 5
+RING_MM = 4.0  # the proximal-NAWM ring's width for callers without a config: the presets' [evaluation] ring_mm
 
 Plane = Mapping[str, Sequence[float]]
 """A plane in world mm: {"point": [x, y, z], "normal": [nx, ny, nz]} (the normal need not be unit length)."""
@@ -166,7 +167,7 @@ def lesion_rois(
     wm_mask: np.ndarray,
     affine: np.ndarray,
     plane: Plane | None = None,
-    ring_mm: float = 3.0,
+    ring_mm: float = RING_MM,
     min_voxels: int = MIN_ROI_VOXELS,
     margin_voxels: int = 1,
     brain_mask: np.ndarray | None = None,

@@ -7,7 +7,7 @@ back to the native grid, writing files) is shared, so every method is run and ev
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +31,18 @@ def row_source(row: str) -> str:
     """The method whose samples a row holds: `of` for `mean_row(k, of)`, the row itself otherwise."""
     match = re.fullmatch(r"(.+)-mean\d+", row)
     return match.group(1) if match else row
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The generator seed of sample `k` of a session synthesized with `seed` (distinct for every seed and k < 10⁶)."""
+    return seed * 1_000_003 + k
+
+
+def mean_and_sd(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A `predict` result from its samples: their voxelwise mean, and SD (None for a single sample)."""
+    stack = np.stack(samples)
+    std = stack.std(axis=0).astype(np.float32) if len(samples) > 1 else None
+    return stack.mean(axis=0).astype(np.float32), std
 
 
 class Synthesizer(Protocol):

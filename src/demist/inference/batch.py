@@ -12,18 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 from demist.batch_log import BatchSummary, run_batch, write_batch_log
-from demist.data.manifest import SessionRecord, load_manifest
+from demist.data.manifest import SessionRecord, load_manifest, prediction_path
 from demist.errors import DemistError
 from demist.inference.base import Synthesizer
 from demist.inference.pipeline import synthesize_files
 
-OUTPUT_NAME = "psr.nii.gz"
 LOG_NAME = "synthesis_log.csv"
-
-
-def output_path(out_dir: Path, subject: str, session: str) -> Path:
-    """Where the batch form writes one session's PSR map."""
-    return out_dir / subject / session / OUTPUT_NAME
 
 
 def synthesize_manifest(
@@ -50,7 +44,7 @@ def synthesize_manifest(
     index, count = shard
     records = records[index::count]
     return run_batch(
-        records, key=lambda r: r.key, done=lambda r: output_path(out_dir, r.subject, r.session).exists(),
+        records, key=lambda r: r.key, done=lambda r: prediction_path(out_dir, r).exists(),
         work=lambda r: _synthesize_session(synthesizer, r, out_dir, samples, seed),
         summary=BatchSummary(), desc="sessions", progress=progress)
 
@@ -60,7 +54,7 @@ def _synthesize_session(synthesizer: Synthesizer, record: SessionRecord, out_dir
     record.require("t1w", "flair")
     record.require_present("brain_mask")
     # overwrite: the session is not done (no map), so a std map there is left from an interrupted run
-    synthesize_files(synthesizer, record.t1w, record.flair, output_path(out_dir, record.subject, record.session),
+    synthesize_files(synthesizer, record.t1w, record.flair, prediction_path(out_dir, record),
                      mask=record.brain_mask, samples=samples, seed=seed, overwrite=True, progress=False)
 
 

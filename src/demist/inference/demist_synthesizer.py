@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,27 +22,21 @@ from demist.config_sections import check_anchor_sigma, check_start_strength
 from demist.data.preprocess import PreparedSession
 from demist.devices import bf16_autocast, has_native_bf16, resolve_device
 from demist.diffusion.anchoring import anchored
-from demist.diffusion.samplers import SAMPLERS, timesteps_for
+from demist.diffusion.samplers import SAMPLERS, Model, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
+from demist.inference.base import mean_and_sd, sample_seed
 from demist.inference.memory import DEFAULT_MAX_MEMORY_GIB, autoencoder_window, downsampling, resident_bytes, unet_tile
 from demist.inference.tiling import tiled
 from demist.models.from_runs import build_inference_networks
-from demist.runs import RunInfo, read_run
+from demist.runs import RunInfo
 
 log = logging.getLogger(__name__)
 
 #: Overlap of the autoencoder windows (as in Stage 1's whole-volume evaluation).
 AUTOENCODER_OVERLAP = 0.5
 #: `precision`: "auto" runs bf16 autocast where the hardware has native bf16; "fp32" never (the reference path).
-PRECISIONS = ("auto", "fp32")
-
-
-def parent_run(run: RunInfo, role: str, stages: str) -> RunInfo:
-    """A parent run named in `run.json`, read and verified."""
-    if role not in run.parents:
-        raise DemistError(f"--model {run.path}: run.json names no {role} run; expected a run of `demist train demist`")
-    return read_run(Path(run.parents[role]["path"]), stages, what=f"{role} run of {run.path}")
+SYNTHESIS_PRECISIONS = ("auto", "fp32")
 
 
 @dataclass
@@ -85,8 +78,8 @@ class DemistSynthesizer:
         to timestep round(strength·(T−1)) instead of from pure noise. `anchor_sigma` (default: the config's
         `sampling.anchor_sigma`) above 0 anchors every x̂0's low-pass to the trajectory's first. `max_memory` (GiB,
         default 4) bounds the tiles; `precision="fp32"` turns bf16 autocast off."""
-        if precision not in PRECISIONS:
-            raise DemistError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if precision not in SYNTHESIS_PRECISIONS:
+            raise DemistError(f"--precision {precision}: expected one of {', '.join(SYNTHESIS_PRECISIONS)}")
         if max_memory is not None and not max_memory > 0:
             raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
         cfg = run.config
@@ -179,7 +172,7 @@ class DemistSynthesizer:
         tile = tuple(factor * t for t in self._latent_tile(latent))
         return tiled(embed, condition, tile, self.config.sampling.tile_overlap, downsample=factor)
 
-    def denoiser(self, z_c: torch.Tensor, image_hint: torch.Tensor | None = None):
+    def denoiser(self, z_c: torch.Tensor, image_hint: torch.Tensor | None = None) -> Model:
         """The model callable of the samplers: (x_t, t) -> prediction, conditioned on z_c (and the image hint),
         tiled: x_t, z_c and the hint are stacked along the channels so that every tile sees the same region."""
         channels = z_c.shape[1]
@@ -208,7 +201,7 @@ class DemistSynthesizer:
         sample_fn = SAMPLERS[self.sampler]
         outputs = []
         for k in range(samples):
-            generator = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            generator = torch.Generator(device=self.device).manual_seed(sample_seed(seed, k))
             x_T = torch.randn(z_c.shape, generator=generator, device=self.device)
             if self.start is not None:  # SDEdit: the aligned condition, noised to the first timestep
                 x_T = self.schedule.add_noise(z_c, x_T, torch.full((1,), self.start, device=self.device))
@@ -216,7 +209,4 @@ class DemistSynthesizer:
                            start=self.start)
             outputs.append(self.decode(z0)[0, 0].cpu().numpy())
             log.debug("sample %d/%d done", k + 1, samples)
-        stack = np.stack(outputs)
-        mean = stack.mean(axis=0).astype(np.float32)
-        std = stack.std(axis=0).astype(np.float32) if samples > 1 else None
-        return mean, std
+        return mean_and_sd(outputs)

@@ -10,7 +10,6 @@ gap between them and DEMIST is the diffusion stage's doing. They are diagnostics
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,18 +17,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from demist.batch_log import BatchSummary
+from demist.batch_log import BatchSummary, run_batch
 from demist.config import Config
-from demist.data.manifest import load_manifest
+from demist.data.manifest import SessionRecord, load_manifest, prediction_path
 from demist.data.nifti import save_image
 from demist.data.preprocess import PreparedSession, prepare_session
 from demist.errors import DemistError
 from demist.inference.base import REFERENCES
-from demist.inference.batch import output_path
 from demist.inference.demist_synthesizer import DemistSynthesizer
 from demist.inference.pipeline import native_map
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +61,8 @@ class ReferenceSynthesizer:
 
 
 def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: dict[str, Path],
-                          sessions: Sequence[str] | None = None) -> dict[str, BatchSummary]:
+                          sessions: Sequence[str] | None = None,
+                          progress: bool = True) -> dict[str, BatchSummary]:
     """Write each reference row (name → output folder) for the manifest's sessions, as `synthesize_manifest` lays
     them out; resumable, and a failing session is recorded and skipped."""
     records = load_manifest(manifest)
@@ -75,20 +72,16 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
     psr_range = demist.config.data.psr_range
     summaries = {}
     for name, out_dir in out_dirs.items():
-        reference, summary = ReferenceSynthesizer.from_synthesizer(demist, name), BatchSummary()
-        for record in records:
-            out = output_path(Path(out_dir), record.subject, record.session)
-            if out.exists():
-                summary.skipped.append(record.key)
-                continue
-            try:
-                session = prepare_session(record, demist.config.data, need_target=reference.needs_target)
-                mean, _ = reference.predict(session)
-                save_image(native_map(mean, session, psr_range), out)
-            except DemistError as exc:
-                log.error("%s, session %s: %s", name, record.key, exc)
-                summary.failed[record.key] = str(exc)
-                continue
-            summary.written.append(record.key)
-        summaries[name] = summary
+        reference = ReferenceSynthesizer.from_synthesizer(demist, name)
+
+        def out(record: SessionRecord, out_dir: Path = Path(out_dir)) -> Path:
+            return prediction_path(out_dir, record)
+
+        def work(record: SessionRecord, reference: ReferenceSynthesizer = reference) -> None:
+            session = prepare_session(record, demist.config.data, need_target=reference.needs_target)
+            mean, _ = reference.predict(session)
+            save_image(native_map(mean, session, psr_range), out(record))
+
+        summaries[name] = run_batch(records, key=lambda r: r.key, done=lambda r: out(r).exists(), work=work,
+                                    summary=BatchSummary(), desc=name, progress=progress)
     return summaries

@@ -5,13 +5,13 @@ the MONAI model-zoo `brats_mri_generative_diffusion` autoencoder. That bundle's 
 key layout, can initialise either autoencoder; the 2-channel condition autoencoder receives them as described in
 `adapt_channels`.
 
-Two settings matter for quantitative maps. GroupNorm divides each feature group by its standard deviation over the
-field of view, which discards the intensity scale that a PSR map is made of; a `norm_eps` of the order of the
-features' variance (the `tiny` preset: 1.0; the bundle: 1e-6) keeps most of it and trains several dB better in a
-short budget. And since GroupNorm's statistics still depend on the field of view, whole volumes are encoded and
-decoded in windows of the training patch size (`encode_volume`, `decode_volume`, window = `[autoencoder] patch_size`).
-`[autoencoder] norm = "channel"` (`tiny`) normalises each voxel over its channels instead: the output no longer
-depends on the window, which then only bounds memory (docs/autoencoder.md).
+Two settings matter for quantitative maps. GroupNorm divides each feature group by its standard deviation over the field
+of view, which discards the intensity scale that a PSR map is made of; a `norm_eps` of the order of the features'
+variance (the `tiny` preset: 1.0; the bundle: 1e-6) keeps most of it and trains several dB better in a short budget. And
+since GroupNorm's statistics still depend on the field of view, whole volumes are encoded and decoded in windows of the
+training patch size (`encode_volume`, `decode_volume`, window = `[autoencoder] patch_size`). `[autoencoder] norm =
+"channel"` (docs/configs/tiny-2x-hint.toml; both presets keep GroupNorm) normalises each voxel over its channels
+instead: the output no longer depends on the window, which then only bounds memory (docs/autoencoder.md).
 """
 
 from __future__ import annotations

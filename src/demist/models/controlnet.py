@@ -28,11 +28,11 @@ from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
 
 from demist.config_sections import UNetConfig
+from demist.models.autoencoder import COND_CHANNELS
 from demist.models.backbone import unet_kwargs
 
 _CONTROLNET_ONLY = "controlnet_"  # MONAI's prefix for the ControlNet's own modules (gates, embedding)
 _DECODER_ONLY = ("up_blocks.", "out.")  # parts of the UNet the ControlNet does not have
-IMAGE_CHANNELS = 2  # T1w, FLAIR
 
 
 class LatentGate(Convolution):
@@ -77,7 +77,7 @@ class SubpixelConditioningEmbedding(ControlNetConditioningEmbedding):
     conditioning embedding at latent resolution: the image's full detail at the cost of a latent-resolution conv."""
 
     def __init__(self, out_channels: int, width: int, factor: int) -> None:
-        super().__init__(spatial_dims=3, in_channels=IMAGE_CHANNELS * factor ** 3, out_channels=out_channels,
+        super().__init__(spatial_dims=3, in_channels=COND_CHANNELS * factor ** 3, out_channels=out_channels,
                          channels=(width,))
         self.factor = factor
 
@@ -94,7 +94,7 @@ def build_image_hint(out_channels: int, channels: tuple[int, ...], gate_init: st
     if kind == "latent+subpixel":
         embedding = SubpixelConditioningEmbedding(out_channels, channels[-1], 2 ** (len(channels) - 1))
     else:
-        embedding = ControlNetConditioningEmbedding(spatial_dims=3, in_channels=IMAGE_CHANNELS,
+        embedding = ControlNetConditioningEmbedding(spatial_dims=3, in_channels=COND_CHANNELS,
                                                     out_channels=out_channels, channels=tuple(channels))
     if gate_init == "default":
         embedding.conv_out.conv.reset_parameters()

@@ -25,8 +25,8 @@ from demist.errors import DemistError
 from demist.models.backbone import freeze, uses_flash_attention
 from demist.models.controlnet import OutputHead, build_gated_controlnet, build_image_hint, zero_initialised_modules
 from demist.models.crossattn import TokenSlot, add_cross_attention, cross_attention_wrappers
-from demist.models.lora import (add_identity_output_projections, inject_lora, lora_is_merged, lora_layers, merge_lora,
-                                unmerge_lora)
+from demist.models.lora import (LORA_KEY_MARK, add_identity_output_projections, inject_lora, lora_is_merged,
+                                lora_layers, merge_lora, unmerge_lora)
 from demist.models.tokens import TokenEncoder
 
 logger = logging.getLogger(__name__)
@@ -231,5 +231,5 @@ def _check_backbone(backbone: nn.Module, unet_cfg: UNetConfig, latent_channels: 
     if tuple(backbone.block_out_channels) != tuple(unet_cfg.channels):
         raise DemistError(f"backbone: channels {tuple(backbone.block_out_channels)}; "
                           f"expected {tuple(unet_cfg.channels)} from config [unet]")
-    if any(".lora_" in k or ".block." in k for k in backbone.state_dict()):
+    if any(LORA_KEY_MARK in k or ".block." in k for k in backbone.state_dict()):
         raise TypeError("backbone: already carries LoRA or cross-attention; expected a plain DiffusionModelUNet")

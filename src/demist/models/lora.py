@@ -98,8 +98,3 @@ def unmerge_lora(module: nn.Module) -> None:
 def lora_is_merged(module: nn.Module) -> bool:
     """Whether any LoRA layer inside `module` is currently merged (`merge_lora` leaves identity W_O layers out)."""
     return any(layer.merged for layer in lora_layers(module).values())
-
-
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors (A and B of every layer) of `module`'s state dict."""
-    return {k: v for k, v in module.state_dict().items() if LORA_KEY_MARK in k}

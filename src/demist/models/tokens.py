@@ -42,10 +42,6 @@ class TokenEncoder(nn.Module):
                                    kernel_size=1, conv_only=True)
         self.register_buffer("position", sincos_position_encoding_3d(self.grid, token_dim), persistent=False)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
-
     def forward(self, z_c: torch.Tensor) -> torch.Tensor:
         tokens = self.project(self.pool(z_c))  # (B, d, gx, gy, gz)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, d), row-major like the encoding

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from demist.batch_log import BatchSummary, run_batch, write_batch_log
-from demist.data.manifest import SessionRecord, load_manifest, write_manifest
+from demist.data.manifest import MANIFEST_NAME, SessionRecord, load_manifest, write_manifest
 from demist.preprocessing.session import SessionFiles, preprocess_session
 
 LOG_NAME = "preprocess_log.csv"
-MANIFEST_NAME = "manifest.csv"
 #: Columns carried over from the input manifest unchanged: they live on the T1w's grid, which preprocessing keeps.
 CARRIED = ("psr", "lesion_mask", "wm_mask", "meta")
 

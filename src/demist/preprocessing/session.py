@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from demist.data.nifti import load_image, save_image, scanner_image
+from demist.data.nifti import load_image, save_image, scanner_image, voxel_size
 from demist.data.space import MIN_OVERLAP, overlap_fraction
 from demist.errors import DemistError
 from demist.preprocessing.steps import bias_correct, extract_brain, register_rigid, resample_onto
@@ -118,7 +118,7 @@ def _edge_contrast(t1w: nib.Nifti1Image, brain: np.ndarray) -> float:
     """How much brighter the mask is than the 4 mm shell around it (deepbet finds a plausible volume even in noise)."""
     from scipy import ndimage
 
-    spacing = float(np.sqrt((t1w.affine[:3, :3] ** 2).sum(axis=0)).min())
+    spacing = float(voxel_size(t1w.affine).min())
     shell = ndimage.binary_dilation(brain, iterations=max(1, int(np.ceil(4.0 / spacing)))) & ~brain
     data = np.asarray(t1w.dataobj, dtype=np.float32)
     outside = float(data[shell].mean()) if shell.any() else 0.0
@@ -127,7 +127,7 @@ def _edge_contrast(t1w: nib.Nifti1Image, brain: np.ndarray) -> float:
 
 def _head_volume(img: nib.Nifti1Image, what: str) -> nib.Nifti1Image:
     """Refuse a localizer or a slab: a head scan covers at least MIN_EXTENT_MM along every axis."""
-    extent = np.array(img.shape[:3]) * np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    extent = np.array(img.shape[:3]) * voxel_size(img.affine)
     if extent.min() < MIN_EXTENT_MM:
         raise DemistError(f"{what}: covers {' x '.join(f'{e:.0f}' for e in extent)} mm (shape {img.shape}); expected "
                           f"a 3D head volume of at least {MIN_EXTENT_MM:.0f} mm along every axis, not a localizer")

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from demist.data.nifti import voxel_size
 from demist.errors import DemistError
 from demist.preprocessing.tools import require
 
@@ -28,7 +29,7 @@ def to_ants(img: nib.Nifti1Image, data: np.ndarray | None = None):  # -> ants.AN
     """A NIfTI image (or `data` on its grid) as an ANTs image in LPS world coordinates."""
     ants = require("ants")
     affine = img.affine
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_size(affine)
     lps = _LPS @ affine
     values = np.asarray(img.dataobj if data is None else data, dtype=np.float32)
     return ants.from_numpy(values, origin=tuple(float(v) for v in lps[:3, 3]),

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from demist.config import Config
+from demist.diffusion.schedule import NoiseSchedule
 from demist.models.from_runs import FTLDM_STAGE
 from demist.models.ftldm_net import ConcatConditionedUNet
 from demist.runs import RunInfo
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 STAGE = FTLDM_STAGE
 
 
-def ftldm_stage(cfg: Config, net: ConcatConditionedUNet, schedule, sampler: LatentPatchSampler) -> Stage:
+def ftldm_stage(cfg: Config, net: ConcatConditionedUNet, schedule: NoiseSchedule, sampler: LatentPatchSampler) -> Stage:
     """One phase: the diffusion loss on latent patch pairs (z_y, z_c), every UNet parameter trained."""
 
     def diffusion_loss(m, batch, step, ctx):

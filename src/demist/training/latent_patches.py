@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from demist.data.patches import session_arrays
+from demist.data.patches import EVAL_BATCHES, EVAL_STEP, session_arrays
 from demist.data.preprocess import PreparedSession
 from demist.errors import DemistError
 from demist.models.autoencoder import encode_volume
@@ -27,7 +27,6 @@ from demist.models.autoencoder import encode_volume
 logger = logging.getLogger(__name__)
 
 #: Batches of `LatentPatchSampler.batch` at or beyond this step are evaluation patches, never drawn in training.
-EVAL_STEP = 2**40
 
 
 @dataclass(frozen=True)
@@ -133,6 +132,6 @@ class LatentPatchSampler:
                 samples.setdefault(key, []).append(session.images[key][image_window])
         return {k: torch.from_numpy(np.ascontiguousarray(np.stack(v))) for k, v in samples.items()}
 
-    def evaluation_batches(self, count: int = 4) -> list[dict[str, torch.Tensor]]:
+    def evaluation_batches(self, count: int = EVAL_BATCHES) -> list[dict[str, torch.Tensor]]:
         """Fixed patches of the training sessions, never drawn as a training batch."""
         return [self.batch(EVAL_STEP + i, 0) for i in range(count)]

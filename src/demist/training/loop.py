@@ -36,12 +36,12 @@ from demist.atomic import atomic_write
 from demist.config_sections import TrainConfig
 from demist.devices import resolve_device, resolve_mixed_precision
 from demist.errors import DemistError
+from demist.runs import METRICS_FILE, TENSORBOARD_DIR
 from demist.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from demist.training.ema import ParameterEMA
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Mapping[str, nn.Module], Batch, int, dict[str, Any]], dict[str, torch.Tensor]]
 
@@ -156,7 +156,7 @@ class MetricsLog:
             except ImportError:
                 raise DemistError("--tensorboard: the tensorboard package is not installed; "
                                   "expected `pip install tensorboard` or no --tensorboard") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
 
     def write(self, record: dict[str, float]) -> None:
         if not self.enabled:

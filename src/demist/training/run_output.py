@@ -12,18 +12,35 @@ from typing import Any, Sequence
 from demist.atomic import check_output_folder
 from demist.config import Config, config_to_dict
 from demist.errors import DemistError
+from demist.runs import METRICS_FILE, RUN_FILE, TENSORBOARD_DIR
+from demist.training.checkpoint import CHECKPOINT_DIR
 
 
 def check_out(out: Path, resume: bool) -> None:
     """`out` is a directory for a new run, or with `resume` an interrupted one; a finished run (its run.json) is never
     overwritten, nor trained again (the runs built on it check its run.json)."""
     check_output_folder(out, "--out", "a directory for the run")
-    if (out / "run.json").exists():
+    foreign = sorted(p.name for p in out.iterdir() if not _run_content(p)) if out.is_dir() else []
+    if foreign:
+        raise DemistError(f"--out {out}: holds files that are not a demist run's ({', '.join(foreign[:3])}"
+                          f"{', …' if len(foreign) > 3 else ''}); expected a new or empty directory, or an interrupted "
+                          "run to --resume")
+    if (out / RUN_FILE).exists():
         if resume:
             raise DemistError(f"--out {out}: already holds a finished run, which --resume would train again; use it "
                               "as it is, or choose another directory")
         raise DemistError(f"--out {out}: already holds a finished run; choose another directory (or --resume an "
                           "interrupted one)")
+
+
+def _run_content(path: Path) -> bool:
+    """Whether `path`, inside a run directory, is something a demist training writes there: its record, weights,
+    checkpoints, metrics log, a temporary file of an atomic write, or a sub-run (Stage 1 keeps its autoencoders'
+    runs inside its own)."""
+    if path.is_dir():
+        return path.name in (CHECKPOINT_DIR, TENSORBOARD_DIR) or all(_run_content(p) for p in path.iterdir())
+    return (path.name in (RUN_FILE, METRICS_FILE) or path.name.endswith(".safetensors")
+            or (path.name.startswith(".") and ".tmp" in path.name))
 
 
 def weights_metadata(cfg: Config, stage: str, data: str | None = None) -> dict[str, str]:

@@ -4,10 +4,10 @@ Three trainings, each writing a run directory:
 
 1. `train_autoencoder(modality="psr")`: E_PSR/D_PSR on PSR / psr_range (stage "autoencoder-psr");
 2. `train_autoencoder(modality="cond")`: E_cond/D_cond on [T1w, FLAIR] (stage "autoencoder-cond");
-3. `train_alignment`: E_PSR frozen, the condition autoencoder fine-tuned so that μ_c matches μ_y on paired patches
-   while it keeps its reconstruction; it measures the alignment error before and after, computes the latent scale
-   factor (1 / std of μ_y over training patches) and writes the Stage-1 run (stage "stage1") holding both
-   autoencoders, which every later stage takes as `--stage1`.
+3. `train_alignment`: E_PSR frozen, the condition encoder fine-tuned so that μ_c matches μ_y on paired patches (with
+   `align.recon_weight` > 0, the paper's 1, it also keeps its reconstruction; `tiny`: 0); it measures the alignment
+   error before and after, computes the latent scale factor (1 / std of μ_y over training patches) and writes the
+   Stage-1 run (stage "stage1") holding both autoencoders, which every later stage takes as `--stage1`.
 
 Autoencoder loss: L1 (+ L2) reconstruction weighted by the brain mask + λ_KL·KL + λ_edge·Sobel-edge
 + λ_adv·patch-adversarial (least squares, from `stage1.adv_start`; MONAI `PatchDiscriminator`).
@@ -33,7 +33,7 @@ from demist.errors import DemistError
 from demist.models.autoencoder import (COND_CHANNELS, PSR_CHANNELS, autoencoder_from_state, build_autoencoder,
                                        load_bundle_autoencoder)
 from demist.models.backbone import freeze
-from demist.runs import RunInfo, read_run, write_run
+from demist.runs import RUN_FILE, RunInfo, read_run, write_run
 from demist.training.loop import Phase, Stage, seed_everything, train, warmup_cosine
 from demist.training.losses import (alignment_loss, edge_loss, kl_divergence, reconstruction_loss,
                                     voxel_weights)
@@ -42,8 +42,6 @@ from demist.training.run_output import barrier, check_out, data_fingerprint, tra
 logger = logging.getLogger(__name__)
 
 MODALITIES = {"psr": ("target", PSR_CHANNELS), "cond": ("cond", COND_CHANNELS)}  # batch key, image channels
-EVAL_STEP = 2**40  # batch indices of the fixed evaluation patches: far beyond any training step
-EVAL_BATCHES = 4
 
 
 # --- stage definitions -----------------------------------------------------------------------------------------
@@ -153,11 +151,6 @@ def _autoencoder_training(cfg: Config) -> TrainConfig:
 # --- measurements on fixed evaluation patches ------------------------------------------------------------------
 
 
-def evaluation_batches(sampler: PatchSampler, count: int = EVAL_BATCHES) -> list[dict[str, torch.Tensor]]:
-    """Fixed patches of the training sessions, never drawn as a training batch."""
-    return [sampler.batch(EVAL_STEP + i, 0) for i in range(count)]
-
-
 def _on(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(next(module.parameters()).device)
 
@@ -233,7 +226,7 @@ def train_autoencoder(sessions: Sessions, cfg: Config, out: str | Path, modality
                    weights_metadata=weights_metadata(cfg, stage.name, data_fingerprint(sessions)))
     run = None
     if result.is_main_process:
-        psnr = patch_psnr(autoencoder.eval(), evaluation_batches(sampler), key)
+        psnr = patch_psnr(autoencoder.eval(), sampler.evaluation_batches(), key)
         logger.info("%s: PSNR %.2f dB inside the brain on evaluation patches of the training sessions", stage.name,
                     psnr)
         run = write_run(out, method="demist", stage=stage.name, config=cfg,
@@ -276,7 +269,7 @@ def train_alignment(sessions: Sessions, psr_run: str | Path, cond_run: str | Pat
         cfg = cfg.replace(align=dataclasses.replace(cfg.align, steps=max_steps))
     sessions = _prepared(sessions, cfg, need_target=True)
     sampler = PatchSampler(sessions, cfg.autoencoder.patch_size, cfg.align.batch_size, cfg.train.seed)
-    eval_batches = evaluation_batches(sampler)
+    eval_batches = sampler.evaluation_batches()
     before = alignment_error(psr_ae, cond_ae, eval_batches)
     scale = latent_scale_factor(psr_ae, eval_batches) if scale_factor is None else float(scale_factor)
     seed_everything(cfg.train.seed)
@@ -312,7 +305,7 @@ def train_stage1(sessions: Sessions, cfg: Config, out_dir: str | Path, *,
     sessions = _prepared(sessions, cfg, need_target=True)
     for modality in ("psr", "cond"):
         sub = out_dir / f"{modality}_ae"
-        if resume and (sub / "run.json").exists():
+        if resume and (sub / RUN_FILE).exists():
             read_run(sub, f"autoencoder-{modality}")  # verified, kept
             logger.info("%s: finished already; kept", sub)
             continue

@@ -28,6 +28,7 @@ from demist.config import Config, config_to_dict
 from demist.errors import DemistError
 from demist.methods import Method, TrainJob, load_synthesizer
 from demist.workflows.settings import record_settings
+from demist.runs import RUN_FILE
 
 #: The settings the folds' runs were trained with, checked on a rerun (`settings.record_settings`).
 SETTINGS_FILE = "cv.json"
@@ -68,9 +69,11 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     `config`. With `mean_samples` > 1, the first DEMIST run's mean of that many samples per session is scored too
     (`demist-meanK`), as in the demo."""
     from demist.data.manifest import load_manifest, subjects_of
-    from demist.evaluation.crossval import load_or_create_splits
+    from demist.evaluation.crossval import SPLITS_FILE, load_or_create_splits
     from demist.prior import check_cohort_apart, resolve_prior
 
+    if fold is not None and not 0 <= fold < folds:  # before splits.json is written: a typo must not pin the folds
+        raise DemistError(f"--fold {fold}: expected a fold from 0 to {folds - 1} of the {folds} folds")
     records = load_manifest(manifest, require=("t1w", "flair", "psr"))
     chosen = resolve_prior(prior, config)
     check_cohort_apart(manifest, chosen)
@@ -80,9 +83,7 @@ def run_cv(manifest: Path, out: Path, methods: Sequence[Method], config: Config,
     if min(strata.count(g) for g in set(strata)) < folds:  # too few of a group to stratify: plain grouped folds
         strata = None
     # deterministic for (subjects, folds, seed), so fold jobs started together write the same file
-    splits = load_or_create_splits(out / "splits.json", subjects, folds, seed, strata=strata)
-    if fold is not None and not 0 <= fold < len(splits):
-        raise DemistError(f"--fold {fold}: expected a fold from 0 to {len(splits) - 1} of the {len(splits)} folds")
+    splits = load_or_create_splits(out / SPLITS_FILE, subjects, folds, seed, strata=strata)
     unknown = sorted(set(method_configs or {}) - {name for m in methods for name in (m.name, m.ablation_of)})
     if unknown:
         raise DemistError(f"method configs for {', '.join(unknown)}: not among the methods cross-validated")
@@ -103,7 +104,8 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
     """Train, synthesize and evaluate every method of one fold; finished steps are skipped."""
     from demist.data.manifest import select_subjects, subjects_of
     from demist.evaluation.evaluate import evaluate_predictions
-    from demist.inference.batch import output_path, synthesize_manifest
+    from demist.data.manifest import prediction_path
+    from demist.inference.batch import synthesize_manifest
     from demist.prior import align_to_prior
     from demist.training.stage1 import train_stage1
 
@@ -116,7 +118,7 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
     stage1 = fold / "stage1" / "stage1"
     backbone = fold / "backbone" if plan.prior is None else plan.prior.backbone
     needs = {n for m in plan.methods for n in m.needs}
-    if "stage1" in needs and not (stage1 / "run.json").exists():
+    if "stage1" in needs and not (stage1 / RUN_FILE).exists():
         with timed(fold, "stage1"):
             if plan.prior is None:
                 train_stage1(select_subjects(records, train_subjects), config, fold / "stage1",
@@ -124,7 +126,7 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
             else:
                 align_to_prior(select_subjects(records, train_subjects), plan.prior, config, stage1,
                                max_steps=max_steps, device=device, resume=True)
-    if "backbone" in needs and not (backbone / "run.json").exists():
+    if "backbone" in needs and not (backbone / RUN_FILE).exists():
         from demist.training.backbone import train_backbone
 
         with timed(fold, "backbone"):
@@ -132,12 +134,12 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
                            resume=True, subjects=train_subjects)
 
     def unfinished(predictions_dir: Path) -> bool:
-        return any(not output_path(predictions_dir, r.subject, r.session).exists() for r in held_out)
+        return any(not prediction_path(predictions_dir, r).exists() for r in held_out)
 
     predictions = {}
     for method in plan.methods:
         run = fold / "runs" / method.name
-        if not (run / "run.json").exists():
+        if not (run / RUN_FILE).exists():
             log.info("fold %d: training %s", k, method.name)
             with timed(fold, f"train {method.name}"):
                 method.train(TrainJob(manifest, plan.config_of(method), run, stage1=stage1, backbone=backbone,
@@ -174,9 +176,11 @@ def run_fold(plan: CVPlan, k: int, test_subjects: Sequence[str], records: Sequen
 def collect_cv(out: Path) -> Path:
     """Merge the finished folds of `out` (their evaluation summaries) into the tables; every fold of splits.json must
     be finished, with the same rows."""
-    splits_file = out / "splits.json"
+    from demist.evaluation.crossval import SPLITS_FILE
+
+    splits_file = out / SPLITS_FILE
     if not splits_file.is_file():
-        raise DemistError(f"--out {out}: holds no splits.json; expected the folder of a `demist cv` run")
+        raise DemistError(f"--out {out}: holds no {SPLITS_FILE}; expected the folder of a `demist cv` run")
     folds = len(json.loads(splits_file.read_text())["folds"])
     rows: list[dict] = []
     lesion_auc: dict[int, dict[str, float]] = {}

@@ -20,10 +20,12 @@ from typing import Callable, Sequence
 
 from demist.atomic import atomic_write
 from demist.config import Config, config_to_dict, load_config
+from demist.data.manifest import MANIFEST_NAME
 from demist.errors import DemistError
 from demist.inference.base import MEAN_SAMPLES, REFERENCES, mean_row
 from demist.workflows.demo_report import STUDENT_ROW
 from demist.workflows.settings import record_settings
+from demist.runs import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class DemoPlan:
 
     @property
     def manifest(self) -> Path:
-        return self.out / "cohort" / "manifest.csv"
+        return self.out / "cohort" / MANIFEST_NAME
 
     def run(self, name: str) -> Path:
         return self.out / "runs" / name
@@ -93,7 +95,7 @@ class DemoPlan:
         from demist.runs import read_run
 
         demist = self.run("demist")
-        if (demist / "run.json").is_file():
+        if (demist / RUN_FILE).is_file():
             return Path(read_run(demist, "demist", what="demo DEMIST run").parents["backbone"]["path"])
         return self.run("backbone")
 
@@ -152,7 +154,7 @@ class DemoPlan:
 
     def _stage1_subjects(self) -> list[str] | None:
         """The subjects of a finished Stage-1 run in this folder (sorted), or None when there is none yet."""
-        if not (self.stage1 / "run.json").is_file():
+        if not (self.stage1 / RUN_FILE).is_file():
             return None
         from demist.runs import read_run
 
@@ -171,9 +173,9 @@ def split_subjects(manifest: Path, held_out: int, seed: int) -> tuple[list[str],
     subjects = subjects_of(records)
     if not 1 <= held_out < len(subjects):
         raise DemistError(f"--held-out {held_out}: expected 1 to {len(subjects) - 1} for {len(subjects)} subjects")
-    groups = {r.subject: r.group for r in records}
+    patient = {r.subject: r.is_patient for r in records}
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
-    patients = [s for s in order if groups[s] != "HC"]
+    patients = [s for s in order if patient[s]]
     first = patients[:1] or order[:1]
     test = first + [s for s in order if s not in first][: held_out - 1]
     return [s for s in subjects if s not in test], sorted(test)
@@ -194,8 +196,8 @@ def named_split(manifest: Path, held_out: Sequence[str]) -> tuple[list[str], lis
     if not test or len(test) >= len(subjects):
         raise DemistError(f"--held-out-subjects: {len(test)} of {len(subjects)} subjects named; expected at least one "
                           "held out and one left to train on")
-    groups = {r.subject: r.group for r in records}
-    if all(groups[s] == "HC" for s in test):
+    patient = {r.subject: r.is_patient for r in records}
+    if not any(patient[s] for s in test):
         log.warning("--held-out-subjects %s: all healthy controls, so the lesion analysis has no lesions to score",
                     ",".join(test))
     return [s for s in subjects if s not in test], test
@@ -288,27 +290,27 @@ def run_demo(plan: DemoPlan, config: Config | None = None, device: str = "auto")
     steps = plan.max_steps
     stage1 = plan.run("stage1")  # holds psr_ae, cond_ae and the Stage-1 run itself (plan.stage1)
     if prior is None:
-        minutes["stage1"] = step("stage1", plan.stage1 / "run.json", lambda: train_stage1(
+        minutes["stage1"] = step("stage1", plan.stage1 / RUN_FILE, lambda: train_stage1(
             train_records, cfg, stage1, max_steps=steps, device=device, resume=True))
         backbone = plan.run("backbone")
-        minutes["backbone"] = step("backbone", backbone / "run.json", lambda: train_backbone(
+        minutes["backbone"] = step("backbone", backbone / RUN_FILE, lambda: train_backbone(
             plan.manifest, plan.stage1, cfg, backbone, max_steps=steps, device=device, resume=True,
             subjects=train_subjects))
     else:
-        minutes["stage1"] = step("stage1", plan.stage1 / "run.json", lambda: align_to_prior(
+        minutes["stage1"] = step("stage1", plan.stage1 / RUN_FILE, lambda: align_to_prior(
             train_records, prior, cfg, plan.stage1, max_steps=steps, device=device, resume=True))
         backbone, minutes["backbone"] = prior.backbone, _record(plan.out, "backbone", 0.0)  # the prior's
     demist = plan.run("demist")
-    minutes["demist"] = step("demist", demist / "run.json", lambda: train_demist(
+    minutes["demist"] = step("demist", demist / RUN_FILE, lambda: train_demist(
         plan.manifest, plan.stage1, backbone, cfg, demist, max_steps=steps, device=device, resume=True,
         subjects=train_subjects))
     student = plan.run("student")
     if plan.distill:
-        minutes["distill"] = step("distill", student / "run.json", lambda: train_distill(
+        minutes["distill"] = step("distill", student / RUN_FILE, lambda: train_distill(
             demist, student, manifest=plan.manifest, student_steps=plan.student_steps or cfg.distill.student_steps,
             max_steps=steps, device=device, resume=True))
     ridge = plan.run("ridge")
-    minutes["ridge"] = step("ridge", ridge / "run.json", lambda: train_ridge(
+    minutes["ridge"] = step("ridge", ridge / RUN_FILE, lambda: train_ridge(
         plan.manifest, cfg, ridge, subjects=train_subjects))
     start, written = time.perf_counter(), 0
     demist_synthesizer = load_synthesizer(demist, device=device)

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from demist.atomic import atomic_write
 from demist.inference.base import mean_row
+from demist.runs import METRICS_FILE, RUN_FILE
 
 #: Each training run of the demo and the name its main loss is logged under (the loop logs a phase's loss by name).
 RUN_LOSSES = {"stage1/psr_ae": "autoencoder", "stage1/cond_ae": "autoencoder", "stage1/stage1": "align",
@@ -93,7 +94,7 @@ def _parameter_table(counts: Mapping[str, Mapping[str, int]]) -> list[str]:
 def _loss_figure(plan: Any) -> str | None:
     from demist.evaluation.figures import plot_loss_curves
 
-    paths = {name: plan.run(name) / "metrics.jsonl" for name in RUN_LOSSES}
+    paths = {name: plan.run(name) / METRICS_FILE for name in RUN_LOSSES}
     paths = {name: path for name, path in paths.items() if path.exists()}
     if not paths:
         return None
@@ -109,7 +110,7 @@ def _minutes_table(minutes: Mapping[str, float]) -> list[str]:
 
 def _student_steps(plan: Any) -> int | None:
     """DDIM steps of the demo's distilled student, if it has one."""
-    run = plan.run("student") / "run.json"
+    run = plan.run("student") / RUN_FILE
     return int(json.loads(run.read_text())["config"]["sampling"]["steps"]) if run.is_file() else None
 
 
@@ -126,7 +127,7 @@ def write_demo_report(plan: Any, results: Mapping[str, Any], minutes: Mapping[st
     """Write `plan.out/report.md` from the evaluation summary and the runs; returns its path."""
     from demist.evaluation.report import report_markdown
 
-    run_json = json.loads((plan.run("demist") / "run.json").read_text())
+    run_json = json.loads((plan.run("demist") / RUN_FILE).read_text())
     counts = run_json.get("training", {}).get("parameters", {})
     loss_png = _loss_figure(plan)
     evaluation = report_markdown(results).replace("# demist evaluation", "## Evaluation").replace("\n## ", "\n### ")

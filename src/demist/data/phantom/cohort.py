@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from demist.atomic import check_output_folder
-from demist.data.manifest import write_manifest
+from demist.atomic import atomic_write, check_output_folder
+from demist.data.manifest import MANIFEST_NAME, write_manifest
 from demist.data.nifti import save_image, scanner_image
 from demist.data.phantom.metadata import session_metadata
 from demist.data.phantom.render import render_session
@@ -26,7 +24,6 @@ from demist.errors import DemistError
 logger = logging.getLogger(__name__)
 
 SPACING_RANGE_MM = (1.0, 4.0)
-MANIFEST_NAME = "manifest.csv"
 #: Written next to the manifest; marks the folder as a cohort demist may overwrite.
 COHORT_MARKER = "cohort.json"
 VOLUMES = ("t1w", "flair", "psr", "brain_mask", "lesion_mask", "wm_mask", "tissue_labels")
@@ -83,13 +80,7 @@ def _write_json(path: Path, content: dict) -> None:
     """Indented JSON with lists of numbers kept on one line, written atomically."""
     text = NUMBER_LIST.sub(lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]",
                            json.dumps(content, indent=1))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, text + "\n")
 
 
 def generate_cohort(out_dir: Path, n_subjects: int, spacing: float = 2.0, seed: int = 0,

@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from demist.atomic import atomic_write
-from demist.data.nifti import scanner_image
+from demist.data.nifti import scanner_image, voxel_size
 
 #: Layers outward from the brain's edge: (outer edge in mm, T1w, FLAIR), intensities relative to white matter.
 HEAD_LAYERS = (
@@ -107,7 +107,7 @@ def make_raw_session(t1w: nib.Nifti1Image, flair: nib.Nifti1Image, brain: np.nda
                      rng: np.random.Generator) -> RawSession:
     """A raw session from a clean one (T1w and FLAIR on the same grid, brain and white-matter masks)."""
     affine = t1w.affine
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_size(affine)
     shape = t1w.shape
     brain = brain > 0
     distance = ndi.distance_transform_edt(~brain, sampling=spacing).astype(np.float32)
@@ -156,11 +156,11 @@ def add_raw_sessions(cohort_dir: Path, seed: int, progress: bool = True) -> Path
     and `raw_manifest.csv`: the raw images with the clean session's PSR and masks (valid on the raw T1w's grid)."""
     from tqdm.auto import tqdm
 
-    from demist.data.manifest import load_manifest, write_manifest
+    from demist.data.manifest import MANIFEST_NAME, load_manifest, write_manifest
     from demist.data.nifti import save_image
 
     cohort_dir = Path(cohort_dir).resolve()
-    records = load_manifest(cohort_dir / "manifest.csv", require=("t1w", "flair", "brain_mask", "wm_mask"))
+    records = load_manifest(cohort_dir / MANIFEST_NAME, require=("t1w", "flair", "brain_mask", "wm_mask"))
     rows = []
     for number, record in enumerate(tqdm(records, desc="raw sessions", unit="session", disable=not progress)):
         rng = np.random.default_rng([seed, number, 0x5A])  # independent of the clean cohort's own draws

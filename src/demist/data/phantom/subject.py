@@ -31,6 +31,11 @@ def stream(seed: int, subject_index: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, subject_index, purpose])
 
 
+def phantom_subject_id(index: int) -> str:
+    """The ID of the cohort's `index`-th subject (0-based): sub-001, sub-002, …"""
+    return f"sub-{index + 1:03d}"
+
+
 @dataclass(frozen=True)
 class SubjectPlan:
     seed: int
@@ -47,7 +52,7 @@ class SubjectPlan:
 
     @property
     def subject_id(self) -> str:
-        return f"sub-{self.index + 1:03d}"
+        return phantom_subject_id(self.index)
 
     @property
     def n_sessions(self) -> int:
