@@ -132,3 +132,10 @@ def test_the_example_configs_in_docs_load_and_fit_together() -> None:
         factor = downsampling(cfg)
         assert all(p % factor == 0 for p in cfg.data.patch_size), path.name
         assert stage2_config(cfg, None) == cfg, path.name  # raises on a hint that downsamples otherwise
+
+
+def test_the_lesion_protocols_library_default_is_the_presets():
+    """`lesion_rois` and `evaluate_predictions` called without a config use the ring the presets use."""
+    from demist.evaluation.lesions import RING_MM
+
+    assert all(load_config(name).evaluation.ring_mm == RING_MM for name in ("tiny", "paper"))

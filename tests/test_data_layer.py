@@ -142,6 +142,16 @@ def test_manifest_errors(small_manifest, edit, fragment):
 def test_manifest_not_found(tmp_path):
     with pytest.raises(DemistError, match="file not found"):
         load_manifest(tmp_path / "none.csv")
+    with pytest.raises(DemistError, match="is a directory; expected a CSV"):
+        load_manifest(tmp_path)
+
+
+def test_healthy_controls_are_named_in_any_case_and_every_other_group_is_a_patient_group(small_manifest):
+    """The demo's split and the lesion analysis both read `SessionRecord.is_patient`."""
+    record = load_manifest(small_manifest)[0]
+    for group, patient in (("HC", False), ("control", False), (" Healthy ", False), ("Controls", False),
+                           ("MS", True), ("RRMS", True), ("unknown", True)):
+        assert dataclasses.replace(record, group=group).is_patient is patient, group
 
 
 # --- preprocessing and the way back ----------------------------------------------------------------------------

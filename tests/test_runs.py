@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def test_write_then_read_a_run(tmp_path: Path) -> None:
     assert json.loads(meta["config"])["autoencoder"]["latent_channels"] == 8
     with pytest.raises(DemistError, match="no component 'unet'"):
         run.weights("unet")
+
+
+def test_a_run_is_readable_by_whoever_may_read_new_files(tmp_path: Path) -> None:
+    """run.json and the weights get a new file's permissions (the umask's), not a temporary file's owner-only 0600:
+    a lab shares its runs."""
+    old = os.umask(0o022)
+    try:
+        write_run(tmp_path / "run", method="demist", stage="autoencoder-psr", config=load_config("tiny"),
+                  components={"autoencoder": toy_state()})
+    finally:
+        os.umask(old)
+    for name in (RUN_FILE, "autoencoder.safetensors"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_incomplete_run_is_refused(tmp_path: Path) -> None:
