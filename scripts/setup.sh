@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with demist, its dependencies and its extras (test; preprocess: ANTsPy, deepbet, pybids). Idempotent: a second run with an unchanged
-# pyproject.toml does nothing. TORCH_SPEC picks the torch build (default: the CPU wheel torch==2.13.0;
-# on a GPU machine set e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index configured in pip).
+# pyproject.toml does nothing. torch comes from pip's configured index (the CPU or the CUDA build is the index's
+# choice); TORCH_SPEC (default torch==2.13.0) overrides the version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

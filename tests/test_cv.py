@@ -129,7 +129,7 @@ def test_folds_run_as_separate_processes_and_collected_give_the_same_table(manif
     first = subprocess.run(base + ["--fold", "0"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     early = subprocess.run(collect, capture_output=True, text=True)  # fold 1 has not run yet
-    assert early.returncode == 2 and "fold 1: not finished" in early.stderr and "--fold 1" in early.stderr
+    assert early.returncode == 2 and "fold(s) 1 of 2 not finished" in early.stderr and "K in 1 first" in early.stderr
     assert not (tmp_path / "split" / "table.md").exists()
     second = subprocess.run(base + ["--fold", "1"], capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]

@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from demist.cli.options import BACKBONE, CONFIG, DEVICE, MANIFEST, MAX_STEPS, OUT, RESUME, STAGE1, TENSORBOARD
+from demist.cli.options import (BACKBONE, CONFIG, DEVICE, FIT_OUT, MANIFEST, MAX_STEPS, OUT, RESUME, STAGE1,
+                                TENSORBOARD)
 from demist.config_sections import STREAM_SWITCHES
 from demist.methods import METHODS, TrainJob
 
@@ -26,7 +27,7 @@ def _parameters(name: str) -> list[inspect.Parameter]:
     method = METHODS[name]
     options: list[tuple[str, Any, Any]] = [("manifest", Path, MANIFEST)]
     options += [(run, Path, {"stage1": STAGE1, "backbone": BACKBONE}[run]) for run in method.needs]
-    options += [("config", str, CONFIG), ("out", Path, OUT)]
+    options += [("config", str, CONFIG), ("out", Path, OUT if method.iterative else FIT_OUT)]
     if method.iterative:
         options += [("max_steps", Optional[int], MAX_STEPS), ("device", str, DEVICE), ("resume", bool, RESUME),
                     ("tensorboard", bool, TENSORBOARD)]

@@ -7,6 +7,7 @@ import typer
 MANIFEST = typer.Option(..., "--manifest", help="Manifest CSV of the training sessions (columns t1w, flair, psr, …).")
 CONFIG = typer.Option("tiny", "--config", help="Preset (tiny, paper) or a TOML file naming its base preset.")
 OUT = typer.Option(..., "--out", help="Run directory to write (new, or an interrupted one with --resume).")
+FIT_OUT = typer.Option(..., "--out", help="Run directory to write (new or empty; a closed-form fit has no --resume).")
 STAGE1 = typer.Option(..., "--stage1", help="Stage-1 run directory (DIR/stage1 of `demist train stage1`).")
 BACKBONE = typer.Option(..., "--backbone",
                         help="The backbone: a `demist train backbone` run directory, or the MONAI bundle's UNet "

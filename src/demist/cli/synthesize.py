@@ -17,7 +17,8 @@ DEFAULT_HELP = (
 
 
 def synthesize_command(
-    model: Path = typer.Option(..., "--model", help="Run directory of `demist train demist` or of a baseline."),
+    model: Path = typer.Option(..., "--model", help="A run that synthesizes: of `demist train demist` (or an "
+                               "ablation), `demist train distill`, FT-LDM or another baseline."),
     t1w: Optional[Path] = typer.Option(None, "--t1w", help="T1w (MPRAGE) NIfTI, skull-stripped or with --mask."),
     flair: Optional[Path] = typer.Option(None, "--flair", help="FLAIR NIfTI (any grid covering the same anatomy)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output PSR NIfTI (on the T1w's grid)."),
@@ -102,15 +103,19 @@ def synthesize_command(
 
         from accelerate import PartialState
 
+        from demist.data.manifest import MANIFEST_NAME
         from demist.devices import resolve_device
 
         cpu = resolve_device(device).type == "cpu"
+        state = PartialState(cpu=cpu)
         unprepared = 0  # sessions whose preprocessing failed: not synthesized, and the batch exits 1
-        if preprocess:
-            manifest, unprepared = _preprocessed_manifest(manifest, out_dir / "preprocessed",
-                                                          str(resolve_device(device)))
+        if preprocess:  # by the main process alone (N processes would each redo every session); the rest wait
+            if state.is_main_process:
+                unprepared = _preprocess_batch(manifest, out_dir / "preprocessed", str(resolve_device(device)))
+            state.wait_for_everyone()
+            manifest = out_dir / "preprocessed" / MANIFEST_NAME
         summary = synthesize_manifest_distributed(synthesizer, manifest, out_dir, samples=samples, seed=seed, cpu=cpu)
-        if PartialState(cpu=cpu).is_main_process:
+        if state.is_main_process:
             typer.echo(str(summary))
         if summary.failed or unprepared:
             raise typer.Exit(code=1)
@@ -192,14 +197,14 @@ def _synthesize_bids(synthesizer, model: Path, bids: Path, samples: int, seed: i
         raise typer.Exit(code=1)
 
 
-def _preprocessed_manifest(manifest: Path, folder: Path, device: str) -> tuple[Path, int]:
-    """Preprocess a manifest's raw sessions into `folder` (resumable): the manifest of those done, and how many
-    failed (reported, left out of synthesis, and counted in the exit code)."""
+def _preprocess_batch(manifest: Path, folder: Path, device: str) -> int:
+    """Preprocess a manifest's raw sessions into `folder` (resumable), which then holds the manifest of those done;
+    returns how many failed (reported, left out of synthesis, and counted in the exit code)."""
     from demist.preprocessing.batch import preprocess_manifest
 
-    summary, preprocessed = preprocess_manifest(manifest, folder, device=device)
+    summary, _ = preprocess_manifest(manifest, folder, device=device)
     typer.echo(str(summary))
-    return preprocessed, len(summary.failed)
+    return len(summary.failed)
 
 
 def _synthesize_raw(synthesizer, t1w: Path, flair: Path, output: Path, samples: int, seed: int, overwrite: bool,

@@ -185,11 +185,14 @@ def collect_cv(out: Path) -> Path:
     rows: list[dict] = []
     lesion_auc: dict[int, dict[str, float]] = {}
     sources: dict[int, list[str]] = {}
+    unfinished = [k for k in range(folds) if not (out / f"fold-{k}" / "evaluation" / "summary.json").is_file()]
+    if unfinished:
+        names = ", ".join(map(str, unfinished))
+        raise DemistError(f"--out {out}: fold(s) {names} of {folds} not finished (no evaluation/summary.json); "
+                          f"expected every fold evaluated: run `demist cv --fold K` with the same options for K in "
+                          f"{names} first")
     for k in range(folds):
         evaluation = out / f"fold-{k}" / "evaluation"
-        if not (evaluation / "summary.json").is_file():
-            raise DemistError(f"fold {k}: not finished ({evaluation / 'summary.json'} is missing); expected every "
-                              f"fold evaluated: run `demist cv --fold {k}` with the same options first")
         summary = json.loads((evaluation / "summary.json").read_text())
         sources[k] = sorted(summary["methods"])
         rows += [{**row, "fold": k} for row in read_per_session(evaluation / "per_session.csv")]
