@@ -270,6 +270,31 @@ def test_synthesize_preprocess_takes_a_raw_scan_and_writes_on_its_grid(raw_cohor
     assert not (tmp_path / "refused.nii.gz").exists()
 
 
+@needs_tools
+def test_a_raw_batch_over_two_processes_is_preprocessed_by_one(raw_cohort, ridge_run, tmp_path):
+    """Under `accelerate launch` the main process alone preprocesses the raw sessions (each process would otherwise
+    redo every one into the same folder); all of them then synthesize from what it wrote."""
+    import os
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(port)]
+    demist = str(Path(sys.executable).parent / "demist")
+    result = subprocess.run([*launcher, demist, "synthesize", "--model", str(ridge_run), "--manifest",
+                             str(raw_cohort[1]), "--out-dir", str(tmp_path / "out"), "--preprocess", "--device", "cpu"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = load_manifest(raw_cohort[1])
+    assert result.stdout.count(f"{len(records)} preprocessed, 0 already done, 0 failed") == 1, result.stdout
+    for raw in records:
+        psr = nib.load(tmp_path / "out" / raw.subject / raw.session / "psr.nii.gz")
+        assert np.array_equal(psr.affine, nib.load(raw.t1w).affine)
+
+
 def nifti(path: Path, data: np.ndarray, spacing: float = 2.0, shift_mm: float = 0.0) -> Path:
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[0, 3] = shift_mm
