@@ -65,7 +65,7 @@ def test_stage1_end_to_end_writes_a_verified_stage1_run(small_manifest: Path, tm
     (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--sampler", "foo"],
      "--sampler foo: unknown"),
     (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--start-strength", "5"],
-     "--start-strength 5.0: got 5.0; expected a number in (0, 1]"),
+     "--start-strength: got 5.0; expected a number in (0, 1]"),
     (["synthesize", "--model", "{tmp}", "--manifest", "{manifest}", "--out-dir", "{tmp}/p", "--precision", "fp8"],
      "--precision fp8: expected one of auto, fp32"),
     (["train", "autoencoder", "--manifest", "{manifest}", "--modality", "psr", "--out", "{tmp}/o", "--device", "gpu"],

@@ -25,7 +25,7 @@ from demist.baselines.wavelets import SUBBANDS, dwt3, idwt3
 from demist.config import Config
 from demist.data.patches import PatchSampler
 from demist.data.preprocess import PreparedSession
-from demist.diffusion.samplers import SAMPLERS
+from demist.diffusion.samplers import SAMPLERS, check_sampler
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.inference.base import mean_and_sd, sample_seed
@@ -55,8 +55,7 @@ class CWDMSynthesizer(TranslationSynthesizer):
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.config.sampling.sampler
-        if self.sampler not in SAMPLERS:
-            raise DemistError(f"--sampler {self.sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
+        check_sampler(self.sampler)
         if self.steps is None:
             ddpm = self.sampler == "ddpm"
             self.steps = self.config.diffusion.num_train_timesteps if ddpm else self.config.sampling.steps

@@ -74,7 +74,9 @@ def synthesize_command(
         raise DemistError(f"--samples {samples}: expected 1 or more")
     if steps is not None and steps < 1:
         raise DemistError(f"--steps {steps}: expected 1 or more")
-    _check_sampling_options(sampler, start_strength, anchor_sigma, max_memory, precision)
+    from demist.inference.demist_synthesizer import check_sampling_options
+
+    check_sampling_options(sampler, start_strength, anchor_sigma, max_memory, precision)  # whatever the model
 
     from demist.atomic import check_output_folder
     from demist.inference.pipeline import check_output_path, synthesize_files
@@ -127,26 +129,6 @@ def synthesize_command(
                                    overwrite=overwrite)
     for path in written:
         typer.echo(f"wrote {path}")
-
-
-def _check_sampling_options(sampler: str | None, start_strength: float | None, anchor_sigma: float | None,
-                            max_memory: float | None, precision: str | None) -> None:
-    """Checked whatever the model, before it loads: a model that has no use for an option ignores it (and says so),
-    but a value that no model accepts is a mistake."""
-    from demist.config_sections import check_anchor_sigma, check_start_strength
-    from demist.diffusion.samplers import SAMPLERS
-    from demist.inference.demist_synthesizer import SYNTHESIS_PRECISIONS
-
-    if sampler is not None and sampler not in SAMPLERS:
-        raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
-    if start_strength is not None:
-        check_start_strength(start_strength, f"--start-strength {start_strength}")
-    if anchor_sigma is not None:
-        check_anchor_sigma(anchor_sigma, f"--anchor-sigma {anchor_sigma}")
-    if max_memory is not None and not max_memory > 0:
-        raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
-    if precision is not None and precision not in SYNTHESIS_PRECISIONS:
-        raise DemistError(f"--precision {precision}: expected one of {', '.join(SYNTHESIS_PRECISIONS)}")
 
 
 def _bids_manifest(bids: Path) -> Path:

@@ -85,13 +85,12 @@ def load_on_grid(path: Path, reference: nib.Nifti1Image, what: str, is_mask: boo
     is logged, naming the reference as `onto`. With `brain` (a mask on `reference`'s grid), an image on another grid
     must cover it (`check_brain_coverage`)."""
     image = load_image(path, what)
-    if brain is not None and not same_grid(image, reference):
-        require_overlap(image, reference, f"{what} image {path}")  # first: not co-registered at all says more
-        check_brain_coverage(image, reference, brain, f"{what} {path}")
     if not same_grid(image, reference):
         logger.warning("%s %s: not on the grid of %s; resampling it (%s)", what, path, onto,
                        "nearest neighbour" if is_mask else "trilinear")
     data = np.asarray(into_grid(image, reference, f"{what} image {path}", is_mask=is_mask).dataobj)
+    if brain is not None:  # after into_grid, which refuses an image elsewhere in space first
+        check_brain_coverage(image, reference, brain, f"{what} {path}")
     return data > 0.5 if is_mask else data.astype(np.float32, copy=False)
 
 

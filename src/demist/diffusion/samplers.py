@@ -25,6 +25,12 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Recorder = Callable[[int, torch.Tensor], None]
 
 
+def check_sampler(name: str, what: str = "--sampler") -> None:
+    """Refuse a sampler name that is not one of SAMPLERS; `what` says where the name came from."""
+    if name not in SAMPLERS:
+        raise DemistError(f"{what} {name}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
+
+
 def timesteps_for(name: str, schedule: NoiseSchedule, steps: int, start: int | None = None) -> list[int]:
     """The exact, strictly decreasing integer timesteps at which sampler `name` calls the model.
 
@@ -34,8 +40,7 @@ def timesteps_for(name: str, schedule: NoiseSchedule, steps: int, start: int | N
     last one they step to ᾱ = 1, i.e. to x0.
     """
     total = schedule.num_train_timesteps
-    if name not in SAMPLERS:
-        raise DemistError(f"sampler: {name!r} is unknown; expected one of {sorted(SAMPLERS)}")
+    check_sampler(name, "sampler")
     start = total - 1 if start is None else start
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < total:
         raise DemistError(f"start timestep: {start!r}; expected an integer from 0 to {total - 1}")

@@ -22,7 +22,7 @@ from demist.config_sections import check_anchor_sigma, check_start_strength
 from demist.data.preprocess import PreparedSession
 from demist.devices import bf16_autocast, has_native_bf16, resolve_device
 from demist.diffusion.anchoring import anchored
-from demist.diffusion.samplers import SAMPLERS, Model, timesteps_for
+from demist.diffusion.samplers import SAMPLERS, Model, check_sampler, timesteps_for
 from demist.diffusion.schedule import NoiseSchedule
 from demist.errors import DemistError
 from demist.inference.base import mean_and_sd, sample_seed
@@ -37,6 +37,23 @@ log = logging.getLogger(__name__)
 AUTOENCODER_OVERLAP = 0.5
 #: `precision`: "auto" runs bf16 autocast where the hardware has native bf16; "fp32" never (the reference path).
 SYNTHESIS_PRECISIONS = ("auto", "fp32")
+
+
+def check_sampling_options(sampler: str | None = None, start_strength: float | None = None,
+                           anchor_sigma: float | None = None, max_memory: float | None = None,
+                           precision: str | None = None) -> None:
+    """The sampling options a user passes (None: not given), each against what any model accepts: `from_run` checks
+    them, and `demist synthesize` before it loads a model (a baseline ignores them, but a wrong value is a mistake)."""
+    if precision is not None and precision not in SYNTHESIS_PRECISIONS:
+        raise DemistError(f"--precision {precision}: expected one of {', '.join(SYNTHESIS_PRECISIONS)}")
+    if max_memory is not None and not max_memory > 0:
+        raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
+    if sampler is not None:
+        check_sampler(sampler)
+    if start_strength is not None:
+        check_start_strength(float(start_strength), "--start-strength")
+    if anchor_sigma is not None:
+        check_anchor_sigma(anchor_sigma, "--anchor-sigma")
 
 
 @dataclass
@@ -78,20 +95,11 @@ class DemistSynthesizer:
         to timestep round(strength·(T−1)) instead of from pure noise. `anchor_sigma` (default: the config's
         `sampling.anchor_sigma`) above 0 anchors every x̂0's low-pass to the trajectory's first. `max_memory` (GiB,
         default 4) bounds the tiles; `precision="fp32"` turns bf16 autocast off."""
-        if precision not in SYNTHESIS_PRECISIONS:
-            raise DemistError(f"--precision {precision}: expected one of {', '.join(SYNTHESIS_PRECISIONS)}")
-        if max_memory is not None and not max_memory > 0:
-            raise DemistError(f"--max-memory {max_memory}: expected a positive number of GiB")
         cfg = run.config
         sampler = sampler or cfg.sampling.sampler
-        if sampler not in SAMPLERS:
-            raise DemistError(f"--sampler {sampler}: unknown; expected one of {', '.join(sorted(SAMPLERS))}")
+        check_sampling_options(sampler, start_strength, anchor_sigma, max_memory, precision)
         strength = cfg.sampling.start_strength if start_strength is None else float(start_strength)
-        if start_strength is not None:
-            check_start_strength(strength, "--start-strength")
         anchor = cfg.sampling.anchor_sigma if anchor_sigma is None else anchor_sigma
-        if anchor_sigma is not None:
-            check_anchor_sigma(anchor, "--anchor-sigma")
         total = cfg.diffusion.num_train_timesteps
         start = None if strength == 1.0 else int(round(strength * (total - 1)))
         if steps is None:  # the config's, but never more than the timesteps from `start` down to 0

@@ -11,6 +11,7 @@ gap between them and DEMIST is the diffusion stage's doing. They are diagnostics
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -69,19 +70,17 @@ def synthesize_references(demist: DemistSynthesizer, manifest: Path, out_dirs: d
     if sessions is not None:
         wanted = set(sessions)
         records = [r for r in records if r.key in wanted]
-    psr_range = demist.config.data.psr_range
     summaries = {}
     for name, out_dir in out_dirs.items():
         reference = ReferenceSynthesizer.from_synthesizer(demist, name)
-
-        def out(record: SessionRecord, out_dir: Path = Path(out_dir)) -> Path:
-            return prediction_path(out_dir, record)
-
-        def work(record: SessionRecord, reference: ReferenceSynthesizer = reference) -> None:
-            session = prepare_session(record, demist.config.data, need_target=reference.needs_target)
-            mean, _ = reference.predict(session)
-            save_image(native_map(mean, session, psr_range), out(record))
-
-        summaries[name] = run_batch(records, key=lambda r: r.key, done=lambda r: out(r).exists(), work=work,
-                                    summary=BatchSummary(), desc=name, progress=progress)
+        summaries[name] = run_batch(records, key=lambda r: r.key,
+                                    done=lambda r: prediction_path(Path(out_dir), r).exists(),  # run_batch runs now
+                                    work=partial(_write_reference, reference, Path(out_dir)), summary=BatchSummary(),
+                                    desc=name, progress=progress)
     return summaries
+
+
+def _write_reference(reference: ReferenceSynthesizer, out_dir: Path, record: SessionRecord) -> None:
+    session = prepare_session(record, reference.config.data, need_target=reference.needs_target)
+    mean, _ = reference.predict(session)
+    save_image(native_map(mean, session, reference.config.data.psr_range), prediction_path(out_dir, record))
